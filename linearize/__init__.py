@@ -1,0 +1,21 @@
+"""linearize: turn a pretrained Hugging Face causal LM into a subquadratic one.
+
+    model, tok = linearize.load()                      # embedded SmolLM2-135M-Instruct
+    linearize.convert(model, "2-27:lolcats(window=64)")  # in place
+    model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=20)
+"""
+
+__version__ = "0.1.0"
+
+from .cache import LinearizeCache  # noqa: E402
+from .convert import convert, is_converted  # noqa: E402  (also registers the Auto classes)
+from .errors import LinearizeError, ModelLoadError, PlanError, UnsupportedModelError  # noqa: E402
+from .kinds import KINDS, kind_names, register  # noqa: E402
+from .loading import DEFAULT_MODEL, load  # noqa: E402
+from .plan import LayerPlan, LayerSpec, every, keep_softmax, ratio  # noqa: E402
+
+__all__ = [
+    "DEFAULT_MODEL", "KINDS", "LayerPlan", "LayerSpec", "LinearizeCache", "LinearizeError", "ModelLoadError",
+    "PlanError", "UnsupportedModelError", "convert", "every", "is_converted", "keep_softmax", "kind_names",
+    "load", "ratio", "register",
+]

@@ -1,0 +1,175 @@
+"""Model surgery: `convert` swaps attention modules in place and makes the model a linearized class.
+
+For every supported architecture a config class (`model_type` "linearize_<type>") and a causal-LM
+class are derived from the HF ones and registered with the Auto classes, so a saved converted
+model reloads with `AutoModelForCausalLM.from_pretrained(dir)` once `linearize` is imported: its
+config records the base architecture and the per-layer plan, and `__init__` rebuilds the layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from . import __version__
+from .adapters import ADAPTERS, adapter_for, decoder_layers
+from .cache import LinearizeCache
+from .errors import LinearizeError
+from .kinds import build_options, full_options, kind_class
+from .plan import SOFTMAX, LayerPlan, LayerSpec, specs_to_string
+
+PREFIX = "linearize_"
+
+
+def _build_layers(model: nn.Module, specs: list[LayerSpec], base_type: str) -> dict[int, nn.Module]:
+    """New attention modules for the non-softmax specs (nothing is swapped yet)."""
+    adapter = adapter_for(base_type)
+    layers = decoder_layers(model)
+    new = {}
+    for i, spec in enumerate(specs):
+        if spec.kind != SOFTMAX:
+            options = build_options(spec.kind, dict(spec.options))
+            new[i] = kind_class(spec.kind)(layers[i].self_attn, model.config, adapter, options)
+    return new
+
+
+class LinearizedMixin:
+    """Mixed into a causal-LM class: converted layers from `config.linearize`, their cache, atomic saves."""
+
+    def __init__(self, config: Any, *args: Any, **kwargs: Any):
+        super().__init__(config, *args, **kwargs)
+        specs = [LayerSpec.from_dict(d) for d in config.linearize["layers"]]
+        for i, module in _build_layers(self, specs, config.linearize["base_model_type"]).items():
+            decoder_layers(self)[i].self_attn = module
+
+    @property
+    def layer_plan(self) -> list[LayerSpec]:
+        """The resolved per-layer specs (defaults included)."""
+        return [LayerSpec.from_dict(d) for d in self.config.linearize["layers"]]
+
+    def new_cache(self) -> LinearizeCache:
+        """An empty generation cache for this model."""
+        return LinearizeCache(self.config)
+
+    def forward(self, *args: Any, **kwargs: Any):
+        use_cache = kwargs.get("use_cache")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+            kwargs[self._cache_kwarg] = self.new_cache()
+        return super().forward(*args, **kwargs)
+
+    def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any):
+        out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        for key in ("cache", "past_key_values"):
+            if type(model_kwargs.get(key)) is DynamicCache:  # generate's default, not the user's
+                model_kwargs[key] = self.new_cache()
+        return out
+
+    def prepare_inputs_for_generation(self, input_ids: Any, *args: Any, attention_mask: Any = None, **kwargs: Any) -> dict:
+        # Feature maps act on rotary q/k, so converted layers see absolute positions: a left-padded
+        # row must count positions from its first real token (recent transformers leave it out).
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, attention_mask=attention_mask, **kwargs)
+        mask = attention_mask
+        if inputs.get("position_ids") is None and mask is not None and mask.dim() == 2 and not bool(mask.all()):
+            new = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+            inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -new.shape[1] :]
+        return inputs
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any):
+        """Same as HF's, but the folder appears complete or not at all."""
+        with atomic_dir(save_directory) as tmp:
+            return super().save_pretrained(tmp, *args, **kwargs)
+
+
+def _linearized_classes(model_type: str) -> tuple[type, type]:
+    base_config = CONFIG_MAPPING[model_type]
+    base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
+    config_cls = type(f"Linearized{base_config.__name__}", (base_config,), {"model_type": PREFIX + model_type})
+    # transformers renamed forward's `past_key_values` to `cache` in 5.2x
+    cache_kwarg = "cache" if "cache" in inspect.signature(base_model.forward).parameters else "past_key_values"
+    attrs = {"config_class": config_cls, "_cache_kwarg": cache_kwarg}
+
+    def forward(self, *args: Any, **kwargs: Any):
+        return LinearizedMixin.forward(self, *args, **kwargs)
+
+    attrs["forward"] = functools.wraps(base_model.forward)(forward)  # generate() reads its signature
+    model_cls = type(f"Linearized{base_model.__name__}", (LinearizedMixin, base_model), attrs)
+    return config_cls, model_cls
+
+
+CLASSES: dict[str, tuple[type, type]] = {}
+for _type in ADAPTERS:
+    if _type in CONFIG_MAPPING:  # an older transformers may lack one architecture
+        CLASSES[_type] = _linearized_classes(_type)
+        AutoConfig.register(PREFIX + _type, CLASSES[_type][0], exist_ok=True)
+        AutoModelForCausalLM.register(CLASSES[_type][0], CLASSES[_type][1], exist_ok=True)
+
+
+def is_converted(model: nn.Module) -> bool:
+    return isinstance(model, LinearizedMixin)
+
+
+def convert(model: PreTrainedModel, plan: LayerPlan | str | dict) -> PreTrainedModel:
+    """Replace the attention of the layers `plan` selects, in place, and return the same model.
+
+    Pretrained projections are kept; each kind adds only its new parameters (on the model's
+    device and dtype). The model's class becomes the linearized subclass of its HF class and
+    its config records the plan. Everything is checked before anything changes.
+    """
+    if is_converted(model):
+        raise LinearizeError("this model is already converted; convert the original model instead")
+    base_type = getattr(model.config, "model_type", None)
+    adapter_for(base_type)
+    if base_type not in CLASSES:
+        raise LinearizeError(f"this transformers version has no {base_type!r} architecture")
+    num_layers = len(decoder_layers(model))
+    specs = LayerPlan.coerce(plan).resolve(num_layers)
+    new_modules = _build_layers(model, specs, base_type)
+
+    config_cls, model_cls = CLASSES[base_type]
+    model.config.__class__ = config_cls
+    model.config.linearize = {
+        "base_model_type": base_type,
+        "plan": specs_to_string(specs),
+        "layers": [{"kind": s.kind, **full_options(s)} for s in specs],
+        "linearize_version": __version__,
+    }
+    for i, module in new_modules.items():
+        decoder_layers(model)[i].self_attn = module
+    model.__class__ = model_cls
+    return model
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary sibling folder; on success it replaces `path`, on error it is removed."""
+    target = Path(path).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; give it a normal folder's mode
+        if target.exists():
+            old = tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)
+            os.replace(target, Path(old) / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,17 @@
+"""Errors raised for bad user input: each message names the problem and the fix."""
+
+
+class LinearizeError(Exception):
+    """Base class of every error linearize raises on purpose."""
+
+
+class PlanError(LinearizeError, ValueError):
+    """A layer plan that cannot apply: bad syntax, unknown kind or option, bad layer index."""
+
+
+class UnsupportedModelError(LinearizeError, ValueError):
+    """A model whose architecture linearize has no adapter for."""
+
+
+class ModelLoadError(LinearizeError, OSError):
+    """A model that cannot be loaded: missing file, unreadable GGUF, Hub unreachable."""

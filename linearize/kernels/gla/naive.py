@@ -1,0 +1,107 @@
+"""Pure-PyTorch gated linear attention: the chunked parallel form and the token-by-token recurrence.
+
+Layout [B, T, H, D]. Queries may have more heads than keys/values (GQA): query head h reads the
+state of key/value head h // (H // Hk), so repeated keys/values are never materialized.
+With log-decay g (<= 0, per key channel) the state evolves as S_t = exp(g_t) * S_{t-1} + k_t v_t^T;
+without g it is plain causal linear attention. Normalizers are the caller's business (append a
+ones column to v to get the denominator in the same pass). All maths in fp32; states are fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _grouped(q: Tensor, num_kv_heads: int) -> Tensor:
+    b, t, h, d = q.shape
+    return q.reshape(b, t, num_kv_heads, h // num_kv_heads, d)
+
+
+def chunk_gla_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None = None,
+    *,
+    initial_state: Tensor | None = None,
+    exclusive: bool = False,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """Chunked causal (gated) linear attention.
+
+    q [B,T,H,K], k [B,T,Hk,K], v [B,T,Hk,V], g [B,T,Hk,K] log-decay or None,
+    initial_state [B,Hk,K,V] (the state before the first token).
+    Inclusive: o_i = q_i . S_i.  Exclusive: o_i = q_i . S_{i-1} (token i does not see itself).
+    Returns o [B,T,H,V] (dtype of v) and the final state S_T [B,Hk,K,V] (fp32).
+    """
+    b, t, h, kd = q.shape
+    hk, vd = k.shape[2], v.shape[-1]
+    out_dtype = v.dtype
+    qf, kf, vf = _grouped(q.float(), hk), k.float(), v.float()
+    gf = g.float() if g is not None else None
+    state = (
+        initial_state.float()
+        if initial_state is not None
+        else q.new_zeros(b, hk, kd, vd, dtype=torch.float32)
+    )
+    diag = -1 if exclusive else 0
+    outs = []
+    for s in range(0, t, chunk_size):
+        e = min(s + chunk_size, t)
+        c = e - s
+        qc, kc, vc = qf[:, s:e], kf[:, s:e], vf[:, s:e]
+        causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril(diag)
+        if gf is None:
+            o_inter = torch.einsum("bihgk,bhkv->bihgv", qc, state)
+            a = torch.einsum("bihgk,bjhk->bihgj", qc, kc)
+            a = a * causal[None, :, None, None, :]
+            state = state + torch.einsum("bjhk,bjhv->bhkv", kc, vc)
+        else:
+            gc = gf[:, s:e]
+            cum = gc.cumsum(1)  # decay from the chunk start (exclusive of it) to token i, inclusive
+            cum_q = cum - gc if exclusive else cum
+            o_inter = torch.einsum("bihgk,bhkv->bihgv", qc * cum_q.exp()[:, :, :, None], state)
+            rel = cum_q[:, :, None] - cum[:, None, :]  # [B,C,C,Hk,K]: log decay from j to i
+            rel = rel.masked_fill(~causal[None, :, :, None, None], float("-inf"))
+            a = torch.einsum("bihgk,bjhk,bijhk->bihgj", qc, kc, rel.exp())
+            last = cum[:, -1]  # [B,Hk,K]
+            k_to_end = kc * (last[:, None] - cum).exp()
+            state = state * last.exp()[..., None] + torch.einsum("bjhk,bjhv->bhkv", k_to_end, vc)
+        o_intra = torch.einsum("bihgj,bjhv->bihgv", a, vc)
+        outs.append(o_inter + o_intra)
+    o = torch.cat(outs, 1) if outs else q.new_zeros(b, 0, hk, h // hk, vd, dtype=torch.float32)
+    return o.reshape(b, t, h, vd).to(out_dtype), state
+
+
+def gla_step_ref(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, state: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One decode step (inclusive): q [B,H,K], k [B,Hk,K], v [B,Hk,V], g [B,Hk,K] or None, state [B,Hk,K,V]."""
+    b, h, kd = q.shape
+    hk = k.shape[1]
+    state = state.float()
+    if g is not None:
+        state = state * g.float().exp()[..., None]
+    state = state + k.float()[..., None] * v.float()[..., None, :]
+    o = torch.einsum("bhgk,bhkv->bhgv", q.float().reshape(b, hk, h // hk, kd), state)
+    return o.reshape(b, h, -1).to(v.dtype), state
+
+
+def recurrent_gla_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None = None,
+    *,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The same (inclusive) maths as `chunk_gla_ref`, one token at a time: the ground truth for tests."""
+    b, t, h, kd = q.shape
+    hk, vd = k.shape[2], v.shape[-1]
+    state = initial_state if initial_state is not None else q.new_zeros(b, hk, kd, vd, dtype=torch.float32)
+    outs = []
+    for i in range(t):
+        o, state = gla_step_ref(q[:, i], k[:, i], v[:, i], None if g is None else g[:, i], state)
+        outs.append(o)
+    return torch.stack(outs, 1), state

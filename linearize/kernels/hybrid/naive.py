@@ -1,0 +1,176 @@
+"""Pure-PyTorch sliding-window softmax + linear attention hybrid (the LoLCATs / Lizard layer).
+
+Query i attends with exact softmax to the last W keys (i-W, i] and with feature-map linear
+attention, optionally gated by a per-channel decay, to every earlier key j <= i-W. Both parts share
+one normalizer, weighted per head by `mix` (weight of the window part, in (0, 1)):
+
+    y_i = (mix * sum_win a_ij v_j + (1-mix) * sum_lin phi(q_i).(decay_ij * phi(k_j)) v_j)
+          / (mix * sum_win a_ij     + (1-mix) * sum_lin phi(q_i).(decay_ij * phi(k_j)))
+
+with a_ij = exp(s_ij - max_win s_i) (LoLCATs' max-shifted window scores) and decay_ij =
+exp(G_i - G_j), G the running sum of log-decays. With W >= sequence length the linear part is
+empty and y is exactly softmax attention. Layout [B, T, H, D]; maths in fp32.
+
+The recurrent state after t tokens: `S` [B,Hk,F,V+1], the linear memory of every token that left
+the window (last column: the normalizer), and the last W-1 tokens (`k`, `v`, `fk`, `g`, `valid`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..gla.naive import chunk_gla_ref
+
+EPS = 1e-6  # added to every normalizer; the window part alone contributes >= mix to it
+
+
+def empty_state(
+    batch: int, window: int, num_kv_heads: int, head_dim: int, value_dim: int,
+    feature_dim: int, gated: bool, device: torch.device,
+) -> dict[str, Tensor]:
+    """State before the first token: empty memory and W-1 invalid (padding) window slots."""
+    p = window - 1
+    z = dict(dtype=torch.float32, device=device)
+    state = {
+        "S": torch.zeros(batch, num_kv_heads, feature_dim, value_dim + 1, **z),
+        "k": torch.zeros(batch, p, num_kv_heads, head_dim, **z),
+        "v": torch.zeros(batch, p, num_kv_heads, value_dim, **z),
+        "fk": torch.zeros(batch, p, num_kv_heads, feature_dim, **z),
+        "valid": torch.zeros(batch, p, dtype=torch.bool, device=device),
+    }
+    if gated:
+        state["g"] = torch.zeros(batch, p, num_kv_heads, feature_dim, **z)
+    return state
+
+
+def _scores(q: Tensor, k: Tensor, scale: float, softcap: float | None) -> Tensor:
+    s = torch.einsum("bihgd,bjhd->bihgj", q, k) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    return s
+
+
+def _masked_exp(s: Tensor, allowed: Tensor) -> Tensor:
+    s = s.masked_fill(~allowed, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with no visible key
+    return (s - m).exp()
+
+
+def window_softmax_ref(
+    q: Tensor, ext_k: Tensor, ext_v: Tensor, ext_valid: Tensor, window: int,
+    scale: float, softcap: float | None = None, block: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """Banded softmax numerator [B,T,H,V] and normalizer [B,T,H] with max-shifted scores.
+
+    ext_* hold W-1 context tokens followed by the T tokens of q; query t sees ext tokens [t, t+W-1].
+    """
+    b, t, h, d = q.shape
+    hk = ext_k.shape[2]
+    qg = q.float().reshape(b, t, hk, h // hk, d)
+    nums, dens = [], []
+    for s in range(0, t, block):
+        e = min(s + block, t)
+        kb, vb = ext_k[:, s : e + window - 1], ext_v[:, s : e + window - 1]
+        i = torch.arange(e - s, device=q.device)[:, None]
+        j = torch.arange(kb.shape[1], device=q.device)[None, :]
+        band = (j >= i) & (j <= i + window - 1)  # [c, c+W-1]
+        allowed = band[None, :, None, None, :] & ext_valid[:, None, None, None, s : e + window - 1]
+        a = _masked_exp(_scores(qg[:, s:e], kb, scale, softcap), allowed)
+        nums.append(torch.einsum("bihgj,bjhv->bihgv", a, vb))
+        dens.append(a.sum(-1))
+    num = torch.cat(nums, 1).reshape(b, t, h, -1)
+    den = torch.cat(dens, 1).reshape(b, t, h)
+    return num, den
+
+
+def _combine(num_w: Tensor, den_w: Tensor, num_l: Tensor, den_l: Tensor, mix: Tensor) -> Tensor:
+    m = mix.float()
+    den = m * den_w + (1 - m) * den_l + EPS
+    return (m[..., None] * num_w + (1 - m)[..., None] * num_l) / den[..., None]
+
+
+def hybrid_attn_ref(
+    q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None, mix: Tensor,
+    *, window: int, scale: float, softcap: float | None = None, valid: Tensor | None = None,
+    state: dict[str, Tensor] | None = None, chunk_size: int = 64,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Parallel form over T new tokens, continuing from `state` (None: start of the sequence).
+
+    q [B,T,H,D] and k [B,T,Hk,D] after rotary; v [B,T,Hk,V]; fq [B,T,H,F], fk [B,T,Hk,F];
+    g [B,T,Hk,F] log-decay or None; mix [H]; valid [B,T] (False marks padding) or None.
+    Returns y [B,T,H,V] (dtype of v) and the state after the T tokens.
+    """
+    b, t, h, d = q.shape
+    hk, vd, f = k.shape[2], v.shape[-1], fk.shape[-1]
+    if state is None:
+        state = empty_state(b, window, hk, d, vd, f, g is not None, q.device)
+    if valid is None:
+        valid = torch.ones(b, t, dtype=torch.bool, device=q.device)
+    keep = valid.float()[..., None, None]
+    ext_k = torch.cat([state["k"], k.float()], 1)
+    ext_v = torch.cat([state["v"], v.float()], 1)
+    ext_fk = torch.cat([state["fk"], fk.float() * keep], 1)
+    ext_valid = torch.cat([state["valid"], valid], 1)
+    ext_g = torch.cat([state["g"], g.float() * keep], 1) if g is not None else None
+
+    num_w, den_w = window_softmax_ref(q, ext_k, ext_v, ext_valid, window, scale, softcap, chunk_size)
+
+    # Linear part: query t reads the memory after ext token t-1 (every key up to t-W), which the
+    # exclusive scan gives; its decay from there to t covers the W ext tokens [t, t+W-1].
+    fq = fq.float()
+    if ext_g is not None:
+        cum = torch.nn.functional.pad(ext_g.cumsum(1), (0, 0, 0, 0, 1, 0))
+        win_decay = (cum[:, window : window + t] - cum[:, :t]).exp()  # [B,T,Hk,F]
+        fq = (fq.reshape(b, t, hk, h // hk, f) * win_decay[:, :, :, None]).reshape(b, t, h, f)
+    v1 = torch.cat([ext_v[:, :t], ext_v.new_ones(b, t, hk, 1)], -1)
+    o_l, mem = chunk_gla_ref(
+        fq, ext_fk[:, :t], v1, None if ext_g is None else ext_g[:, :t],
+        initial_state=state["S"], exclusive=True, chunk_size=chunk_size,
+    )
+    y = _combine(num_w, den_w, o_l[..., :vd], o_l[..., vd], mix)
+    new_state = {"S": mem, "k": ext_k[:, t:], "v": ext_v[:, t:], "fk": ext_fk[:, t:], "valid": ext_valid[:, t:]}
+    if ext_g is not None:
+        new_state["g"] = ext_g[:, t:]
+    return y.to(v.dtype), new_state
+
+
+def hybrid_step_ref(
+    q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None, mix: Tensor,
+    *, window: int, scale: float, softcap: float | None = None, valid: Tensor | None = None,
+    state: dict[str, Tensor],
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Recurrent form, one token: q [B,H,D], k/v [B,Hk,*], fq [B,H,F], fk/g [B,Hk,F], valid [B]."""
+    b, h, d = q.shape
+    hk, vd, f = k.shape[1], v.shape[-1], fk.shape[-1]
+    if valid is None:
+        valid = torch.ones(b, dtype=torch.bool, device=q.device)
+    keep = valid.float()[:, None, None]
+    ext_k = torch.cat([state["k"], k.float()[:, None]], 1)  # [B,W,Hk,D]
+    ext_v = torch.cat([state["v"], v.float()[:, None]], 1)
+    ext_fk = torch.cat([state["fk"], (fk.float() * keep)[:, None]], 1)
+    ext_valid = torch.cat([state["valid"], valid[:, None]], 1)
+    ext_g = torch.cat([state["g"], (g.float() * keep)[:, None]], 1) if g is not None else None
+
+    qg = q.float().reshape(b, 1, hk, h // hk, d)
+    a = _masked_exp(_scores(qg, ext_k, scale, softcap), ext_valid[:, None, None, None, :])
+    num_w = torch.einsum("bihgj,bjhv->bihgv", a, ext_v).reshape(b, h, vd)
+    den_w = a.sum(-1).reshape(b, h)
+
+    fqg = fq.float().reshape(b, hk, h // hk, f)
+    if ext_g is not None:
+        fqg = fqg * ext_g.sum(1).exp()[:, :, None]
+    o_l = torch.einsum("bhgf,bhfv->bhgv", fqg, state["S"]).reshape(b, h, vd + 1)
+    y = _combine(num_w, den_w, o_l[..., :vd], o_l[..., vd], mix)
+
+    # The oldest window token leaves the window and enters the linear memory.
+    v1 = torch.cat([ext_v[:, 0], ext_v.new_ones(b, hk, 1)], -1)
+    mem = state["S"]
+    if ext_g is not None:
+        mem = mem * ext_g[:, 0].exp()[..., None]
+    mem = mem + ext_fk[:, 0][..., None] * v1[:, :, None, :]
+    new_state = {"S": mem, "k": ext_k[:, 1:], "v": ext_v[:, 1:], "fk": ext_fk[:, 1:], "valid": ext_valid[:, 1:]}
+    if ext_g is not None:
+        new_state["g"] = ext_g[:, 1:]
+    return y.to(v.dtype), new_state

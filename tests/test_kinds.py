@@ -1,0 +1,122 @@
+"""Every attention kind inside a (tiny, random) model: parallel vs recurrent, padding, parameters."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import linearize
+from linearize.kinds.base import LinearizedAttention
+
+from conftest import perturb_new_params, rel_err, tiny_model
+
+PLANS = {
+    "hedgehog": "*:hedgehog",
+    "lolcats": "*:lolcats(window=4)",
+    "gla": "*:gla",
+    "gla-elu": "*:gla(feature_map=elu)",
+    "gla-identity": "*:gla(feature_map=identity)",
+    "lizard": "*:lizard(window=5)",
+    "mixed": "0:lolcats(window=3),1:softmax,2:lizard(window=2, feature_dim=8)",
+}
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_model("llama")
+
+
+def converted(base, plan, seed=0):
+    model = linearize.convert(copy.deepcopy(base), plan)
+    perturb_new_params(model, seed=seed)
+    return model
+
+
+def test_registry_lists_every_kind():
+    assert linearize.kind_names() == ["softmax", "gla", "hedgehog", "lizard", "lolcats"]
+
+
+@pytest.mark.parametrize("name", PLANS)
+def test_parallel_equals_token_by_token_decoding(base, name):
+    model = converted(base, PLANS[name])
+    ids = torch.randint(3, 128, (2, 13), generator=torch.Generator().manual_seed(1))  # 13: not a multiple of any window
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache, steps = model.new_cache(), []
+        for i in range(ids.shape[1]):
+            steps.append(model(ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits)
+        split_cache = model.new_cache()
+        first = model(ids[:, :6], past_key_values=split_cache, use_cache=True).logits
+        rest = model(ids[:, 6:], past_key_values=split_cache, use_cache=True).logits
+    assert rel_err(torch.cat(steps, 1), full) < 1e-4
+    assert rel_err(torch.cat([first, rest], 1), full) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["hedgehog", "lolcats", "gla", "lizard"])
+def test_left_padded_batch_generates_like_single_sequences(base, name):
+    model = converted(base, PLANS[name])
+    a = torch.tensor([[5, 9, 33, 17, 8, 60, 7]])
+    b = torch.tensor([[40, 41, 90]])
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    mask = (torch.arange(7)[None] >= torch.tensor([[0], [4]])).long()
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    batched = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(batched[0:1, 7:], model.generate(input_ids=a, **kw)[:, 7:])
+    assert torch.equal(batched[1:2, 7:], model.generate(input_ids=b, **kw)[:, 3:])
+
+
+@pytest.mark.parametrize(
+    "plan, new_names",
+    [
+        ("0:hedgehog", {"feature_map_q.weight", "feature_map_q.bias", "feature_map_k.weight", "feature_map_k.bias"}),
+        ("0:lolcats", {"feature_map_q.weight", "feature_map_q.bias", "feature_map_k.weight", "feature_map_k.bias", "window_logit"}),
+        ("0:gla(feature_map=elu)", {"gate.down.weight", "gate.up.weight", "gate.up.bias"}),
+        ("0:lizard(feature_map=elu)", {"gate.down.weight", "gate.up.weight", "gate.up.bias", "window_logit"}),
+    ],
+)
+def test_conversion_keeps_pretrained_weights_and_adds_only_the_kind_parameters(base, plan, new_names):
+    model = linearize.convert(copy.deepcopy(base), plan)
+    before = dict(base.named_parameters())
+    after = dict(model.named_parameters())
+    prefix = "model.layers.0.self_attn."
+    assert {n[len(prefix):] for n in set(after) - set(before)} == new_names
+    assert set(before) <= set(after)
+    for name, p in before.items():
+        assert torch.equal(after[name], p), name
+    assert isinstance(model.model.layers[0].self_attn, LinearizedAttention)
+    assert not isinstance(model.model.layers[1].self_attn, LinearizedAttention)
+
+
+def test_gla_gate_starts_with_decay_near_one(base):
+    model = linearize.convert(copy.deepcopy(base), "0:gla")
+    decay = model.model.layers[0].self_attn.gate(torch.randn(1, 5, 64)).exp()
+    assert decay.min() > 0.98 and decay.max() < 1.0
+
+
+def test_linear_cache_does_not_grow(base):
+    model = converted(base, "*:hedgehog")
+    sizes = []
+    for n in (10, 60):
+        cache = model.new_cache()
+        model.generate(torch.tensor([[5, 6, 7]]), past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        sizes.append(cache.nbytes())
+    assert sizes[0] == sizes[1] > 0
+    softmax_model = converted(base, "0:hedgehog")  # two softmax layers keep growing keys/values
+    grow = []
+    for n in (10, 60):
+        cache = softmax_model.new_cache()
+        softmax_model.generate(torch.tensor([[5, 6, 7]]), past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        grow.append(cache.nbytes())
+    assert grow[1] > grow[0]
+
+
+def test_converting_twice_and_foreign_cache_are_clear_errors(base):
+    model = converted(base, "0:gla")
+    with pytest.raises(linearize.LinearizeError, match="already converted"):
+        linearize.convert(model, "1:gla")
+    from transformers import DynamicCache
+
+    with pytest.raises(linearize.LinearizeError, match="LinearizeCache"):
+        model(torch.tensor([[4, 5]]), past_key_values=DynamicCache(), use_cache=True)

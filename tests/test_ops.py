@@ -1,0 +1,100 @@
+"""Reference ops: the chunked parallel forms against the token-by-token recurrences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linearize.kernels.gla.naive import chunk_gla_ref, recurrent_gla_ref
+from linearize.kernels.hybrid.naive import empty_state, hybrid_attn_ref, hybrid_step_ref
+
+from conftest import rel_err
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _qkvg(b, t, h, hk, kd, vd, dtype, gated, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    q, k, v = r(b, t, h, kd), r(b, t, hk, kd), r(b, t, hk, vd)
+    gate = F.logsigmoid(r(b, t, hk, kd) + 2) if gated else None
+    return q.to(dtype), k.to(dtype), v.to(dtype), gate
+
+
+@pytest.mark.parametrize("t", [1, 7, 16, 45])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_gla_matches_recurrence(t, gated, dtype):
+    q, k, v, g = _qkvg(2, t, 4, 2, 16, 8, dtype, gated, seed=t)
+    s0 = torch.randn(2, 2, 16, 8)
+    o1, s1 = chunk_gla_ref(q, k, v, g, initial_state=s0, chunk_size=16)
+    o2, s2 = recurrent_gla_ref(q, k, v, g, initial_state=s0)
+    assert rel_err(o1, o2) < TOL[dtype] and rel_err(s1, s2) < TOL[dtype]
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_exclusive_scan_is_inclusive_on_shifted_keys(gated):
+    q, k, v, g = _qkvg(1, 21, 2, 1, 8, 4, torch.float32, gated, seed=3)
+    s0 = torch.randn(1, 1, 8, 4)
+    o, _ = chunk_gla_ref(q, k, v, g, initial_state=s0, exclusive=True, chunk_size=8)
+    shift = lambda x: None if x is None else F.pad(x, (0, 0, 0, 0, 1, 0))[:, :-1]  # noqa: E731
+    ref, _ = recurrent_gla_ref(q, shift(k), shift(v), shift(g), initial_state=s0)
+    assert rel_err(o, ref) < 1e-5
+
+
+def _hybrid_inputs(t, gated, seed, b=2, h=4, hk=2, d=8, f=12):
+    q, k, v, _ = _qkvg(b, t, h, hk, d, d, torch.float32, False, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    fq, fk = torch.rand(b, t, h, f, generator=gen), torch.rand(b, t, hk, f, generator=gen)
+    g = F.logsigmoid(torch.randn(b, t, hk, f, generator=gen) + 2) if gated else None
+    mix = torch.rand(h, generator=gen)
+    return q, k, v, fq, fk, g, mix
+
+
+@pytest.mark.parametrize("t,window", [(1, 4), (13, 4), (40, 7), (9, 1), (20, 32)])
+@pytest.mark.parametrize("gated", [False, True])
+def test_hybrid_parallel_matches_steps(t, window, gated):
+    q, k, v, fq, fk, g, mix = _hybrid_inputs(t, gated, seed=t + window)
+    kw = dict(window=window, scale=0.35)
+    y, final = hybrid_attn_ref(q, k, v, fq, fk, g, mix, chunk_size=8, **kw)
+    state = empty_state(2, window, 2, 8, 8, 12, gated, q.device)
+    ys = []
+    for i in range(t):
+        yi, state = hybrid_step_ref(q[:, i], k[:, i], v[:, i], fq[:, i], fk[:, i], None if g is None else g[:, i], mix, state=state, **kw)
+        ys.append(yi)
+    assert rel_err(y, torch.stack(ys, 1)) < 1e-5
+    for name in final:
+        assert torch.allclose(final[name].float(), state[name].float(), atol=1e-5), name
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_hybrid_continuation_equals_one_pass(gated):
+    q, k, v, fq, fk, g, mix = _hybrid_inputs(29, gated, seed=5)
+    kw = dict(window=6, scale=0.35, chunk_size=8)
+    y, _ = hybrid_attn_ref(q, k, v, fq, fk, g, mix, **kw)
+    cut = lambda x, a, b: None if x is None else x[:, a:b]  # noqa: E731
+    y1, st = hybrid_attn_ref(*(cut(x, 0, 11) for x in (q, k, v, fq, fk, g)), mix, **kw)
+    y2, _ = hybrid_attn_ref(*(cut(x, 11, 29) for x in (q, k, v, fq, fk, g)), mix, state=st, **kw)
+    assert rel_err(torch.cat([y1, y2], 1), y) < 1e-5
+
+
+def test_hybrid_with_window_covering_everything_is_softmax_attention():
+    q, k, v, fq, fk, _, mix = _hybrid_inputs(19, False, seed=9)
+    y, _ = hybrid_attn_ref(q, k, v, fq, fk, None, mix, window=19, scale=0.35)
+    rep = lambda x: x.repeat_interleave(2, 2).transpose(1, 2)  # noqa: E731
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), rep(k), rep(v), is_causal=True, scale=0.35).transpose(1, 2)
+    assert rel_err(y, ref) < 1e-5
+    y_short, _ = hybrid_attn_ref(q, k, v, fq, fk, None, mix, window=4, scale=0.35)
+    assert rel_err(y_short, ref) > 1e-2  # a shorter window really mixes in the linear part
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_hybrid_ignores_padding(gated):
+    q, k, v, fq, fk, g, mix = _hybrid_inputs(17, gated, seed=11, b=1)
+    kw = dict(window=5, scale=0.35, chunk_size=8)
+    y, _ = hybrid_attn_ref(q, k, v, fq, fk, g, mix, **kw)
+    pad = lambda x: None if x is None else torch.cat([torch.randn_like(x[:, :3]).abs(), x], 1)  # noqa: E731
+    valid = torch.tensor([[False] * 3 + [True] * 17])
+    yp, _ = hybrid_attn_ref(*(pad(x) for x in (q, k, v, fq, fk, g)), mix, valid=valid, **kw)
+    assert rel_err(yp[:, 3:], y) < 1e-5

@@ -1,0 +1,131 @@
+"""The embedded SmolLM2-135M-Instruct: exactness, generation, constant-memory decoding, save/load, errors."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import linearize
+from linearize.convert import atomic_dir
+
+from conftest import rel_err
+
+PROMPT = "The capital of France is Paris. The capital of Italy is"
+
+
+def test_default_model_is_smollm2(smollm2):
+    model, tok = smollm2
+    c = model.config
+    assert (c.model_type, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.hidden_size) == ("llama", 30, 9, 3, 576)
+    out = model.generate(**tok(PROMPT, return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert "Rome" in tok.decode(out[0, -3:])  # a real pretrained model, not random weights
+
+
+@pytest.mark.parametrize("kind", ["lolcats", "lizard"])
+def test_hybrids_with_window_over_sequence_reproduce_the_teacher(smollm2, kind):
+    model, tok = smollm2
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    assert ids.shape[1] < 64
+    with torch.no_grad():
+        teacher = model(ids).logits
+        linearize.convert(model, f"*:{kind}(window=64)")
+        student = model(ids, use_cache=False).logits
+    assert (student - teacher).abs().max().item() < 1e-4
+
+
+def test_any_subset_of_layers_converts_and_generates(smollm2_base):
+    import copy
+
+    base, tok = smollm2_base
+    inputs = tok(PROMPT, return_tensors="pt")
+    rng = random.Random(0)
+    kinds = ["hedgehog", "lolcats", "gla", "lizard"]
+    subsets = [[0], [29], list(range(30)), sorted(rng.sample(range(30), 7))]
+    for n, layers in enumerate(subsets):
+        plan = ",".join(f"{i}:{kinds[(i + n) % 4]}(window=8)" if kinds[(i + n) % 4] in ("lolcats", "lizard") else f"{i}:{kinds[(i + n) % 4]}" for i in layers)
+        model = linearize.convert(copy.deepcopy(base), plan)
+        out = model.generate(**inputs, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+        assert out.shape[1] == inputs.input_ids.shape[1] + 20
+
+
+def test_all_hedgehog_decode_cache_does_not_grow(smollm2):
+    model, tok = smollm2
+    linearize.convert(model, "*:hedgehog")
+    inputs = tok(PROMPT, return_tensors="pt")
+    sizes = []
+    for n in (10, 200):
+        cache = model.new_cache()
+        model.generate(**inputs, past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        assert cache.get_seq_length() == inputs.input_ids.shape[1] + n - 1
+        sizes.append(cache.nbytes())
+    assert sizes[0] == sizes[1] > 0
+
+
+def test_save_and_reload_give_identical_logits(smollm2, tmp_path):
+    model, tok = smollm2
+    linearize.convert(model, "0-1:softmax,2-9:lolcats(window=16),10-19:gla,20-27:lizard(window=8),28-:hedgehog")
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    model.save_pretrained(tmp_path / "conv")
+    tok.save_pretrained(tmp_path / "conv")
+    for reloaded in (AutoModelForCausalLM.from_pretrained(tmp_path / "conv"), linearize.load(tmp_path / "conv")[0]):
+        with torch.no_grad():
+            assert torch.equal(reloaded.eval()(ids, use_cache=False).logits, ref)
+
+
+def test_failed_save_leaves_no_folder(smollm2, tmp_path, monkeypatch):
+    model, _ = smollm2
+    linearize.convert(model, "3:gla")
+    from transformers import PreTrainedModel
+
+    def broken(self, save_directory, *a, **k):
+        Path(save_directory, "config.json").write_text("{}")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path / "out")
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_dir_replaces_an_existing_folder(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "old.txt").write_text("old")
+    with atomic_dir(tmp_path / "d") as tmp:
+        Path(tmp, "new.txt").write_text("new")
+    assert sorted(os.listdir(tmp_path)) == ["d"] and os.listdir(tmp_path / "d") == ["new.txt"]
+
+
+@pytest.mark.parametrize(
+    "plan, message",
+    [("0-1:softmax,30:lolcats", "layer 30 .* this model has 30 layers"), ("2-27:notakind", "unknown attention kind"), ("2-27;lolcats", "cannot parse")],
+)
+def test_bad_plans_on_smollm2(smollm2, plan, message):
+    model, _ = smollm2
+    before = type(model)
+    with pytest.raises(linearize.PlanError, match=message):
+        linearize.convert(model, plan)
+    assert type(model) is before and not linearize.is_converted(model)  # nothing changed
+
+
+def test_bad_model_inputs(tmp_path, monkeypatch):
+    with pytest.raises(linearize.ModelLoadError, match="no such file"):
+        linearize.load(tmp_path / "missing.gguf")
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(linearize.ModelLoadError, match="not a .gguf"):
+        linearize.load(tmp_path / "notes.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(linearize.ModelLoadError, match="no config.json"):
+        linearize.load(tmp_path / "empty")
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF" + os.urandom(64))
+    with pytest.raises(linearize.ModelLoadError, match="cannot read the GGUF file"):
+        linearize.load(tmp_path / "broken.gguf")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(linearize.ModelLoadError, match="HF_HUB_OFFLINE is set"):
+        linearize.load("some-org/some-model")
