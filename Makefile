@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
-MODEL  ?= smollm2-135m
-PLAN   ?= configs/smollm2-135m.yaml
+MODEL  ?=
+CONFIG ?= configs/smollm2-135m.yaml
 OUT    ?= out/smollm2-135m-lolcats
+ARGS   ?=
 
 .PHONY: setup test convert clean
 
@@ -24,7 +25,7 @@ test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 convert: setup
-	HF_HUB_OFFLINE=1 $(PY) -m linearize.cli convert --model $(MODEL) --plan $(PLAN) --out $(OUT)
+	$(PY) -m linearize.cli convert --config $(CONFIG) --out $(OUT) $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

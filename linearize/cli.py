@@ -1,44 +1,31 @@
-"""Command line: `linearize convert --model M --plan P --out DIR` (more subcommands join as they land)."""
+"""Command line: `linearize convert` runs a recipe (load, convert, distill, save)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
-
-import yaml
-
-
-def _plan_arg(text: str):
-    from .plan import LayerPlan
-
-    plan = LayerPlan.from_file(text) if text.endswith((".yaml", ".yml")) else LayerPlan.from_string(text)
-    return plan.check_kinds()
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    """Load, convert by plan, save model + tokenizer + plan into one folder (complete or absent)."""
-    from . import convert, load
-    from .convert import atomic_dir
-    from .kinds import kind_names
+    """Convert by the recipe's plan, distill (stage 1 + 2), save model + plan + recipe + metrics."""
+    from .distill import distill, load_config
 
-    plan = _plan_arg(args.plan)
-    t0 = time.time()
-    model, tok = load(args.model)
-    before = sum(p.numel() for p in model.parameters())
-    convert(model, plan)
-    added = sum(p.numel() for p in model.parameters()) - before
-    kinds = [s.kind for s in model.layer_plan]
-    with atomic_dir(args.out) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (Path(tmp) / "plan.yaml").write_text(yaml.safe_dump({"model": str(args.model), "plan": model.config.linearize["plan"]}))
-    counts = ", ".join(f"{k}: {kinds.count(k)}" for k in kind_names() if k in kinds)
-    print(f"converted {args.model} in {time.time() - t0:.0f}s: {len(kinds)} layers ({counts}), +{added:,} parameters")
-    print(f"plan: {model.config.linearize['plan']}")
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model={args.model}")
+    if args.plan:
+        overrides.append(f"plan={args.plan}")
+    cfg = load_config(args.config, overrides)
+    from .plan import LayerPlan
+
+    LayerPlan.coerce(cfg.plan).check_kinds()  # fail before loading anything
+    s = distill(cfg, args.out, resume=args.resume)
+    print(f"\nplan: {s['plan']}")
+    print(f"validation perplexity: teacher {s['teacher_val_ppl']:.3f}, converted {s['student_val_ppl']:.3f} "
+          f"(after stage 1: {s['stage1_val_ppl']:.3f}; {s['student_val_ppl'] / s['teacher_val_ppl'] - 1:+.1%} vs teacher)")
+    print(f"trained on {s['train_tokens']['stage1']:,} + {s['train_tokens']['stage2']:,} tokens in {s['seconds']:.0f}s")
     print(f"saved to {Path(args.out).resolve()}")
-    print("note: the new layers are at their initialization (no distillation has run on them)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,10 +33,13 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="linearize", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("convert", help="convert a model's layers by a plan and save it")
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a .gguf, a folder or a Hub id")
-    p.add_argument("--plan", required=True, help="a plan string like '2-27:lolcats' or a YAML recipe with a plan key")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p = sub.add_parser("convert", help="convert a model by a recipe, distill it and save it")
+    p.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml); default: built-in defaults")
+    p.add_argument("--model", default=None, help="overrides the recipe: smollm2-135m, a .gguf, a folder or a Hub id")
+    p.add_argument("--plan", default=None, help="overrides the recipe's plan, e.g. '2-27:lolcats(window=64)'")
+    p.add_argument("--out", required=True, help="output folder (appears only when complete)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in OUT.ckpt/")
+    p.add_argument("overrides", nargs="*", help="recipe overrides as section.key=value, e.g. stage1.steps=100")
     p.set_defaults(func=cmd_convert)
     args = parser.parse_args(argv)
     try:

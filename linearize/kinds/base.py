@@ -9,7 +9,7 @@ HF attention modules, so decoder layers call it unchanged.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -17,15 +17,23 @@ from torch import Tensor, nn
 from .. import kernels
 from ..adapters import Adapter, attention_geometry, key_validity, rotary_fn
 from ..cache import state_slot
+from ..errors import LinearizeError
 
 State = dict[str, Tensor]
 
 
 class LinearizedAttention(nn.Module):
-    """Attention replacement; subclasses set `kind`, `Options` and implement `build` and `mix`."""
+    """Attention replacement; subclasses set `kind`, `Options` and implement `build` and `mix`.
+
+    `mode` selects what forward computes: "student" (the converted layer), "teacher" (the original
+    softmax attention from the same projections) or "transfer" (both: `on_transfer(module, student,
+    teacher)` receives the two outputs, with the student's graph, and the teacher's output flows on,
+    so every layer sees the teacher's hidden states during attention transfer).
+    """
 
     kind: ClassVar[str]
     Options: ClassVar[type]
+    MODES: ClassVar[tuple[str, ...]] = ("student", "teacher", "transfer")
 
     def __init__(self, attn: nn.Module, config: Any, adapter: Adapter, options: Any):
         super().__init__()
@@ -37,6 +45,8 @@ class LinearizedAttention(nn.Module):
         self.adapter, self.options, self.rotary_fn = adapter, options, rotary_fn(attn)
         for name in adapter.modules:
             setattr(self, name, getattr(attn, name))
+        self.mode = "student"
+        self.on_transfer: Callable[[nn.Module, Tensor, Tensor], None] | None = None
         self.build(options)
         ref = next(attn.parameters())
         for name, p in self.named_parameters():
@@ -63,12 +73,45 @@ class LinearizedAttention(nn.Module):
         cache = cache if cache is not None else past_key_values  # transformers renamed it in 5.2x
         b, t, _ = hidden_states.shape
         q, k, v = self.adapter.project(self, hidden_states, position_embeddings)
+        if self.mode != "student":
+            return self._teacher_forward(q, k, v, hidden_states, attention_mask, cache), None
         slot = state_slot(cache, self.layer_idx) if cache is not None else None
         state = slot.state if slot is not None else None
         y, new_state = self.mix(q, k, v, hidden_states, key_validity(attention_mask, t), state)
         if slot is not None:
             slot.store(new_state, t)
         return self.o_proj(y.reshape(b, t, -1)), None
+
+    def _teacher_forward(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, attention_mask: Tensor | None, cache: Any) -> Tensor:
+        if cache is not None:
+            raise LinearizeError(f"mode {self.mode!r} runs on whole sequences: call the model with use_cache=False")
+        b, t = x.shape[:2]
+        teacher = self.o_proj(self.softmax_attend(q, k, v, attention_mask).reshape(b, t, -1))
+        if self.mode == "teacher":
+            return teacher
+        with torch.enable_grad():
+            y, _ = self.mix(q, k, v, x, key_validity(attention_mask, t), None)
+            student = self.o_proj(y.reshape(b, t, -1))
+            self.on_transfer(self, student, teacher.detach())
+        return teacher.detach()
+
+    def softmax_attend(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """The original layer's causal softmax attention on the same rotary q/k and v: [B,T,H,D]."""
+        rep = self.num_heads // self.num_kv_heads
+        qh = q.transpose(1, 2)
+        kh, vh = (x.transpose(1, 2).repeat_interleave(rep, 1) for x in (k, v))
+        mask = attention_mask[..., -q.shape[1] :] if isinstance(attention_mask, Tensor) and attention_mask.dim() == 4 else None
+        if self.softcap:  # soft-capped logits (Gemma 2): the plain formula
+            s = torch.einsum("bhid,bhjd->bhij", qh.float(), kh.float()) * self.scaling
+            s = self.softcap * torch.tanh(s / self.softcap)
+            if mask is None:
+                t = q.shape[1]
+                mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+            y = torch.einsum("bhij,bhjd->bhid", torch.softmax(s, -1), vh.float()).to(v.dtype)
+        else:
+            y = nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None, scale=self.scaling)
+        return y.transpose(1, 2)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, options={self.options}"

@@ -1,0 +1,104 @@
+"""Distill SmolLM2-135M-Instruct with several plans on one GPU; WikiText-2 test perplexity of the
+teacher, after stage 1 and after stage 1+2, at a stated token budget.
+
+    python benchmarks/distill_smollm2.py --model PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --wikitext ../shared/evaldata/wikitext2/test.txt --out benchmarks/results/distill_smollm2.json
+
+Training data: text sampled from the teacher (the project's offline default), generated once and
+cached. Perplexity: windows of --context tokens with stride --stride (each token scored once).
+Records are appended to --out after each plan, so a partial run keeps what finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import linearize
+from linearize.distill.config import DataConfig, DistillConfig, Stage1Config, Stage2Config
+from linearize.distill.run import distill
+from linearize.eval import text_perplexity
+
+PLANS = {
+    "lolcats-all": "*:lolcats(window=64)",
+    "lolcats-50": ",".join(f"{i}:lolcats(window=64)" for i in range(0, 30, 2)),
+    "gla-all": "*:gla",
+    "hedgehog-all": "*:hedgehog",
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--wikitext", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--plans", default=",".join(PLANS), help=f"subset of {', '.join(PLANS)}, or plan strings")
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--teacher-sequences", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--stage1-steps", type=int, default=100)
+    ap.add_argument("--stage2-steps", type=int, default=100)
+    ap.add_argument("--stage1-lr", type=float, default=1e-2)
+    ap.add_argument("--stage2-lr", type=float, default=1e-4)
+    ap.add_argument("--kl-weight", type=float, default=0.0)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--stride", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=None, help="score only the first N tokens (smoke runs)")
+    ap.add_argument("--workdir", default="/tmp/linearize-bench")
+    args = ap.parse_args()
+
+    def evaluate(model, tok):
+        return text_perplexity(model, tok, args.wikitext, context=args.context, stride=args.stride, max_tokens=args.eval_tokens)
+
+    out = Path(args.out)
+    import peft
+    import transformers
+
+    result = {
+        "command": "python " + " ".join(sys.argv),
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "versions": {"linearize": linearize.__version__, "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "records": [],
+    }
+    for name in args.plans.split(","):
+        plan = PLANS.get(name, name)
+        cfg = DistillConfig(
+            model=args.model, plan=plan, seed=0,
+            data=DataConfig(source="teacher", seq_len=args.seq_len, teacher_sequences=args.teacher_sequences,
+                            val_fraction=0.02, cache_dir=f"{args.workdir}/cache"),
+            stage1=Stage1Config(steps=args.stage1_steps, batch_size=args.batch, lr=args.stage1_lr, save_every=10**9),
+            stage2=Stage2Config(steps=args.stage2_steps, batch_size=args.batch, lr=args.stage2_lr, kl_weight=args.kl_weight, save_every=10**9),
+        )
+        run_dir = Path(args.workdir) / name.replace("*", "all").replace(":", "_")[:60]
+        for d in (run_dir, Path(str(run_dir) + ".ckpt")):
+            if d.exists():
+                import shutil
+
+                shutil.rmtree(d)
+        t0 = time.time()
+        s = distill(cfg, run_dir, evaluate=evaluate)
+        tokens1, tokens2 = s["train_tokens"]["stage1"], s["train_tokens"]["stage2"]
+        if not result["records"]:
+            result["records"].append({"plan": "teacher", "stage": "teacher", "train_tokens": 0, "wikitext2_ppl": s["teacher_eval"]["ppl"]})
+        result["records"] += [
+            {"plan": s["plan"], "name": name, "stage": "stage1", "train_tokens": tokens1, "wikitext2_ppl": s["stage1_eval"]["ppl"]},
+            {"plan": s["plan"], "name": name, "stage": "stage2", "train_tokens": tokens1 + tokens2, "wikitext2_ppl": s["final_eval"]["ppl"],
+             "seconds": round(time.time() - t0, 1)},
+        ]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        teacher = result["records"][0]["wikitext2_ppl"]
+        print(f"{name}: teacher {teacher:.3f} | stage1 {s['stage1_eval']['ppl']:.3f} | stage1+2 {s['final_eval']['ppl']:.3f} "
+              f"({s['final_eval']['ppl'] / teacher - 1:+.1%}) | {tokens1 + tokens2:,} tokens | {time.time() - t0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

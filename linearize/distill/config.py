@@ -1,0 +1,152 @@
+"""Distillation recipes: YAML files under configs/ read into dataclasses; any key can be overridden
+from the command line as ``section.key=value``."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import LinearizeError
+
+
+class ConfigError(LinearizeError, ValueError):
+    """A recipe or override that does not fit the recipe schema."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "teacher"  # "teacher" (sampled from the model), a local txt/json/jsonl/parquet, or a Hub dataset
+    text_column: str = "text"
+    template: str | None = None  # e.g. "{instruction}\n{input}\n{output}" for alpaca-style records
+    hub_config: str | None = None  # the dataset's configuration name on the Hub
+    split: str = "train"
+    seq_len: int = 256
+    val_fraction: float = 0.1
+    max_texts: int | None = None
+    teacher_sequences: int = 32  # teacher-generated corpus: how many samples, each up to seq_len tokens
+    teacher_temperature: float = 1.0
+    cache_dir: str = "~/.cache/linearize"
+
+
+@dataclass
+class Stage1Config:
+    steps: int = 30
+    batch_size: int = 2
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    save_every: int = 50
+
+
+@dataclass
+class Stage2Config:
+    steps: int = 20
+    batch_size: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"])
+    train_new_params: bool = True  # keep feature maps, gates and mixing factors trainable
+    kl_weight: float = 0.0  # weight of KL(teacher || student) on next-token distributions
+    ce_weight: float = 1.0
+    merge: bool = True  # fold LoRA into the weights before saving
+    save_every: int = 50
+
+
+@dataclass
+class DistillConfig:
+    model: str = "smollm2-135m"
+    plan: str | dict = "0-1:softmax,2-27:lolcats(window=64),28-:softmax"
+    seed: int = 0
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    data: DataConfig = field(default_factory=DataConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    args = typing.get_args(hint)
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args):
+        if type(None) in args or hint is Any:
+            return None
+        raise ConfigError(f"{key} cannot be null")
+    types = [a for a in args if a is not type(None)] or [hint]
+    for t in types:
+        origin = typing.get_origin(t) or t
+        if origin is list:
+            items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
+            return [str(v) for v in items]
+        if origin is dict and isinstance(value, dict):
+            return value
+        if origin is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "false", "1", "0", "yes", "no"):
+                return str(value).lower() in ("true", "1", "yes")
+            continue
+        if origin is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+                return int(value)
+            continue
+        if origin is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                continue
+        if origin is str:
+            return str(value)
+    raise ConfigError(f"{key}={value!r} does not fit the type {hint}")
+
+
+def _update(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown recipe key {full!r}; valid keys here: {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full!r} is a section: give it keys, e.g. {full}.steps=10")
+            _update(current, value, full + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DistillConfig:
+    """A recipe from YAML (or the defaults), then ``a.b=value`` overrides on top."""
+    cfg = DistillConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe {str(p)!r} does not exist (recipes live in configs/)")
+        _update(cfg, yaml.safe_load(p.read_text()) or {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, value = item.split("=", 1)
+        nested: dict[str, Any] = {}
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:  # not YAML (e.g. a template with braces): take the text as is
+            node[parts[-1]] = value
+        _update(cfg, nested)
+    return cfg

@@ -1,0 +1,165 @@
+"""`distill`: load -> convert -> stage 1 -> stage 2 -> save, with checkpoints and a metrics report.
+
+Checkpoints live beside the output, in `<out>.ckpt/`, each written atomically; the output folder
+appears only when the model is complete. Runs on CPU, one GPU, or several under `accelerate launch`
+(`torchrun` or `accelerate launch`: data parallel, each process draws its own slice of every
+batch and gradients are averaged).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from ..convert import atomic_dir, convert
+from ..errors import LinearizeError
+from ..loading import load
+from ..plan import LayerPlan
+from .config import DistillConfig
+from .data import pack, read_texts, split, teacher_texts
+from .stages import Checkpoint, lm_loss, new_parameters, perplexity, train_loop, transfer_losses
+
+
+def _distributed() -> tuple[torch.device, int, int]:
+    """(device, rank, world size) from the variables `torchrun` / `accelerate launch` set; joins the group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world == 1:
+        return device, 0, 1
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, torch.distributed.get_rank(), world
+
+
+def _lora_targets(model: torch.nn.Module, names: list[str]) -> list[str]:
+    from ..kinds.base import LinearizedAttention
+
+    targets = []
+    for prefix, m in model.named_modules():
+        if isinstance(m, LinearizedAttention):
+            targets += [f"{prefix}.{n}" for n in m.adapter.modules if n in names and isinstance(getattr(m, n), torch.nn.Linear)]
+    return targets
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def distill(
+    cfg: DistillConfig, out: str | Path, *, resume: bool = False, log: Callable[[str], None] = print,
+    evaluate: Callable[[torch.nn.Module, Any], dict] | None = None,
+) -> dict[str, Any]:
+    """Run the whole recipe; returns the summary also written to `<out>/metrics/summary.json`.
+
+    `evaluate(model, tokenizer)`, if given, scores the teacher, the model after stage 1 and the
+    final model (summary keys teacher_eval, stage1_eval, final_eval).
+    """
+    device, rank, world = _distributed()
+    out = Path(out)
+    work = Path(str(out) + ".ckpt")
+    plan = LayerPlan.coerce(cfg.plan).check_kinds()
+    if work.exists() and not resume:
+        raise LinearizeError(f"checkpoints of an earlier run are in {work}: pass --resume to continue, or delete it")
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    model, tok = load(cfg.model, dtype=torch.float32, device=device)
+    model.requires_grad_(False)
+
+    if cfg.data.source == "teacher":
+        texts = teacher_texts(model, tok, cfg.data, cfg.seed, model_id=str(cfg.model))
+    else:
+        texts = read_texts(cfg.data)
+    train_rows, val_rows = split(pack(texts, tok, cfg.data.seq_len), cfg.data.val_fraction, cfg.seed)
+    log(f"data: {len(train_rows)} train / {len(val_rows)} validation sequences of {cfg.data.seq_len} tokens")
+    eval_bs = max(cfg.stage1.batch_size, cfg.stage2.batch_size)
+    teacher_ppl = perplexity(model, val_rows, eval_bs)
+    evals = {"teacher_eval": evaluate(model, tok)} if evaluate else {}
+
+    convert(model, plan)
+    common = dict(seed=cfg.seed, device=device, rank=rank, world=world, log=log)
+    summary: dict[str, Any] = {"model": str(cfg.model), "plan": model.config.linearize["plan"], "teacher_val_ppl": teacher_ppl}
+
+    # Stage 1: attention transfer; only the new parameters train.
+    params = new_parameters(model)
+    params_ = {k: p.requires_grad_(True) for k, p in params.items()}
+    s1 = cfg.stage1
+
+    def step1(batch: torch.Tensor) -> float:
+        return sum(v[0] for v in transfer_losses(model, batch, train=True).values())
+
+    m1 = train_loop("stage1", params_, step1, train_rows, steps=s1.steps, batch_size=s1.batch_size, lr=s1.lr,
+                    weight_decay=s1.weight_decay, save_every=s1.save_every, ckpt=Checkpoint(work / "stage1"), **common)
+    per_layer: dict[int, list[float]] = {}
+    for i in range(0, len(val_rows), s1.batch_size):
+        for layer, (mse, rel) in transfer_losses(model, val_rows[i : i + s1.batch_size].to(device), train=False).items():
+            per_layer.setdefault(layer, []).append(rel)
+            per_layer.setdefault(-layer - 1, []).append(mse)
+    m1["val_layer_loss"] = [
+        {"layer": layer, "mse": sum(per_layer[-layer - 1]) / len(per_layer[-layer - 1]), "rel_err": sum(v) / len(v)}
+        for layer, v in sorted(per_layer.items()) if layer >= 0
+    ]
+    summary["stage1_val_ppl"] = perplexity(model, val_rows, eval_bs)
+    if evaluate:
+        evals["stage1_eval"] = evaluate(model, tok)
+    log(_table([[r["layer"], f"{r['mse']:.3e}", f"{r['rel_err']:.4f}"] for r in m1["val_layer_loss"]], ["layer", "val MSE", "rel. error"]))
+    for p in params.values():
+        p.requires_grad_(False)
+
+    # Stage 2: LoRA (+ the new parameters) on next-token prediction (+ KL to the teacher).
+    s2 = cfg.stage2
+    final, m2 = model, {"steps": 0}
+    if s2.steps > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = _lora_targets(model, s2.lora_targets)
+        peft_model = get_peft_model(model, LoraConfig(r=s2.lora_r, lora_alpha=s2.lora_alpha, lora_dropout=s2.lora_dropout, target_modules=targets))
+        if s2.train_new_params:
+            for p in new_parameters(peft_model).values():
+                p.requires_grad_(True)
+        params2 = {k: p for k, p in peft_model.named_parameters() if p.requires_grad}
+        peft_model.train()
+
+        def step2(batch: torch.Tensor) -> float:
+            loss = lm_loss(peft_model, batch, s2.ce_weight, s2.kl_weight)
+            loss.backward()
+            return loss.item()
+
+        m2 = train_loop("stage2", params2, step2, train_rows, steps=s2.steps, batch_size=s2.batch_size, lr=s2.lr,
+                        weight_decay=s2.weight_decay, save_every=s2.save_every, ckpt=Checkpoint(work / "stage2"), **common)
+        peft_model.eval()
+        final = peft_model.merge_and_unload() if s2.merge else peft_model
+    summary["student_val_ppl"] = perplexity(final, val_rows, eval_bs)
+    if evaluate:
+        evals["final_eval"] = evaluate(final, tok)
+    summary.update(evals)
+    summary["train_tokens"] = {"stage1": m1.get("train_tokens", 0), "stage2": m2.get("train_tokens", 0)}
+    summary["seconds"] = round(time.time() - t0, 1)
+
+    if rank == 0:
+        with atomic_dir(out) as tmp:
+            tmp = Path(tmp)
+            if s2.steps > 0 and not s2.merge:
+                final.get_base_model().save_pretrained(tmp)
+                final.save_pretrained(tmp / "lora")
+            else:
+                final.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / "plan.yaml").write_text(yaml.safe_dump({"plan": summary["plan"]}))
+            (tmp / "recipe.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            (tmp / "metrics").mkdir()
+            for name, m in (("stage1", m1), ("stage2", m2), ("summary", summary)):
+                (tmp / "metrics" / f"{name}.json").write_text(json.dumps(m, indent=1))
+    return summary
+
+
+__all__ = ["distill"]

@@ -1,0 +1,199 @@
+"""The two distillation stages and the loop they share.
+
+Stage 1, attention transfer: every converted layer runs in "transfer" mode, computing the teacher's
+softmax output and its own from the same frozen projections on the same hidden states. Each layer's
+MSE is backpropagated inside its own forward and the teacher output flows on (detached), so only one
+layer's graph is alive at a time: memory does not grow with the number of converted layers, and
+the forward stops after the last converted layer. Only the kinds' new parameters train.
+
+Stage 2, LoRA fine-tune: peft LoRA on the converted layers' projections (the new parameters may
+train too), next-token cross-entropy plus an optional KL to the teacher, which is the same model
+with adapters disabled and layers in "teacher" mode: no second copy in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..convert import atomic_dir
+from ..kinds.base import LinearizedAttention
+
+
+@contextmanager
+def attention_mode(model: nn.Module, mode: str, on_transfer: Callable | None = None) -> Iterator[list[LinearizedAttention]]:
+    """Put every converted layer in `mode` ("student", "teacher", "transfer") for the block."""
+    layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
+    saved = [(m.mode, m.on_transfer) for m in layers]
+    for m in layers:
+        m.mode, m.on_transfer = mode, on_transfer
+    try:
+        yield layers
+    finally:
+        for m, (mode_, cb) in zip(layers, saved):
+            m.mode, m.on_transfer = mode_, cb
+
+
+def new_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters the conversion added (feature maps, gates, mixing factors), by full name."""
+    out = {}
+    for prefix, m in model.named_modules():
+        if isinstance(m, LinearizedAttention):
+            for name, p in m.named_parameters():
+                if name.split(".")[0] not in m.adapter.modules:
+                    out[f"{prefix}.{name}"] = p
+    return out
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU; full precision on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+class _StopForward(Exception):
+    pass
+
+
+def transfer_losses(model: nn.Module, batch: Tensor, train: bool) -> dict[int, tuple[float, float]]:
+    """One stage-1 pass: {layer: (mse, relative squared error)}; with `train`, gradients are accumulated."""
+    device = batch.device
+    losses: dict[int, tuple[float, float]] = {}
+    layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
+    last = max(m.layer_idx for m in layers)
+
+    def on_transfer(mod: LinearizedAttention, student: Tensor, teacher: Tensor) -> None:
+        diff = student.float() - teacher.float()
+        mse = diff.pow(2).mean()
+        if train:
+            mse.backward()
+        losses[mod.layer_idx] = (mse.item(), (diff.pow(2).sum() / teacher.float().pow(2).sum().clamp_min(1e-12)).item())
+        if mod.layer_idx == last:
+            raise _StopForward
+
+    with attention_mode(model, "transfer", on_transfer), torch.no_grad(), autocast(device):
+        try:
+            model(input_ids=batch, use_cache=False)
+        except _StopForward:
+            pass
+    return losses
+
+
+def lm_loss(model: nn.Module, batch: Tensor, ce_weight: float, kl_weight: float) -> Tensor:
+    """Next-token cross-entropy (+ KL(teacher || student) when kl_weight > 0) of a batch."""
+    with autocast(batch.device):
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+    loss = ce_weight * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+    if kl_weight:
+        with torch.no_grad(), model.disable_adapter(), attention_mode(model, "teacher"), autocast(batch.device):
+            teacher = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        kl = F.kl_div(logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean()
+        loss = loss + kl_weight * kl
+    return loss
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, rows: Tensor, batch_size: int, mode: str = "student") -> float:
+    """exp(mean next-token NLL) over packed rows; mode "teacher" scores the original attention."""
+    device = next(model.parameters()).device
+    nll, n = 0.0, 0
+    with attention_mode(model, mode):
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i : i + batch_size].to(device)
+            with autocast(device):
+                logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
+            n += batch[:, 1:].numel()
+    return math.exp(nll / n)
+
+
+class Checkpoint:
+    """A stage's trainable parameters, optimizer, scheduler and progress, written atomically."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def exists(self) -> bool:
+        return (self.folder / "state.pt").is_file()
+
+    def save(self, params: dict[str, nn.Parameter], opt: Any, sched: Any, step: int, done: bool, history: list) -> None:
+        with atomic_dir(self.folder) as tmp:
+            torch.save(
+                {"params": {k: p.detach().cpu() for k, p in params.items()}, "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "step": step, "done": done, "history": history},
+                Path(tmp) / "state.pt",
+            )
+
+    def load(self) -> dict[str, Any]:
+        return torch.load(self.folder / "state.pt", map_location="cpu", weights_only=False)
+
+    def restore_params(self, params: dict[str, nn.Parameter], saved: dict[str, Tensor]) -> None:
+        missing = set(params) ^ set(saved)
+        if missing:
+            raise RuntimeError(f"checkpoint {self.folder} does not match this run (differs in {sorted(missing)[:3]}...)")
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(saved[k])
+
+
+def _schedule(steps: int) -> Callable[[int], float]:
+    warm = max(1, steps // 10)
+    return lambda s: (s + 1) / warm if s < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
+
+
+def train_loop(
+    name: str, params: dict[str, nn.Parameter], step_fn: Callable[[Tensor], float], rows: Tensor, *,
+    steps: int, batch_size: int, lr: float, weight_decay: float, save_every: int, ckpt: Checkpoint,
+    seed: int, device: torch.device, rank: int = 0, world: int = 1, log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """AdamW + warmup/cosine over `steps` batches drawn deterministically per step (so a resumed run
+    sees the same batches); `step_fn` runs forward and backward and returns the loss."""
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps))
+    start, history = 0, []
+    if ckpt.exists():
+        state = ckpt.load()
+        ckpt.restore_params(params, state["params"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, history = state["step"], state["history"]
+        if state["done"]:
+            log(f"{name}: finished earlier ({start} steps), loaded from {ckpt.folder}")
+            return {"steps": start, "history": history, "resumed_from": start}
+        log(f"{name}: resuming at step {start} from {ckpt.folder}")
+    t0, tokens, step = time.time(), 0, start
+    bar = tqdm(range(start, steps), desc=name, disable=rank != 0, initial=start, total=steps)
+    try:
+        for step in bar:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            idx = torch.randint(len(rows), (batch_size * world,), generator=g)[rank::world]
+            batch = rows[idx].to(device)
+            loss = step_fn(batch)
+            if world > 1:
+                for p in params.values():
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            tokens += batch.numel() * world
+            history.append(round(float(loss), 6))
+            bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tokens / (time.time() - t0):.0f}")
+            if rank == 0 and ((step + 1) % save_every == 0 or step + 1 == steps):
+                ckpt.save(params, opt, sched, step + 1, step + 1 == steps, history)
+    except KeyboardInterrupt:
+        if rank == 0:
+            ckpt.save(params, opt, sched, len(history), False, history)
+            log(f"\n{name}: interrupted; checkpoint at step {len(history)} in {ckpt.folder} (continue with --resume)")
+        raise
+    return {"steps": steps, "history": history, "resumed_from": start, "seconds": round(time.time() - t0, 1),
+            "train_tokens": steps * batch_size * world * rows.shape[1]}

@@ -1,0 +1,52 @@
+"""Perplexity of a causal LM on a text file: tokenized once, scored in windows of `context` tokens.
+
+With stride == context the windows do not overlap; with a smaller stride each window scores only
+its last `stride` tokens, conditioned on the `context - stride` tokens before them (the usual
+sliding-window evaluation). Converted layers are scored from the window start, like softmax ones.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import LinearizeError
+
+
+@torch.no_grad()
+def text_perplexity(
+    model: Any, tokenizer: Any, path: str | Path, *, context: int = 1024, stride: int | None = None,
+    batch_size: int = 8, max_tokens: int | None = None,
+) -> dict[str, float]:
+    """{"ppl", "nll", "tokens", "context", "stride"} for the text in `path`."""
+    p = Path(path)
+    if not p.is_file():
+        raise LinearizeError(f"text file {str(p)!r} does not exist")
+    stride = stride or context
+    if not 0 < stride <= context:
+        raise LinearizeError(f"stride must be in 1..context ({context}), got {stride}")
+    ids = tokenizer(p.read_text(encoding="utf-8"), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    if max_tokens:
+        ids = ids[:max_tokens]
+    device = next(model.parameters()).device
+    if len(ids) < 2:
+        raise LinearizeError(f"{str(p)!r} holds fewer than 2 tokens")
+    context = min(context, len(ids))
+    starts = list(range(0, len(ids) - context + 1, stride))
+    nll, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        batch = torch.stack([ids[s : s + context] for s in starts[i : i + batch_size]]).to(device)
+        # target u predicts token s+u+1; a window scores only tokens no earlier window scored
+        first = torch.tensor([0 if s == 0 else context - stride - 1 for s in starts[i : i + batch_size]], device=device)
+        mask = torch.arange(context - 1, device=device)[None] >= first[:, None]
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        with autocast:
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        losses = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+        nll += (losses * mask).sum().item()
+        count += int(mask.sum())
+    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "context": context, "stride": stride}

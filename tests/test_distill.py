@@ -1,0 +1,213 @@
+"""Distillation on SmolLM2 with two converted layers: losses fall, only the intended parameters
+move, runs resume exactly, data loaders pack correctly, the CLI writes a complete folder."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import linearize
+from linearize.distill import load_config
+from linearize.distill.config import ConfigError, DataConfig
+from linearize.distill.data import DataError, pack, read_texts, split
+from linearize.distill.stages import Checkpoint, lm_loss, new_parameters, train_loop, transfer_losses
+
+TEXT = (
+    "The river runs through the old town and past the mill. Children play on its banks in summer. "
+    "In winter the water freezes and the town holds a market on the ice. Merchants sell bread, wool "
+    "and hot wine. The mill has stood for three hundred years and still grinds grain every autumn. "
+)
+
+
+@pytest.fixture
+def rows(smollm2):
+    _, tok = smollm2
+    return pack([TEXT * 3, TEXT[::-1], TEXT.upper()], tok, 48)
+
+
+@pytest.fixture
+def two_layers(smollm2):
+    model, tok = smollm2
+    return linearize.convert(model, "3:lolcats(window=8),7:gla"), tok
+
+
+def _loop(params, fn, rows, steps, tmp_path, name="s", lr=1e-2, **kw):
+    return train_loop(name, params, fn, rows, steps=steps, batch_size=2, lr=lr, weight_decay=0.0, save_every=100,
+                      ckpt=Checkpoint(tmp_path / name), seed=0, device=torch.device("cpu"), log=lambda s: None, **kw)
+
+
+def test_stage1_reduces_transfer_loss_and_moves_only_new_parameters(two_layers, rows, tmp_path):
+    model, _ = two_layers
+    model.requires_grad_(False)
+    params = {k: p.requires_grad_(True) for k, p in new_parameters(model).items()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = rows[:2]
+    loss0 = sum(v[0] for v in transfer_losses(model, probe, train=False).values())
+    assert set(transfer_losses(model, probe, train=False)) == {3, 7}
+    _loop(params, lambda b: sum(v[0] for v in transfer_losses(model, b, train=True).values()), rows, 12, tmp_path)
+    loss1 = sum(v[0] for v in transfer_losses(model, probe, train=False).values())
+    assert loss1 < 0.8 * loss0
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and changed == set(params)
+
+
+def test_stage2_lora_reduces_lm_loss_and_freezes_base_weights(two_layers, rows, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = two_layers
+    model.requires_grad_(False)
+    targets = [f"model.layers.{i}.self_attn.{p}" for i in (3, 7) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    for p in new_parameters(peft_model).values():
+        p.requires_grad_(True)
+    params = {k: p for k, p in peft_model.named_parameters() if p.requires_grad}
+    assert {k.split("self_attn.")[1].split(".")[0] for k in params} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "feature_map_q", "feature_map_k", "window_logit", "gate"}
+    before = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    with torch.no_grad():
+        loss0 = lm_loss(peft_model, rows[:2], 1.0, 0.5).item()
+
+    def step(b):
+        loss = lm_loss(peft_model, b, 1.0, 0.5)
+        loss.backward()
+        return loss.item()
+
+    _loop(params, step, rows, 8, tmp_path, lr=2e-3)
+    with torch.no_grad():
+        loss1 = lm_loss(peft_model, rows[:2], 1.0, 0.5).item()
+    assert loss1 < loss0
+    changed = {k for k, v in peft_model.state_dict().items() if not torch.equal(v, before[k])}
+    assert all("lora_" in k or any(n in k for n in ("feature_map", "window_logit", "gate")) for k in changed)
+    assert any("lora_B" in k for k in changed)
+
+
+def test_interrupted_stage_resumes_exactly(two_layers, rows, tmp_path):
+    model, _ = two_layers
+    model.requires_grad_(False)
+    params = {k: p.requires_grad_(True) for k, p in new_parameters(model).items()}
+    init = {k: p.detach().clone() for k, p in params.items()}
+    fn = lambda b: sum(v[0] for v in transfer_losses(model, b, train=True).values())  # noqa: E731
+    straight = _loop(params, fn, rows, 6, tmp_path, name="a")
+    final = {k: p.detach().clone() for k, p in params.items()}
+
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(init[k])
+    calls = []
+
+    def crashing(b):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return fn(b)
+
+    with pytest.raises(KeyboardInterrupt):
+        _loop(params, crashing, rows, 6, tmp_path, name="b")
+    assert Checkpoint(tmp_path / "b").load()["step"] == 3
+    with torch.no_grad():  # a fresh process would start from the initial weights again
+        for k, p in params.items():
+            p.copy_(init[k])
+    resumed = _loop(params, fn, rows, 6, tmp_path, name="b")
+    assert resumed["resumed_from"] == 3 and resumed["history"] == straight["history"]
+    for k, p in params.items():
+        assert torch.allclose(p, final[k], atol=1e-6), k
+
+
+def test_txt_and_jsonl_loaders_pack_exactly(smollm2, tmp_path):
+    _, tok = smollm2
+    (tmp_path / "a.txt").write_text("first line of text\n\n  second line here  \nthird\n")
+    assert read_texts(DataConfig(source=str(tmp_path / "a.txt"))) == ["first line of text", "second line here", "third"]
+    recs = [{"instruction": "Add", "input": "2 and 3", "output": "5"}, {"instruction": "Greet", "input": "", "output": "Hello!"}]
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    texts = read_texts(DataConfig(source=str(tmp_path / "b.jsonl"), template="{instruction}\n{input}\n{output}"))
+    assert texts == ["Add\n2 and 3\n5", "Greet\n\nHello!"]
+    stream = []
+    for t in texts * 5:
+        stream += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    packed = pack(texts * 5, tok, 7)
+    assert packed.shape == (len(stream) // 7, 7)
+    assert packed.flatten().tolist() == stream[: packed.numel()]
+    train, val = split(packed, 0.25, seed=0)
+    assert len(val) == round(len(packed) * 0.25) and len(train) + len(val) == len(packed)
+    assert sorted(map(tuple, torch.cat([train, val]).tolist())) == sorted(map(tuple, packed.tolist()))
+    with pytest.raises(DataError, match="no column 'text'"):
+        read_texts(DataConfig(source=str(tmp_path / "b.jsonl")))
+    with pytest.raises(DataError, match="does not exist"):
+        read_texts(DataConfig(source=str(tmp_path / "missing.jsonl")))
+    with pytest.raises(DataError, match="not one sequence"):
+        pack(["hi"], tok, 512)
+
+
+def test_recipe_loading_and_overrides(tmp_path):
+    cfg = load_config("configs/smollm2-135m.yaml", ["stage1.steps=7", "stage2.merge=false", "data.template={a} {b}", "plan=0:gla"])
+    assert (cfg.stage1.steps, cfg.stage2.merge, cfg.data.template, cfg.plan) == (7, False, "{a} {b}", "0:gla")
+    assert cfg.stage2.lora_r == 8
+    for bad, msg in [("stage1.stpes=3", "unknown recipe key 'stage1.stpes'"), ("stage1.steps=many", "does not fit"), ("stage1=3", "is a section")]:
+        with pytest.raises(ConfigError, match=msg):
+            load_config(None, [bad])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_cli_convert_end_to_end_with_resume(smollm2_base, tmp_path, monkeypatch, capsys):
+    from linearize import cli
+    from linearize.distill import run
+
+    monkeypatch.setattr(run, "load", lambda *a, **k: (copy.deepcopy(smollm2_base[0]), smollm2_base[1]))
+    (tmp_path / "d.txt").write_text("\n".join([TEXT, TEXT[::-1], TEXT.lower(), TEXT.upper()] * 2))
+    out = tmp_path / "out"
+    args = ["convert", "--config", "configs/smollm2-135m.yaml", "--plan", "4:lolcats(window=16),9:hedgehog", "--out", str(out),
+            f"data.source={tmp_path / 'd.txt'}", "data.seq_len=64", "stage1.steps=3", "stage2.steps=2"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "validation perplexity: teacher" in printed and str(out) in printed
+    assert {"config.json", "model.safetensors", "plan.yaml", "recipe.yaml", "metrics", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    summary = json.loads((out / "metrics" / "summary.json").read_text())
+    assert summary["plan"].startswith("0-3:softmax,4:lolcats(window=16)") and summary["student_val_ppl"] > 1
+    layers = json.loads((out / "metrics" / "stage1.json").read_text())["val_layer_loss"]
+    assert [r["layer"] for r in layers] == [4, 9]
+    model = linearize.load(out)[0]
+    assert model.config.linearize["layers"][9]["kind"] == "hedgehog"
+
+    assert cli.main(args) == 2  # checkpoints exist: refuse to silently restart
+    assert "--resume" in capsys.readouterr().err
+    assert cli.main(args + ["--resume"]) == 0
+    assert "finished earlier" in capsys.readouterr().out
+
+
+def test_two_process_data_parallel_matches_one_process_with_double_batch(smollm2_base, tmp_path):
+    """`torchrun --nproc_per_node 2` (gloo on CPU) runs the same code; averaged gradients over two
+    ranks of batch 1 give the weights of one process with batch 2."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = smollm2_base[1]
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "d.txt").write_text("\n".join([TEXT, TEXT[::-1], TEXT.lower(), TEXT.upper()] * 3))
+    common = ["--model", str(tmp_path / "tiny"), "--plan", "0:lolcats(window=4),1:gla", f"data.source={tmp_path / 'd.txt'}",
+              "data.seq_len=32", "stage1.steps=3", "stage2.steps=2", "stage2.lr=0.001"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "linearize.cli", "convert", "--out", str(tmp_path / "one"), *common, "stage1.batch_size=2", "stage2.batch_size=2"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "linearize.cli", "convert",
+                          "--out", str(tmp_path / "two"), *common, "stage1.batch_size=1", "stage2.batch_size=1"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert a.keys() == b.keys()
+    moved = [k for k in a if "feature_map" in k or "gate" in k]
+    assert moved
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
