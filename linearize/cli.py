@@ -41,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in OUT.ckpt/")
     p.add_argument("overrides", nargs="*", help="recipe overrides as section.key=value, e.g. stage1.steps=100")
     p.set_defaults(func=cmd_convert)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)  # overrides may come before or after the flags
+    bad = [e for e in extra if e.startswith("-") or "=" not in e]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = [*args.overrides, *extra]
     try:
         args.func(args)
     except LinearizeError as e:

@@ -172,10 +172,16 @@ def test_cli_convert_end_to_end_with_resume(smollm2_base, tmp_path, monkeypatch,
     model = linearize.load(out)[0]
     assert model.config.linearize["layers"][9]["kind"] == "hedgehog"
 
-    assert cli.main(args) == 2  # checkpoints exist: refuse to silently restart
-    assert "--resume" in capsys.readouterr().err
-    assert cli.main(args + ["--resume"]) == 0
+    assert cli.main(args + ["--resume"]) == 0  # both stages load from their final checkpoints
     assert "finished earlier" in capsys.readouterr().out
+    assert cli.main(args + ["--resume", "stage2.steps=3"]) == 2
+    assert "another recipe" in capsys.readouterr().err
+    (out.parent / "out.ckpt" / "complete").unlink()  # as if the run had been interrupted
+    assert cli.main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    (out.parent / "out.ckpt" / "complete").write_text("")
+    assert cli.main(args) == 0  # a finished run's checkpoints give way to a fresh run
+    assert "finished earlier" not in capsys.readouterr().out
 
 
 def test_two_process_data_parallel_matches_one_process_with_double_batch(smollm2_base, tmp_path):
@@ -201,7 +207,7 @@ def test_two_process_data_parallel_matches_one_process_with_double_batch(smollm2
     one = subprocess.run([sys.executable, "-m", "linearize.cli", "convert", "--out", str(tmp_path / "one"), *common, "stage1.batch_size=2", "stage2.batch_size=2"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "linearize.cli", "convert",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "linearize.cli", "convert",
                           "--out", str(tmp_path / "two"), *common, "stage1.batch_size=1", "stage2.batch_size=1"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]

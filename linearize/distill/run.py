@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -68,8 +69,19 @@ def distill(
     out = Path(out)
     work = Path(str(out) + ".ckpt")
     plan = LayerPlan.coerce(cfg.plan).check_kinds()
+    recipe = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     if work.exists() and not resume:
-        raise LinearizeError(f"checkpoints of an earlier run are in {work}: pass --resume to continue, or delete it")
+        if not (work / "complete").exists():
+            raise LinearizeError(f"checkpoints of an unfinished run are in {work}: pass --resume to continue, or delete it")
+        if rank == 0:
+            shutil.rmtree(work)  # the earlier run finished and saved its model: start afresh
+    if resume and (work / "recipe.yaml").is_file() and (work / "recipe.yaml").read_text() != recipe:
+        raise LinearizeError(f"the checkpoints in {work} were made with another recipe; resume with the same one, or delete them")
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "recipe.yaml").write_text(recipe)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     model, tok = load(cfg.model, dtype=torch.float32, device=device)
@@ -155,10 +167,11 @@ def distill(
                 final.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             (tmp / "plan.yaml").write_text(yaml.safe_dump({"plan": summary["plan"]}))
-            (tmp / "recipe.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            (tmp / "recipe.yaml").write_text(recipe)
             (tmp / "metrics").mkdir()
             for name, m in (("stage1", m1), ("stage2", m2), ("summary", summary)):
                 (tmp / "metrics" / f"{name}.json").write_text(json.dumps(m, indent=1))
+        (work / "complete").write_text(str(out.resolve()))
     return summary
 
 
