@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 convert: setup
 	$(PY) -m linearize.cli convert --config $(CONFIG) --out $(OUT) $(if $(MODEL),--model $(MODEL)) $(ARGS)

@@ -1,14 +1,47 @@
 """Sequence-mixing ops of the converted layers, layout [B, T, H, D].
 
-Each op folder holds the implementation beside its pure-PyTorch reference (`naive.py`), which
-is the ground truth every faster implementation is tested against. The attention kinds call
-the names exported here.
+Each op folder holds its Triton kernels beside the pure-PyTorch reference (`naive.py`), which is
+the ground truth every kernel is tested against (on CPU under TRITON_INTERPRET=1). The attention
+kinds call the names exported here: CUDA tensors go to a Triton kernel where one exists, anything
+else to the reference; LINEARIZE_KERNELS=reference forces the reference everywhere.
 """
 
+from __future__ import annotations
+
+import os
+
+from torch import Tensor
+
 from .gla import chunk_gla_ref as chunk_gla
-from .gla import gla_step_ref as gla_step
+from .gla import gla_step_ref
 from .hybrid import EPS, empty_state
 from .hybrid import hybrid_attn_ref as hybrid_attn
-from .hybrid import hybrid_step_ref as hybrid_step
+from .hybrid import hybrid_step_ref
 
-__all__ = ["EPS", "chunk_gla", "empty_state", "gla_step", "hybrid_attn", "hybrid_step"]
+try:  # Triton is Linux-only; without it everything runs on the references
+    from .gla.fused_recurrent import gla_step_triton
+    from .hybrid.fused_recurrent import hybrid_step_triton
+except ImportError:  # pragma: no cover - depends on the platform
+    gla_step_triton = hybrid_step_triton = None
+
+
+def use_triton(x: Tensor) -> bool:
+    """Whether `x`'s op goes to a Triton kernel."""
+    return gla_step_triton is not None and x.is_cuda and os.environ.get("LINEARIZE_KERNELS", "auto") != "reference"
+
+
+def gla_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, state: Tensor) -> tuple[Tensor, Tensor]:
+    """One decode step of (gated) linear attention (see `gla_step_ref`)."""
+    if use_triton(q):
+        return gla_step_triton(q, k, v, g, state)
+    return gla_step_ref(q, k, v, g, state)
+
+
+def hybrid_step(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None, mix: Tensor, **kw):
+    """One decode step of the window + linear hybrid (see `hybrid_step_ref`)."""
+    if use_triton(q):
+        return hybrid_step_triton(q, k, v, fq, fk, g, mix, **kw)
+    return hybrid_step_ref(q, k, v, fq, fk, g, mix, **kw)
+
+
+__all__ = ["EPS", "chunk_gla", "empty_state", "gla_step", "hybrid_attn", "hybrid_step", "use_triton"]

@@ -1,0 +1,76 @@
+"""Triton kernels against their PyTorch references: on CPU under TRITON_INTERPRET=1 (set by
+`make test`), or on a GPU. Fresh random inputs every run, outputs poisoned with NaN first."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()):
+    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1 (make test sets it)", allow_module_level=True)
+triton_ops = pytest.importorskip("linearize.kernels.gla.fused_recurrent")
+
+from linearize.kernels.gla.naive import gla_step_ref  # noqa: E402
+
+from conftest import rel_err  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # bf16: rounding of inputs and of the output
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("b,h,hk,kd,vd", [(1, 4, 4, 16, 16), (2, 9, 3, 128, 64), (3, 6, 2, 64, 65)])
+def test_gla_step_kernel_matches_reference(dtype, gated, b, h, hk, kd, vd):
+    r = lambda *s: torch.randn(*s, device=DEVICE)  # noqa: E731  (fresh inputs, no fixed seed)
+    q, k, v = r(b, h, kd).to(dtype), r(b, hk, kd).to(dtype), r(b, hk, vd).to(dtype)
+    g = F.logsigmoid(r(b, hk, kd) + 2) if gated else None
+    state = r(b, hk, kd, vd)
+    out = torch.full((b, h, vd), float("nan"), dtype=dtype, device=DEVICE)
+    out_state = torch.full_like(state, float("nan"))
+    o, s = triton_ops.gla_step_triton(q, k, v, g, state, out_state=out_state, out=out)
+    o_ref, s_ref = gla_step_ref(q.float(), k.float(), v.float(), g, state)
+    assert o.data_ptr() == out.data_ptr() and s.data_ptr() == out_state.data_ptr()
+    assert not torch.isnan(o).any() and not torch.isnan(s).any()
+    assert rel_err(o, o_ref) < TOL[dtype] and rel_err(s, s_ref) < 1e-5
+
+
+def test_gla_step_kernel_updates_in_place():
+    q, k, v = torch.randn(1, 2, 16, device=DEVICE), torch.randn(1, 1, 16, device=DEVICE), torch.randn(1, 1, 8, device=DEVICE)
+    state = torch.randn(1, 1, 16, 8, device=DEVICE)
+    expected = gla_step_ref(q, k, v, None, state)[1]
+    _, s = triton_ops.gla_step_triton(q, k, v, None, state, out_state=state)
+    assert s.data_ptr() == state.data_ptr() and rel_err(state, expected) < 1e-6
+
+
+hybrid_ops = pytest.importorskip("linearize.kernels.hybrid.fused_recurrent")
+from linearize.kernels.hybrid.naive import hybrid_attn_ref, hybrid_step_ref  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("window,prefix,softcap", [(1, 3, None), (5, 2, None), (8, 11, 30.0), (64, 70, None)])
+def test_hybrid_step_kernel_matches_reference(dtype, gated, window, prefix, softcap):
+    b, h, hk, d, vd, f = 2, 6, 2, 16, 24, 32
+    r = lambda *s: torch.randn(*s, device=DEVICE)  # noqa: E731
+    t = prefix + 1
+    q, k, v = r(b, t, h, d).to(dtype), r(b, t, hk, d).to(dtype), r(b, t, hk, vd).to(dtype)
+    fq, fk = r(b, t, h, f).softmax(-1), r(b, t, hk, f).softmax(-1)
+    g = F.logsigmoid(r(b, t, hk, f) + 2) if gated else None
+    mix = torch.rand(h, device=DEVICE)
+    valid = torch.ones(b, t, dtype=torch.bool, device=DEVICE)
+    valid[1, :2] = False  # a left-padded row: invalid slots in the window buffer
+    cut = lambda x: None if x is None else x[:, :prefix]  # noqa: E731
+    kw = dict(window=window, scale=d**-0.5, softcap=softcap)
+    _, state = hybrid_attn_ref(*(cut(x) for x in (q, k, v, fq, fk, g)), mix, valid=valid[:, :prefix], **kw)
+    last = (q[:, -1], k[:, -1], v[:, -1], fq[:, -1], fk[:, -1], None if g is None else g[:, -1], mix)
+    out = torch.full((b, h, vd), float("nan"), dtype=dtype, device=DEVICE)
+    y, new = hybrid_ops.hybrid_step_triton(*last, valid=valid[:, -1], state=state, out=out, **kw)
+    y_ref, new_ref = hybrid_step_ref(*last, valid=valid[:, -1], state=state, **kw)
+    assert y.data_ptr() == out.data_ptr() and not torch.isnan(y).any()
+    assert rel_err(y, y_ref) < TOL[dtype]
+    for name in new_ref:
+        assert torch.allclose(new[name].float(), new_ref[name].float(), atol=1e-5), name
