@@ -15,6 +15,8 @@ from linearize.distill.config import ConfigError, DataConfig
 from linearize.distill.data import DataError, pack, read_texts, split
 from linearize.distill.stages import Checkpoint, lm_loss, new_parameters, train_loop, transfer_losses
 
+from conftest import rel_err
+
 TEXT = (
     "The river runs through the old town and past the mill. Children play on its banks in summer. "
     "In winter the water freezes and the town holds a market on the ice. Merchants sell bread, wool "
@@ -217,3 +219,35 @@ def test_two_process_data_parallel_matches_one_process_with_double_batch(smollm2
     assert moved
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_hedgehog_attention_weights_match_its_outputs_and_ce_trains(smollm2, rows, tmp_path):
+    from linearize.distill.stages import attention_ce
+
+    model, _ = smollm2
+    linearize.convert(model, "5:hedgehog")
+    attn = model.model.layers[5].self_attn
+    x = torch.randn(2, 9, 576)
+    cos, sin = model.model.rotary_emb(x, torch.arange(9)[None])
+    q, k, v = attn.adapter.project(attn, x, (cos, sin))
+    weights = attn.attention_weights(q, k)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 9, 9)) and torch.equal(weights, weights.tril())
+    y, _ = attn.mix(q, k, v, x, None, None)
+    assert rel_err(torch.einsum("bhij,bjhd->bihd", weights, v.repeat_interleave(3, 2)), y) < 1e-5
+
+    model.requires_grad_(False)
+    params = {n: p.requires_grad_(True) for n, p in new_parameters(model).items()}
+    probe = rows[:2]
+
+    def ce() -> float:  # on layer 5's real inputs, captured from a forward pass
+        captured = {}
+        hook = attn.register_forward_pre_hook(lambda m, a, kw: captured.update(kw), with_kwargs=True)
+        with torch.no_grad():
+            model(input_ids=probe, use_cache=False)
+            hook.remove()
+            q2, k2, _ = attn.adapter.project(attn, captured["hidden_states"], captured["position_embeddings"])
+            return attention_ce(attn, q2, k2).item()
+
+    ce0 = ce()
+    _loop(params, lambda b: sum(v[0] for v in transfer_losses(model, b, train=True, attn_ce_weight=1.0).values()), rows, 10, tmp_path)
+    assert ce() < ce0

@@ -39,6 +39,7 @@ class Stage1Config:
     batch_size: int = 2
     lr: float = 1e-2
     weight_decay: float = 0.0
+    attn_ce_weight: float = 0.0  # `hedgehog` layers: + weight x cross-entropy of attention weights vs the teacher's
     save_every: int = 50
 
 

@@ -107,7 +107,7 @@ def distill(
     s1 = cfg.stage1
 
     def step1(batch: torch.Tensor) -> float:
-        return sum(v[0] for v in transfer_losses(model, batch, train=True).values())
+        return sum(v[0] for v in transfer_losses(model, batch, train=True, attn_ce_weight=s1.attn_ce_weight).values())
 
     m1 = train_loop("stage1", params_, step1, train_rows, steps=s1.steps, batch_size=s1.batch_size, lr=s1.lr,
                     weight_decay=s1.weight_decay, save_every=s1.save_every, ckpt=Checkpoint(work / "stage1"), **common)

@@ -61,19 +61,36 @@ class _StopForward(Exception):
     pass
 
 
-def transfer_losses(model: nn.Module, batch: Tensor, train: bool) -> dict[int, tuple[float, float]]:
-    """One stage-1 pass: {layer: (mse, relative squared error)}; with `train`, gradients are accumulated."""
+def attention_ce(mod: LinearizedAttention, q: Tensor, k: Tensor) -> Tensor:
+    """Cross-entropy of the layer's attention weights against the teacher's softmax weights (Hedgehog's
+    loss), for kinds whose whole attention matrix is one feature-map product (`hedgehog`)."""
+    t = q.shape[1]
+    s = torch.einsum("bihd,bjhd->bhij", q.float(), k.float().repeat_interleave(mod.num_heads // mod.num_kv_heads, 2)) * mod.scaling
+    if mod.softcap:
+        s = mod.softcap * torch.tanh(s / mod.softcap)
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    teacher = s.masked_fill(~causal, float("-inf")).softmax(-1)
+    student = mod.attention_weights(q, k)
+    return -(teacher * student.clamp_min(1e-12).log()).sum(-1).mean()
+
+
+def transfer_losses(model: nn.Module, batch: Tensor, train: bool, attn_ce_weight: float = 0.0) -> dict[int, tuple[float, float]]:
+    """One stage-1 pass: {layer: (loss, relative squared error of the output)}; the loss is the output
+    MSE plus `attn_ce_weight` x the attention-weight cross-entropy where the kind has one. With
+    `train`, gradients are accumulated."""
     device = batch.device
     losses: dict[int, tuple[float, float]] = {}
     layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
     last = max(m.layer_idx for m in layers)
 
-    def on_transfer(mod: LinearizedAttention, student: Tensor, teacher: Tensor) -> None:
+    def on_transfer(mod: LinearizedAttention, student: Tensor, teacher: Tensor, q: Tensor, k: Tensor) -> None:
         diff = student.float() - teacher.float()
-        mse = diff.pow(2).mean()
+        loss = diff.pow(2).mean()
+        if attn_ce_weight and mod.kind == "hedgehog":
+            loss = loss + attn_ce_weight * attention_ce(mod, q, k)
         if train:
-            mse.backward()
-        losses[mod.layer_idx] = (mse.item(), (diff.pow(2).sum() / teacher.float().pow(2).sum().clamp_min(1e-12)).item())
+            loss.backward()
+        losses[mod.layer_idx] = (loss.item(), (diff.pow(2).sum() / teacher.float().pow(2).sum().clamp_min(1e-12)).item())
         if mod.layer_idx == last:
             raise _StopForward
 

@@ -27,8 +27,8 @@ class LinearizedAttention(nn.Module):
 
     `mode` selects what forward computes: "student" (the converted layer), "teacher" (the original
     softmax attention from the same projections) or "transfer" (both: `on_transfer(module, student,
-    teacher)` receives the two outputs, with the student's graph, and the teacher's output flows on,
-    so every layer sees the teacher's hidden states during attention transfer).
+    teacher, q, k)` receives the two outputs, with the student's graph, and the rotary q/k; the
+    teacher's output flows on, so every layer sees the teacher's hidden states during transfer).
     """
 
     kind: ClassVar[str]
@@ -46,7 +46,7 @@ class LinearizedAttention(nn.Module):
         for name in adapter.modules:
             setattr(self, name, getattr(attn, name))
         self.mode = "student"
-        self.on_transfer: Callable[[nn.Module, Tensor, Tensor], None] | None = None
+        self.on_transfer: Callable[..., None] | None = None
         self.build(options)
         ref = next(attn.parameters())
         for name, p in self.named_parameters():
@@ -92,7 +92,7 @@ class LinearizedAttention(nn.Module):
         with torch.enable_grad():
             y, _ = self.mix(q, k, v, x, key_validity(attention_mask, t), None)
             student = self.o_proj(y.reshape(b, t, -1))
-            self.on_transfer(self, student, teacher.detach())
+            self.on_transfer(self, student, teacher.detach(), q, k)
         return teacher.detach()
 
     def softmax_attend(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None) -> Tensor:
