@@ -34,21 +34,23 @@ class DataConfig:
 
 
 @dataclass
-class Stage1Config:
-    steps: int = 30
-    batch_size: int = 2
-    lr: float = 1e-2
-    weight_decay: float = 0.0
-    attn_ce_weight: float = 0.0  # `hedgehog` layers: + weight x cross-entropy of attention weights vs the teacher's
-    save_every: int = 50
-
-
-@dataclass
-class Stage2Config:
+class StageConfig:
     steps: int = 20
     batch_size: int = 2
     lr: float = 1e-4
     weight_decay: float = 0.0
+    save_every: int = 50  # checkpoint every N steps (and at the end, and on Ctrl-C)
+
+
+@dataclass
+class Stage1Config(StageConfig):
+    steps: int = 30
+    lr: float = 1e-2
+    attn_ce_weight: float = 0.0  # `hedgehog` layers: + weight x cross-entropy of attention weights vs the teacher's
+
+
+@dataclass
+class Stage2Config(StageConfig):
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -57,7 +59,6 @@ class Stage2Config:
     kl_weight: float = 0.0  # weight of KL(teacher || student) on next-token distributions
     ce_weight: float = 1.0
     merge: bool = True  # fold LoRA into the weights before saving
-    save_every: int = 50
 
 
 @dataclass

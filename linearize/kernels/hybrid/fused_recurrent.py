@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .naive import EPS
+from .naive import EPS, extend_window, shift_window
 
 
 @triton.jit
@@ -83,29 +83,20 @@ def hybrid_step_triton(
     """Drop-in for `hybrid_step_ref` (same arguments and state layout)."""
     b, h, d = q.shape
     hk, vd, f = k.shape[1], v.shape[-1], fk.shape[-1]
-    if valid is None:
-        valid = torch.ones(b, dtype=torch.bool, device=q.device)
-    keep = valid.float()[:, None, None]
-    ext_k = torch.cat([state["k"], k.float()[:, None]], 1).contiguous()
-    ext_v = torch.cat([state["v"], v.float()[:, None]], 1).contiguous()
-    ext_fk = torch.cat([state["fk"], (fk.float() * keep)[:, None]], 1)
-    ext_valid = torch.cat([state["valid"], valid[:, None]], 1)
-    ext_g = torch.cat([state["g"], (g.float() * keep)[:, None]], 1) if g is not None else None
+    ext = extend_window(state, k, v, fk, g, valid)
+    ext_g = ext.get("g")
     mem = state["S"].float().contiguous()
     new_mem = torch.empty_like(mem)
     y = torch.empty(b, h, vd, dtype=v.dtype, device=v.device) if out is None else out
     bv = min(triton.next_power_of_2(vd), 64)
-    gsum = ext_g.sum(1).contiguous() if ext_g is not None else mem
+    gsum = ext_g.sum(1).contiguous() if ext_g is not None else mem  # placeholder pointers without decay
     g0 = ext_g[:, 0].contiguous() if ext_g is not None else mem
     _hybrid_step_kernel[(b * hk, triton.cdiv(vd, bv))](
-        q.contiguous(), fq.contiguous(), mix.float().contiguous(), ext_k, ext_v, ext_valid.to(torch.int8).contiguous(),
-        ext_fk[:, 0].contiguous(), ext_v[:, 0].contiguous(), gsum, g0, mem, new_mem, y,
-        float(scale), float(softcap or 1.0),
+        q.contiguous(), fq.contiguous(), mix.float().contiguous(), ext["k"].contiguous(), ext["v"].contiguous(),
+        ext["valid"].to(torch.int8).contiguous(), ext["fk"][:, 0].contiguous(), ext["v"][:, 0].contiguous(),
+        gsum, g0, mem, new_mem, y, float(scale), float(softcap or 1.0),
         h, hk, window, d, f, vd,
         triton.next_power_of_2(window), triton.next_power_of_2(d), triton.next_power_of_2(f), bv,
         ext_g is not None, bool(softcap), EPS,
     )
-    new_state = {"S": new_mem, "k": ext_k[:, 1:], "v": ext_v[:, 1:], "fk": ext_fk[:, 1:], "valid": ext_valid[:, 1:]}
-    if ext_g is not None:
-        new_state["g"] = ext_g[:, 1:]
-    return y, new_state
+    return y, shift_window(ext, new_mem)

@@ -136,6 +136,29 @@ def hybrid_attn_ref(
     return y.to(v.dtype), new_state
 
 
+def extend_window(
+    state: dict[str, Tensor], k: Tensor, v: Tensor, fk: Tensor, g: Tensor | None, valid: Tensor | None
+) -> dict[str, Tensor]:
+    """The W window tokens of a decode step: the W-1 buffered ones plus the new one (padding zeroed)."""
+    if valid is None:
+        valid = torch.ones(k.shape[0], dtype=torch.bool, device=k.device)
+    keep = valid.float()[:, None, None]
+    ext = {
+        "k": torch.cat([state["k"], k.float()[:, None]], 1),  # [B,W,Hk,D]
+        "v": torch.cat([state["v"], v.float()[:, None]], 1),
+        "fk": torch.cat([state["fk"], (fk.float() * keep)[:, None]], 1),
+        "valid": torch.cat([state["valid"], valid[:, None]], 1),
+    }
+    if g is not None:
+        ext["g"] = torch.cat([state["g"], (g.float() * keep)[:, None]], 1)
+    return ext
+
+
+def shift_window(ext: dict[str, Tensor], memory: Tensor) -> dict[str, Tensor]:
+    """The state after a decode step: the new memory and the window without its oldest token."""
+    return {"S": memory, **{name: t[:, 1:] for name, t in ext.items()}}
+
+
 def hybrid_step_ref(
     q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None, mix: Tensor,
     *, window: int, scale: float, softcap: float | None = None, valid: Tensor | None = None,
@@ -144,18 +167,12 @@ def hybrid_step_ref(
     """Recurrent form, one token: q [B,H,D], k/v [B,Hk,*], fq [B,H,F], fk/g [B,Hk,F], valid [B]."""
     b, h, d = q.shape
     hk, vd, f = k.shape[1], v.shape[-1], fk.shape[-1]
-    if valid is None:
-        valid = torch.ones(b, dtype=torch.bool, device=q.device)
-    keep = valid.float()[:, None, None]
-    ext_k = torch.cat([state["k"], k.float()[:, None]], 1)  # [B,W,Hk,D]
-    ext_v = torch.cat([state["v"], v.float()[:, None]], 1)
-    ext_fk = torch.cat([state["fk"], (fk.float() * keep)[:, None]], 1)
-    ext_valid = torch.cat([state["valid"], valid[:, None]], 1)
-    ext_g = torch.cat([state["g"], (g.float() * keep)[:, None]], 1) if g is not None else None
+    ext = extend_window(state, k, v, fk, g, valid)
+    ext_g = ext.get("g")
 
     qg = q.float().reshape(b, 1, hk, h // hk, d)
-    a = _masked_exp(_scores(qg, ext_k, scale, softcap), ext_valid[:, None, None, None, :])
-    num_w = torch.einsum("bihgj,bjhv->bihgv", a, ext_v).reshape(b, h, vd)
+    a = _masked_exp(_scores(qg, ext["k"], scale, softcap), ext["valid"][:, None, None, None, :])
+    num_w = torch.einsum("bihgj,bjhv->bihgv", a, ext["v"]).reshape(b, h, vd)
     den_w = a.sum(-1).reshape(b, h)
 
     fqg = fq.float().reshape(b, hk, h // hk, f)
@@ -165,12 +182,9 @@ def hybrid_step_ref(
     y = _combine(num_w, den_w, o_l[..., :vd], o_l[..., vd], mix)
 
     # The oldest window token leaves the window and enters the linear memory.
-    v1 = torch.cat([ext_v[:, 0], ext_v.new_ones(b, hk, 1)], -1)
+    v1 = torch.cat([ext["v"][:, 0], ext["v"].new_ones(b, hk, 1)], -1)
     mem = state["S"]
     if ext_g is not None:
         mem = mem * ext_g[:, 0].exp()[..., None]
-    mem = mem + ext_fk[:, 0][..., None] * v1[:, :, None, :]
-    new_state = {"S": mem, "k": ext_k[:, 1:], "v": ext_v[:, 1:], "fk": ext_fk[:, 1:], "valid": ext_valid[:, 1:]}
-    if ext_g is not None:
-        new_state["g"] = ext_g[:, 1:]
-    return y.to(v.dtype), new_state
+    mem = mem + ext["fk"][:, 0][..., None] * v1[:, :, None, :]
+    return y.to(v.dtype), shift_window(ext, mem)
