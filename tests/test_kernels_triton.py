@@ -74,3 +74,24 @@ def test_hybrid_step_kernel_matches_reference(dtype, gated, window, prefix, soft
     assert rel_err(y, y_ref) < TOL[dtype]
     for name in new_ref:
         assert torch.allclose(new[name].float(), new_ref[name].float(), atol=1e-5), name
+
+
+chunk_ops = pytest.importorskip("linearize.kernels.gla.chunk")
+from linearize.kernels.gla.naive import chunk_gla_ref  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 9, 16, 47])  # below, at and across the chunk of 16
+@pytest.mark.parametrize("kd,vd", [(16, 16), (64, 40)])
+@pytest.mark.parametrize("exclusive,with_state", [(False, False), (False, True), (True, True)])
+def test_chunk_linear_attn_kernel_matches_reference(dtype, t, kd, vd, exclusive, with_state):
+    b, h, hk = 2, 6, 2
+    r = lambda *s: torch.randn(*s, device=DEVICE)  # noqa: E731
+    q, k, v = r(b, t, h, kd).to(dtype), r(b, t, hk, kd).to(dtype), r(b, t, hk, vd).to(dtype)
+    s0 = r(b, hk, kd, vd) if with_state else None
+    out = torch.full((b, t, h, vd), float("nan"), dtype=dtype, device=DEVICE)
+    o, s = chunk_ops.chunk_linear_attn_triton(q, k, v, initial_state=s0, exclusive=exclusive, chunk_size=16, out=out)
+    o_ref, s_ref = chunk_gla_ref(q.float(), k.float(), v.float(), None, initial_state=s0, exclusive=exclusive)
+    tol = 1e-5 if dtype == torch.float32 and DEVICE == "cpu" else (3e-3 if dtype == torch.float32 else 1e-2)
+    assert o.data_ptr() == out.data_ptr() and not torch.isnan(o).any()
+    assert rel_err(o, o_ref) < tol and rel_err(s, s_ref) < max(tol, 3e-3 if DEVICE == "cuda" else 1e-5)
