@@ -95,3 +95,24 @@ def test_chunk_linear_attn_kernel_matches_reference(dtype, t, kd, vd, exclusive,
     tol = 1e-5 if dtype == torch.float32 and DEVICE == "cpu" else (3e-3 if dtype == torch.float32 else 1e-2)
     assert o.data_ptr() == out.data_ptr() and not torch.isnan(o).any()
     assert rel_err(o, o_ref) < tol and rel_err(s, s_ref) < max(tol, 3e-3 if DEVICE == "cuda" else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 9, 16, 47])
+@pytest.mark.parametrize("kd,vd", [(16, 16), (64, 40)])
+@pytest.mark.parametrize("exclusive,with_state", [(False, False), (False, True), (True, True)])
+def test_chunk_linear_attn_gradients_match_reference(dtype, t, kd, vd, exclusive, with_state):
+    b, h, hk = 2, 6, 2
+    leaf = lambda *s: torch.randn(*s, device=DEVICE).to(dtype).requires_grad_()  # noqa: E731
+    q, k, v = leaf(b, t, h, kd), leaf(b, t, hk, kd), leaf(b, t, hk, vd)
+    s0 = torch.randn(b, hk, kd, vd, device=DEVICE).requires_grad_() if with_state else None
+    do, ds = torch.randn(b, t, h, vd, device=DEVICE), torch.randn(b, hk, kd, vd, device=DEVICE)
+    inputs = [q, k, v] + ([s0] if with_state else [])
+    o, s = chunk_ops.chunk_linear_attn(q, k, v, initial_state=s0, exclusive=exclusive, chunk_size=16)
+    grads = torch.autograd.grad((o.float() * do).sum() + (s * ds).sum(), inputs)
+    o_ref, s_ref = chunk_gla_ref(*(x.float() for x in (q, k, v)), None, initial_state=s0, exclusive=exclusive)
+    refs = torch.autograd.grad((o_ref * do).sum() + (s_ref * ds).sum(), inputs)
+    tol = 1e-5 if dtype == torch.float32 and DEVICE == "cpu" else (3e-3 if dtype == torch.float32 else 2e-2)
+    for got, ref in zip(grads, refs):
+        assert got.dtype == ref.dtype and not torch.isnan(got).any()
+        assert rel_err(got, ref) < tol

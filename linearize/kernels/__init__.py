@@ -13,19 +13,17 @@ import os
 
 from torch import Tensor
 
-import torch
-
 from .gla import chunk_gla_ref, gla_step_ref
 from .hybrid import EPS, empty_state
 from .hybrid import hybrid_attn_ref as hybrid_attn
 from .hybrid import hybrid_step_ref
 
 try:  # Triton is Linux-only; without it everything runs on the references
-    from .gla.chunk import chunk_linear_attn_triton
+    from .gla.chunk import chunk_linear_attn
     from .gla.fused_recurrent import gla_step_triton
     from .hybrid.fused_recurrent import hybrid_step_triton
 except ImportError:  # pragma: no cover - depends on the platform
-    chunk_linear_attn_triton = gla_step_triton = hybrid_step_triton = None
+    chunk_linear_attn = gla_step_triton = hybrid_step_triton = None
 
 
 def use_triton(x: Tensor) -> bool:
@@ -37,11 +35,10 @@ def chunk_gla(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, initial_state: Tensor | None = None,
     exclusive: bool = False, chunk_size: int = 64,
 ) -> tuple[Tensor, Tensor]:
-    """Chunked causal (gated) linear attention (see `chunk_gla_ref`). Triton covers the no-decay
-    forward without gradients (prefill, evaluation); training and decays use the reference."""
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, initial_state))
-    if use_triton(q) and g is None and not needs_grad:
-        return chunk_linear_attn_triton(q, k, v, initial_state=initial_state, exclusive=exclusive, chunk_size=chunk_size)
+    """Chunked causal (gated) linear attention (see `chunk_gla_ref`). Triton covers the no-decay case,
+    forward and backward; decays use the reference."""
+    if use_triton(q) and g is None:
+        return chunk_linear_attn(q, k, v, initial_state=initial_state, exclusive=exclusive, chunk_size=chunk_size)
     return chunk_gla_ref(q, k, v, g, initial_state=initial_state, exclusive=exclusive, chunk_size=chunk_size)
 
 

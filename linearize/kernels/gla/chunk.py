@@ -1,9 +1,12 @@
-"""Triton chunked forward of causal linear attention without decay (the `hedgehog` kind and the
-linear part of `lolcats`), for inference and prefill: no autograd (training uses the reference).
+"""Triton chunked causal linear attention without decay (the `hedgehog` kind and the linear part of
+`lolcats`), forward and backward. Same maths as `chunk_gla_ref` with g=None.
 
-One program per (batch, KV head, block of value channels) walks the chunks in order, keeping its
-[K, BV] slice of the fp32 state on chip: for each query head of the group, o = q S + tril(q k^T) v
-(strictly lower for the exclusive scan), then S += k^T v. Same maths as `chunk_gla_ref` with g=None.
+Forward: one program per (batch, KV head, block of value channels) walks the chunks in order,
+keeping its [K, BV] slice of the fp32 state on chip: for each query head of the group,
+o = q S + tril(q k^T) v (strictly lower for the exclusive scan), then S += k^T v.
+Backward: dq walks forward with the state (dq = dO S^T + tril(dO v^T) k); dk, dv and the initial
+state's gradient walk backward with dS = dS_final + sum of later q^T dO (dk = v dS^T + ..., dv = k dS + ...).
+Query heads of a GQA group accumulate into their KV head's dk, dv without repeated k/v.
 """
 
 from __future__ import annotations
@@ -12,6 +15,25 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+
+@triton.jit
+def _tile(ptr, b, T, t, mt, NH: tl.constexpr, head, D: tl.constexpr, rd, md):
+    """Rows t of head `head` of a [B, T, NH, D] tensor, as fp32 (zeros outside the masks)."""
+    return tl.load(ptr + ((b * T + t[:, None]) * NH + head) * D + rd[None, :], mask=mt[:, None] & md[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_tile(ptr, val, b, T, t, mt, NH: tl.constexpr, head, D: tl.constexpr, rd, md):
+    tl.store(ptr + ((b * T + t[:, None]) * NH + head) * D + rd[None, :], val.to(ptr.dtype.element_ty), mask=mt[:, None] & md[None, :])
+
+
+@triton.jit
+def _state(ptr, bh, K: tl.constexpr, V: tl.constexpr, rk, rv, mk, mv, BK: tl.constexpr, BV: tl.constexpr, PRESENT: tl.constexpr):
+    """The [BK, BV] fp32 state tile of (batch, KV head) `bh`, or zeros."""
+    if PRESENT:
+        return tl.load(ptr + bh * K * V + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
+    return tl.zeros([BK, BV], dtype=tl.float32)
 
 
 @triton.jit
@@ -28,28 +50,19 @@ def _chunk_linear_fwd_kernel(
     rc, rk = tl.arange(0, C), tl.arange(0, BK)
     rv = iv * BV + tl.arange(0, BV)
     mk, mv = rk < K, rv < V
-    s_off = bh * K * V + rk[:, None] * V + rv[None, :]
-    if HAS_S0:
-        state = tl.load(s0 + s_off, mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros([BK, BV], dtype=tl.float32)
-    if EXCLUSIVE:
-        causal = rc[:, None] > rc[None, :]
-    else:
-        causal = rc[:, None] >= rc[None, :]
+    state = _state(s0, bh, K, V, rk, rv, mk, mv, BK, BV, HAS_S0)
+    causal = (rc[:, None] > rc[None, :]) if EXCLUSIVE else (rc[:, None] >= rc[None, :])
     for start in range(0, T, C):
         t = start + rc
         mt = t < T
-        kc = tl.load(k + ((b * T + t[:, None]) * HK + hk) * K + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32)
-        vc = tl.load(v + ((b * T + t[:, None]) * HK + hk) * V + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0).to(tl.float32)
+        kc = _tile(k, b, T, t, mt, HK, hk, K, rk, mk)
+        vc = _tile(v, b, T, t, mt, HK, hk, V, rv, mv)
         for j in range(G):
-            h = hk * G + j
-            qc = tl.load(q + ((b * T + t[:, None]) * H + h) * K + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32)
+            qc = _tile(q, b, T, t, mt, H, hk * G + j, K, rk, mk)
             a = tl.where(causal, tl.dot(qc, tl.trans(kc)), 0.0)
-            out = tl.dot(qc, state) + tl.dot(a, vc)
-            tl.store(o + ((b * T + t[:, None]) * H + h) * V + rv[None, :], out.to(o.dtype.element_ty), mask=mt[:, None] & mv[None, :])
+            _store_tile(o, tl.dot(qc, state) + tl.dot(a, vc), b, T, t, mt, H, hk * G + j, V, rv, mv)
         state += tl.dot(tl.trans(kc), vc)
-    tl.store(s_out + s_off, state, mask=mk[:, None] & mv[None, :])
+    tl.store(s_out + bh * K * V + rk[:, None] * V + rv[None, :], state, mask=mk[:, None] & mv[None, :])
 
 
 def chunk_linear_attn_triton(
@@ -75,3 +88,100 @@ def chunk_linear_attn_triton(
         q, k, v, s0, o, s_out, t, h, hk, kd, vd, chunk_size, bk, bv, exclusive, initial_state is not None,
     )
     return o, s_out
+
+
+@triton.jit
+def _chunk_linear_dq_kernel(
+    k, v, do, s0, dq, T,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EXCLUSIVE: tl.constexpr, HAS_S0: tl.constexpr,
+):
+    # dq_i = dO_i S_i^T, walking the chunks forward with the state on chip
+    bh = tl.program_id(0)
+    b = bh // HK
+    hk = bh % HK
+    G: tl.constexpr = H // HK
+    rc, rk, rv = tl.arange(0, C), tl.arange(0, BK), tl.arange(0, BV)
+    mk, mv = rk < K, rv < V
+    state = _state(s0, bh, K, V, rk, rv, mk, mv, BK, BV, HAS_S0)
+    causal = (rc[:, None] > rc[None, :]) if EXCLUSIVE else (rc[:, None] >= rc[None, :])
+    for start in range(0, T, C):
+        t = start + rc
+        mt = t < T
+        kc = _tile(k, b, T, t, mt, HK, hk, K, rk, mk)
+        vc = _tile(v, b, T, t, mt, HK, hk, V, rv, mv)
+        for j in range(G):
+            doc = _tile(do, b, T, t, mt, H, hk * G + j, V, rv, mv)
+            a = tl.where(causal, tl.dot(doc, tl.trans(vc)), 0.0)
+            _store_tile(dq, tl.dot(doc, tl.trans(state)) + tl.dot(a, kc), b, T, t, mt, H, hk * G + j, K, rk, mk)
+        state += tl.dot(tl.trans(kc), vc)
+
+
+@triton.jit
+def _chunk_linear_dkv_kernel(
+    q, k, v, do, ds_final, dk, dv, ds0, T, NC,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EXCLUSIVE: tl.constexpr, HAS_DS: tl.constexpr,
+):
+    # walking the chunks backward, dS = (gradient of the final state) + sum over later queries of q^T dO
+    bh = tl.program_id(0)
+    b = bh // HK
+    hk = bh % HK
+    G: tl.constexpr = H // HK
+    rc, rk, rv = tl.arange(0, C), tl.arange(0, BK), tl.arange(0, BV)
+    mk, mv = rk < K, rv < V
+    dstate = _state(ds_final, bh, K, V, rk, rv, mk, mv, BK, BV, HAS_DS)
+    later = (rc[:, None] < rc[None, :]) if EXCLUSIVE else (rc[:, None] <= rc[None, :])  # [j, i]: i sees j
+    for n in range(NC):
+        start = (NC - 1 - n) * C
+        t = start + rc
+        mt = t < T
+        kc = _tile(k, b, T, t, mt, HK, hk, K, rk, mk)
+        vc = _tile(v, b, T, t, mt, HK, hk, V, rv, mv)
+        dkc = tl.dot(vc, tl.trans(dstate))
+        dvc = tl.dot(kc, dstate)
+        for j in range(G):
+            qc = _tile(q, b, T, t, mt, H, hk * G + j, K, rk, mk)
+            doc = _tile(do, b, T, t, mt, H, hk * G + j, V, rv, mv)
+            dkc += tl.dot(tl.where(later, tl.dot(vc, tl.trans(doc)), 0.0), qc)
+            dvc += tl.dot(tl.where(later, tl.dot(kc, tl.trans(qc)), 0.0), doc)
+            dstate += tl.dot(tl.trans(qc), doc)
+        _store_tile(dk, dkc, b, T, t, mt, HK, hk, K, rk, mk)
+        _store_tile(dv, dvc, b, T, t, mt, HK, hk, V, rv, mv)
+    tl.store(ds0 + bh * K * V + rk[:, None] * V + rv[None, :], dstate, mask=mk[:, None] & mv[None, :])
+
+
+class ChunkLinearAttnFunction(torch.autograd.Function):
+    """Forward and backward on the Triton kernels; gradients for q, k, v and the initial state."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, initial_state, exclusive: bool, chunk_size: int):
+        o, state = chunk_linear_attn_triton(q, k, v, initial_state=initial_state, exclusive=exclusive, chunk_size=chunk_size)
+        ctx.save_for_backward(q, k, v, initial_state)
+        ctx.exclusive, ctx.chunk_size = exclusive, chunk_size
+        return o, state
+
+    @staticmethod
+    def backward(ctx, do, dstate):
+        q, k, v, s0 = ctx.saved_tensors
+        b, t, h, kd = q.shape
+        hk, vd = k.shape[2], v.shape[-1]
+        c = ctx.chunk_size
+        bk, bv = max(16, triton.next_power_of_2(kd)), max(16, triton.next_power_of_2(vd))
+        q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        ds0 = torch.empty(b, hk, kd, vd, dtype=torch.float32, device=q.device)
+        s0c = s0.float().contiguous() if s0 is not None else ds0
+        _chunk_linear_dq_kernel[(b * hk,)](k, v, do, s0c, dq, t, h, hk, kd, vd, c, bk, bv, ctx.exclusive, s0 is not None)
+        dsf = dstate.float().contiguous() if dstate is not None else ds0
+        _chunk_linear_dkv_kernel[(b * hk,)](
+            q, k, v, do, dsf, dk, dv, ds0, t, triton.cdiv(t, c), h, hk, kd, vd, c, bk, bv, ctx.exclusive, dstate is not None,
+        )
+        return dq, dk, dv, (ds0.to(s0.dtype) if s0 is not None else None), None, None
+
+
+def chunk_linear_attn(
+    q: Tensor, k: Tensor, v: Tensor, *, initial_state: Tensor | None = None, exclusive: bool = False, chunk_size: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """Differentiable chunked causal linear attention on the Triton kernels (same maths as `chunk_gla_ref`, g=None)."""
+    return ChunkLinearAttnFunction.apply(q, k, v, initial_state, exclusive, chunk_size)
