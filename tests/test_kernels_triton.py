@@ -116,3 +116,26 @@ def test_chunk_linear_attn_gradients_match_reference(dtype, t, kd, vd, exclusive
     for got, ref in zip(grads, refs):
         assert got.dtype == ref.dtype and not torch.isnan(got).any()
         assert rel_err(got, ref) < tol
+
+
+def _triton_scan(q, k, v, g, *, initial_state=None, exclusive=False, chunk_size=64):
+    assert g is None
+    return chunk_ops.chunk_linear_attn(q, k, v, initial_state=initial_state, exclusive=exclusive, chunk_size=16)
+
+
+@pytest.mark.parametrize("t,window", [(7, 4), (40, 9)])
+def test_hybrid_on_the_triton_scan_matches_reference_with_gradients(t, window):
+    b, h, hk, d, f = 2, 4, 2, 16, 32
+    leaf = lambda *s: torch.randn(*s, device=DEVICE).requires_grad_()  # noqa: E731
+    q, k, v = leaf(b, t, h, d), leaf(b, t, hk, d), leaf(b, t, hk, d)
+    fq, fk = leaf(b, t, h, f), leaf(b, t, hk, f)
+    mix = torch.rand(h, device=DEVICE)
+    kw = dict(window=window, scale=0.25, chunk_size=16)
+    y, st = hybrid_attn_ref(q.softmax(-1), k, v, fq.softmax(-1), fk.softmax(-1), None, mix, scan=_triton_scan, **kw)
+    y_ref, st_ref = hybrid_attn_ref(q.softmax(-1), k, v, fq.softmax(-1), fk.softmax(-1), None, mix, **kw)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad((y * dy).sum(), [q, k, v, fq, fk])
+    refs = torch.autograd.grad((y_ref * dy).sum(), [q, k, v, fq, fk])
+    tol = 1e-5 if DEVICE == "cpu" else 3e-3
+    assert rel_err(y, y_ref) < tol and rel_err(st["S"], st_ref["S"]) < tol
+    assert all(rel_err(a, r) < tol for a, r in zip(grads, refs))

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .gla import chunk_gla_ref, gla_step_ref
 from .hybrid import EPS, empty_state
-from .hybrid import hybrid_attn_ref as hybrid_attn
+from .hybrid import hybrid_attn_ref
 from .hybrid import hybrid_step_ref
 
 try:  # Triton is Linux-only; without it everything runs on the references
@@ -40,6 +40,12 @@ def chunk_gla(
     if use_triton(q) and g is None:
         return chunk_linear_attn(q, k, v, initial_state=initial_state, exclusive=exclusive, chunk_size=chunk_size)
     return chunk_gla_ref(q, k, v, g, initial_state=initial_state, exclusive=exclusive, chunk_size=chunk_size)
+
+
+def hybrid_attn(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None, mix: Tensor, **kw):
+    """Window + linear hybrid over a sequence (see `hybrid_attn_ref`); its linear part goes through
+    `chunk_gla`, so the Triton scan serves it when there is no decay."""
+    return hybrid_attn_ref(q, k, v, fq, fk, g, mix, scan=chunk_gla, **kw)
 
 
 def gla_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, state: Tensor) -> tuple[Tensor, Tensor]:

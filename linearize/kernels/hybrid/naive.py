@@ -17,6 +17,8 @@ the window (last column: the normalizer), and the last W-1 tokens (`k`, `v`, `fk
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -94,13 +96,14 @@ def _combine(num_w: Tensor, den_w: Tensor, num_l: Tensor, den_l: Tensor, mix: Te
 def hybrid_attn_ref(
     q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None, mix: Tensor,
     *, window: int, scale: float, softcap: float | None = None, valid: Tensor | None = None,
-    state: dict[str, Tensor] | None = None, chunk_size: int = 64,
+    state: dict[str, Tensor] | None = None, chunk_size: int = 64, scan: Callable[..., tuple[Tensor, Tensor]] = chunk_gla_ref,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Parallel form over T new tokens, continuing from `state` (None: start of the sequence).
 
     q [B,T,H,D] and k [B,T,Hk,D] after rotary; v [B,T,Hk,V]; fq [B,T,H,F], fk [B,T,Hk,F];
     g [B,T,Hk,F] log-decay or None; mix [H]; valid [B,T] (False marks padding) or None.
-    Returns y [B,T,H,V] (dtype of v) and the state after the T tokens.
+    Returns y [B,T,H,V] (dtype of v) and the state after the T tokens. `scan` computes the linear
+    part (signature of `chunk_gla_ref`); a kernel can stand in for the reference there.
     """
     b, t, h, d = q.shape
     hk, vd, f = k.shape[2], v.shape[-1], fk.shape[-1]
@@ -125,7 +128,7 @@ def hybrid_attn_ref(
         win_decay = (cum[:, window : window + t] - cum[:, :t]).exp()  # [B,T,Hk,F]
         fq = (fq.reshape(b, t, hk, h // hk, f) * win_decay[:, :, :, None]).reshape(b, t, h, f)
     v1 = torch.cat([ext_v[:, :t], ext_v.new_ones(b, t, hk, 1)], -1)
-    o_l, mem = chunk_gla_ref(
+    o_l, mem = scan(
         fq, ext_fk[:, :t], v1, None if ext_g is None else ext_g[:, :t],
         initial_state=state["S"], exclusive=True, chunk_size=chunk_size,
     )
