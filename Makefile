@@ -8,7 +8,7 @@ CONFIG ?= configs/smollm2-135m.yaml
 OUT    ?= out/smollm2-135m-lolcats
 ARGS   ?=
 
-.PHONY: setup test convert clean
+.PHONY: setup test convert bench-kernels clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,12 @@ test: setup
 
 convert: setup
 	$(PY) -m linearize.cli convert --config $(CONFIG) --out $(OUT) $(if $(MODEL),--model $(MODEL)) $(ARGS)
+
+# Kernel timings (a GPU for real figures; on CPU it runs tiny shapes on the references)
+bench-kernels: setup
+	$(if $(shell $(PY) -c "import torch; print(torch.cuda.is_available() or '')"),\
+	  $(PY) benchmarks/kernels.py --out benchmarks/results/kernels_h100.json,\
+	  $(PY) benchmarks/kernels.py --smoke --out out/kernels_smoke.json)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

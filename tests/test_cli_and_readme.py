@@ -31,3 +31,15 @@ def test_cli_reports_plan_errors_without_a_traceback(tmp_path, capsys):
     assert cli.main(["convert", "--plan", "0:nokind", "--out", str(tmp_path / "x")]) == 2
     assert "unknown attention kind 'nokind'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_kernel_benchmark_script_runs_in_smoke_mode(tmp_path):
+    import json
+
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--smoke", "--out", str(tmp_path / "k.json")],
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads((tmp_path / "k.json").read_text())
+    assert {"command", "date", "device", "versions", "records"} <= set(data)
+    assert {(r["op"], r["impl"]) for r in data["records"]} >= {("linear_attn", "floor"), ("linear_attn", "reference"), ("softmax_attn", "sdpa")}
+    assert all(r["ms"] > 0 for r in data["records"])
