@@ -4,8 +4,8 @@
 Forward: one program per (batch, KV head, block of value channels) walks the chunks in order,
 keeping its [K, BV] slice of the fp32 state on chip: for each query head of the group,
 o = q S + tril(q k^T) v (strictly lower for the exclusive scan), then S += k^T v.
-Backward: dq walks forward with the state (dq = dO S^T + tril(dO v^T) k); dk, dv and the initial
-state's gradient walk backward with dS = dS_final + sum of later q^T dO (dk = v dS^T + ..., dv = k dS + ...).
+Backward: dq = dO S^T + tril(dO v^T) k is the forward scan again (dO as queries, v as keys, k as
+values, the transposed initial state); dk, dv and the initial state's gradient walk backward with dS = dS_final + sum of later q^T dO (dk = v dS^T + ..., dv = k dS + ...).
 Query heads of a GQA group accumulate into their KV head's dk, dv without repeated k/v.
 """
 
@@ -91,33 +91,6 @@ def chunk_linear_attn_triton(
 
 
 @triton.jit
-def _chunk_linear_dq_kernel(
-    k, v, do, s0, dq, T,
-    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EXCLUSIVE: tl.constexpr, HAS_S0: tl.constexpr,
-):
-    # dq_i = dO_i S_i^T, walking the chunks forward with the state on chip
-    bh = tl.program_id(0)
-    b = bh // HK
-    hk = bh % HK
-    G: tl.constexpr = H // HK
-    rc, rk, rv = tl.arange(0, C), tl.arange(0, BK), tl.arange(0, BV)
-    mk, mv = rk < K, rv < V
-    state = _state(s0, bh, K, V, rk, rv, mk, mv, BK, BV, HAS_S0)
-    causal = (rc[:, None] > rc[None, :]) if EXCLUSIVE else (rc[:, None] >= rc[None, :])
-    for start in range(0, T, C):
-        t = start + rc
-        mt = t < T
-        kc = _tile(k, b, T, t, mt, HK, hk, K, rk, mk)
-        vc = _tile(v, b, T, t, mt, HK, hk, V, rv, mv)
-        for j in range(G):
-            doc = _tile(do, b, T, t, mt, H, hk * G + j, V, rv, mv)
-            a = tl.where(causal, tl.dot(doc, tl.trans(vc)), 0.0)
-            _store_tile(dq, tl.dot(doc, tl.trans(state)) + tl.dot(a, kc), b, T, t, mt, H, hk * G + j, K, rk, mk)
-        state += tl.dot(tl.trans(kc), vc)
-
-
-@triton.jit
 def _chunk_linear_dkv_kernel(
     q, k, v, do, ds_final, dk, dv, ds0, T, NC,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -169,10 +142,12 @@ class ChunkLinearAttnFunction(torch.autograd.Function):
         c = ctx.chunk_size
         bk, bv = max(16, triton.next_power_of_2(kd)), max(16, triton.next_power_of_2(vd))
         q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        # dq_i = dO_i S_i^T is the forward scan itself, with dO as queries, v as keys, k as values
+        dq = chunk_linear_attn_triton(
+            do, v, k, initial_state=None if s0 is None else s0.transpose(-1, -2), exclusive=ctx.exclusive, chunk_size=c,
+        )[0].to(q.dtype)
         ds0 = torch.empty(b, hk, kd, vd, dtype=torch.float32, device=q.device)
-        s0c = s0.float().contiguous() if s0 is not None else ds0
-        _chunk_linear_dq_kernel[(b * hk,)](k, v, do, s0c, dq, t, h, hk, kd, vd, c, bk, bv, ctx.exclusive, s0 is not None)
         dsf = dstate.float().contiguous() if dstate is not None else ds0
         _chunk_linear_dkv_kernel[(b * hk,)](
             q, k, v, do, dsf, dk, dv, ds0, t, triton.cdiv(t, c), h, hk, kd, vd, c, bk, bv, ctx.exclusive, dstate is not None,

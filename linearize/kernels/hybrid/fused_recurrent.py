@@ -83,7 +83,8 @@ def hybrid_step_triton(
     """Drop-in for `hybrid_step_ref` (same arguments and state layout)."""
     b, h, d = q.shape
     hk, vd, f = k.shape[1], v.shape[-1], fk.shape[-1]
-    ext = extend_window(state, k, v, fk, g, valid)
+    ext = extend_window(state, k[:, None], v[:, None], fk[:, None], None if g is None else g[:, None],
+                        None if valid is None else valid[:, None])  # [B,W,...]
     ext_g = ext.get("g")
     mem = state["S"].float().contiguous()
     new_mem = torch.empty_like(mem)
@@ -99,4 +100,4 @@ def hybrid_step_triton(
         triton.next_power_of_2(window), triton.next_power_of_2(d), triton.next_power_of_2(f), bv,
         ext_g is not None, bool(softcap), EPS,
     )
-    return y, shift_window(ext, new_mem)
+    return y, shift_window(ext, new_mem, 1)

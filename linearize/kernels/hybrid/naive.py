@@ -109,14 +109,8 @@ def hybrid_attn_ref(
     hk, vd, f = k.shape[2], v.shape[-1], fk.shape[-1]
     if state is None:
         state = empty_state(b, window, hk, d, vd, f, g is not None, q.device)
-    if valid is None:
-        valid = torch.ones(b, t, dtype=torch.bool, device=q.device)
-    keep = valid.float()[..., None, None]
-    ext_k = torch.cat([state["k"], k.float()], 1)
-    ext_v = torch.cat([state["v"], v.float()], 1)
-    ext_fk = torch.cat([state["fk"], fk.float() * keep], 1)
-    ext_valid = torch.cat([state["valid"], valid], 1)
-    ext_g = torch.cat([state["g"], g.float() * keep], 1) if g is not None else None
+    ext = extend_window(state, k, v, fk, g, valid)
+    ext_k, ext_v, ext_fk, ext_valid, ext_g = ext["k"], ext["v"], ext["fk"], ext["valid"], ext.get("g")
 
     num_w, den_w = window_softmax_ref(q, ext_k, ext_v, ext_valid, window, scale, softcap, chunk_size)
 
@@ -133,33 +127,31 @@ def hybrid_attn_ref(
         initial_state=state["S"], exclusive=True, chunk_size=chunk_size,
     )
     y = _combine(num_w, den_w, o_l[..., :vd], o_l[..., vd], mix)
-    new_state = {"S": mem, "k": ext_k[:, t:], "v": ext_v[:, t:], "fk": ext_fk[:, t:], "valid": ext_valid[:, t:]}
-    if ext_g is not None:
-        new_state["g"] = ext_g[:, t:]
-    return y.to(v.dtype), new_state
+    return y.to(v.dtype), shift_window(ext, mem, t)
 
 
 def extend_window(
     state: dict[str, Tensor], k: Tensor, v: Tensor, fk: Tensor, g: Tensor | None, valid: Tensor | None
 ) -> dict[str, Tensor]:
-    """The W window tokens of a decode step: the W-1 buffered ones plus the new one (padding zeroed)."""
+    """The W-1 buffered tokens followed by the T new ones (k [B,T,Hk,D], ...; valid [B,T] or None),
+    with padding zeroed in the features and decays: [B, W-1+T, ...]."""
     if valid is None:
-        valid = torch.ones(k.shape[0], dtype=torch.bool, device=k.device)
-    keep = valid.float()[:, None, None]
+        valid = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
+    keep = valid.float()[..., None, None]
     ext = {
-        "k": torch.cat([state["k"], k.float()[:, None]], 1),  # [B,W,Hk,D]
-        "v": torch.cat([state["v"], v.float()[:, None]], 1),
-        "fk": torch.cat([state["fk"], (fk.float() * keep)[:, None]], 1),
-        "valid": torch.cat([state["valid"], valid[:, None]], 1),
+        "k": torch.cat([state["k"], k.float()], 1),
+        "v": torch.cat([state["v"], v.float()], 1),
+        "fk": torch.cat([state["fk"], fk.float() * keep], 1),
+        "valid": torch.cat([state["valid"], valid], 1),
     }
     if g is not None:
-        ext["g"] = torch.cat([state["g"], (g.float() * keep)[:, None]], 1)
+        ext["g"] = torch.cat([state["g"], g.float() * keep], 1)
     return ext
 
 
-def shift_window(ext: dict[str, Tensor], memory: Tensor) -> dict[str, Tensor]:
-    """The state after a decode step: the new memory and the window without its oldest token."""
-    return {"S": memory, **{name: t[:, 1:] for name, t in ext.items()}}
+def shift_window(ext: dict[str, Tensor], memory: Tensor, num_tokens: int) -> dict[str, Tensor]:
+    """The state after `num_tokens` new tokens: the new memory and the last W-1 window tokens."""
+    return {"S": memory, **{name: t[:, num_tokens:] for name, t in ext.items()}}
 
 
 def hybrid_step_ref(
@@ -170,7 +162,8 @@ def hybrid_step_ref(
     """Recurrent form, one token: q [B,H,D], k/v [B,Hk,*], fq [B,H,F], fk/g [B,Hk,F], valid [B]."""
     b, h, d = q.shape
     hk, vd, f = k.shape[1], v.shape[-1], fk.shape[-1]
-    ext = extend_window(state, k, v, fk, g, valid)
+    ext = extend_window(state, k[:, None], v[:, None], fk[:, None], None if g is None else g[:, None],
+                        None if valid is None else valid[:, None])  # [B,W,...]
     ext_g = ext.get("g")
 
     qg = q.float().reshape(b, 1, hk, h // hk, d)
@@ -190,4 +183,4 @@ def hybrid_step_ref(
     if ext_g is not None:
         mem = mem * ext_g[:, 0].exp()[..., None]
     mem = mem + ext["fk"][:, 0][..., None] * v1[:, :, None, :]
-    return y.to(v.dtype), shift_window(ext, mem)
+    return y.to(v.dtype), shift_window(ext, mem, 1)
