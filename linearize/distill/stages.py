@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..convert import atomic_dir
+from ..eval.perplexity import autocast, token_nll
 from ..kinds.base import LinearizedAttention
 
 
@@ -52,11 +53,6 @@ def new_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on GPU; full precision on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 class _StopForward(Exception):
     pass
 
@@ -64,14 +60,8 @@ class _StopForward(Exception):
 def attention_ce(mod: LinearizedAttention, q: Tensor, k: Tensor) -> Tensor:
     """Cross-entropy of the layer's attention weights against the teacher's softmax weights (Hedgehog's
     loss), for kinds whose whole attention matrix is one feature-map product (`hedgehog`)."""
-    t = q.shape[1]
-    s = torch.einsum("bihd,bjhd->bhij", q.float(), k.float().repeat_interleave(mod.num_heads // mod.num_kv_heads, 2)) * mod.scaling
-    if mod.softcap:
-        s = mod.softcap * torch.tanh(s / mod.softcap)
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    teacher = s.masked_fill(~causal, float("-inf")).softmax(-1)
-    student = mod.attention_weights(q, k)
-    return -(teacher * student.clamp_min(1e-12).log()).sum(-1).mean()
+    teacher = mod.softmax_weights(q, k)
+    return -(teacher * mod.attention_weights(q, k).clamp_min(1e-12).log()).sum(-1).mean()
 
 
 def transfer_losses(model: nn.Module, batch: Tensor, train: bool, attn_ce_weight: float = 0.0) -> dict[int, tuple[float, float]]:
@@ -122,11 +112,9 @@ def perplexity(model: nn.Module, rows: Tensor, batch_size: int, mode: str = "stu
     nll, n = 0.0, 0
     with attention_mode(model, mode):
         for i in range(0, len(rows), batch_size):
-            batch = rows[i : i + batch_size].to(device)
-            with autocast(device):
-                logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
-            n += batch[:, 1:].numel()
+            losses = token_nll(model, rows[i : i + batch_size].to(device))
+            nll += losses.sum().item()
+            n += losses.numel()
     return math.exp(nll / n)
 
 

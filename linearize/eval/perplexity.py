@@ -8,6 +8,7 @@ sliding-window evaluation). Converted layers are scored from the window start, l
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,18 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LinearizeError
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU; full precision on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def token_nll(model: Any, batch: torch.Tensor) -> torch.Tensor:
+    """[B, T-1] negative log-likelihood of each next token of `batch` (bf16 autocast on GPU)."""
+    with autocast(batch.device):
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+    return F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
 
 
 @torch.no_grad()
@@ -43,10 +56,6 @@ def text_perplexity(
         # target u predicts token s+u+1; a window scores only tokens no earlier window scored
         first = torch.tensor([0 if s == 0 else context - stride - 1 for s in starts[i : i + batch_size]], device=device)
         mask = torch.arange(context - 1, device=device)[None] >= first[:, None]
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-        with autocast:
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        losses = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
-        nll += (losses * mask).sum().item()
+        nll += (token_nll(model, batch) * mask).sum().item()
         count += int(mask.sum())
     return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "context": context, "stride": stride}

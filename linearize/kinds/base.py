@@ -33,7 +33,6 @@ class LinearizedAttention(nn.Module):
 
     kind: ClassVar[str]
     Options: ClassVar[type]
-    MODES: ClassVar[tuple[str, ...]] = ("student", "teacher", "transfer")
 
     def __init__(self, attn: nn.Module, config: Any, adapter: Adapter, options: Any):
         super().__init__()
@@ -95,22 +94,31 @@ class LinearizedAttention(nn.Module):
             self.on_transfer(self, student, teacher.detach(), q, k)
         return teacher.detach()
 
+    def softmax_weights(self, q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The original layer's attention probabilities [B,H,T,T] (fp32) on rotary q/k; causal unless
+        `mask` (an HF 4D mask, bool or additive) is given."""
+        rep = self.num_heads // self.num_kv_heads
+        qh, kh = q.transpose(1, 2).float(), k.transpose(1, 2).repeat_interleave(rep, 1).float()
+        s = torch.einsum("bhid,bhjd->bhij", qh, kh) * self.scaling
+        if self.softcap:
+            s = self.softcap * torch.tanh(s / self.softcap)
+        if mask is None:
+            t = q.shape[1]
+            mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+        return torch.softmax(s, -1)
+
     def softmax_attend(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None) -> Tensor:
         """The original layer's causal softmax attention on the same rotary q/k and v: [B,T,H,D]."""
         rep = self.num_heads // self.num_kv_heads
+        mask = attention_mask[..., -q.shape[1] :] if isinstance(attention_mask, Tensor) and attention_mask.dim() == 4 else None
+        if self.softcap:  # soft-capped logits (Gemma 2): SDPA cannot apply them, so the plain formula
+            weights = self.softmax_weights(q, k, mask)
+            vh = v.transpose(1, 2).repeat_interleave(rep, 1).float()
+            return torch.einsum("bhij,bhjd->bhid", weights, vh).to(v.dtype).transpose(1, 2)
         qh = q.transpose(1, 2)
         kh, vh = (x.transpose(1, 2).repeat_interleave(rep, 1) for x in (k, v))
-        mask = attention_mask[..., -q.shape[1] :] if isinstance(attention_mask, Tensor) and attention_mask.dim() == 4 else None
-        if self.softcap:  # soft-capped logits (Gemma 2): the plain formula
-            s = torch.einsum("bhid,bhjd->bhij", qh.float(), kh.float()) * self.scaling
-            s = self.softcap * torch.tanh(s / self.softcap)
-            if mask is None:
-                t = q.shape[1]
-                mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
-            y = torch.einsum("bhij,bhjd->bhid", torch.softmax(s, -1), vh.float()).to(v.dtype)
-        else:
-            y = nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None, scale=self.scaling)
+        y = nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None, scale=self.scaling)
         return y.transpose(1, 2)
 
     def extra_repr(self) -> str:
