@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -80,8 +81,6 @@ def main() -> None:
         run_dir = Path(args.workdir) / name.replace("*", "all").replace(":", "_")[:60]
         for d in (run_dir, Path(str(run_dir) + ".ckpt")):
             if d.exists():
-                import shutil
-
                 shutil.rmtree(d)
         t0 = time.time()
         s = distill(cfg, run_dir, evaluate=evaluate)

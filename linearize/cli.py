@@ -16,11 +16,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         overrides.append(f"model={args.model}")
     if args.plan:
         overrides.append(f"plan={args.plan}")
-    cfg = load_config(args.config, overrides)
-    from .plan import LayerPlan
-
-    LayerPlan.coerce(cfg.plan).check_kinds()  # fail before loading anything
-    s = distill(cfg, args.out, resume=args.resume)
+    s = distill(load_config(args.config, overrides), args.out, resume=args.resume)  # checks the plan before loading
     print(f"\nplan: {s['plan']}")
     print(f"validation perplexity: teacher {s['teacher_val_ppl']:.3f}, converted {s['student_val_ppl']:.3f} "
           f"(after stage 1: {s['stage1_val_ppl']:.3f}; {s['student_val_ppl'] / s['teacher_val_ppl'] - 1:+.1%} vs teacher)")

@@ -66,7 +66,6 @@ class DistillConfig:
     model: str = "smollm2-135m"
     plan: str | dict = "0-1:softmax,2-27:lolcats(window=64),28-:softmax"
     seed: int = 0
-    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     data: DataConfig = field(default_factory=DataConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)

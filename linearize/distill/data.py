@@ -110,9 +110,9 @@ def teacher_texts(model: Any, tokenizer: Any, cfg: DataConfig, seed: int, model_
     texts: list[str] = []
     batch = 512 if device.type == "cuda" else 16
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     for start in range(0, cfg.teacher_sequences, batch):
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(start, min(start + batch, cfg.teacher_sequences))]
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         seqs = [[bos] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         width = max(map(len, seqs))
         ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=device)

@@ -1,9 +1,9 @@
 """`distill`: load -> convert -> stage 1 -> stage 2 -> save, with checkpoints and a metrics report.
 
 Checkpoints live beside the output, in `<out>.ckpt/`, each written atomically; the output folder
-appears only when the model is complete. Runs on CPU, one GPU, or several under `accelerate launch`
-(`torchrun` or `accelerate launch`: data parallel, each process draws its own slice of every
-batch and gradients are averaged).
+appears only when the model is complete. Runs on CPU, one GPU, or several under `torchrun` or
+`accelerate launch` (data parallel: each process draws its own slice of every batch and gradients
+are averaged).
 """
 
 from __future__ import annotations
@@ -102,23 +102,21 @@ def distill(
     summary: dict[str, Any] = {"model": str(cfg.model), "plan": model.config.linearize["plan"], "teacher_val_ppl": teacher_ppl}
 
     # Stage 1: attention transfer; only the new parameters train.
-    params = new_parameters(model)
-    params_ = {k: p.requires_grad_(True) for k, p in params.items()}
+    params = {k: p.requires_grad_(True) for k, p in new_parameters(model).items()}
     s1 = cfg.stage1
 
     def step1(batch: torch.Tensor) -> float:
         return sum(v[0] for v in transfer_losses(model, batch, train=True, attn_ce_weight=s1.attn_ce_weight).values())
 
-    m1 = train_loop("stage1", params_, step1, train_rows, steps=s1.steps, batch_size=s1.batch_size, lr=s1.lr,
+    m1 = train_loop("stage1", params, step1, train_rows, steps=s1.steps, batch_size=s1.batch_size, lr=s1.lr,
                     weight_decay=s1.weight_decay, save_every=s1.save_every, ckpt=Checkpoint(work / "stage1"), **common)
-    per_layer: dict[int, list[float]] = {}
+    per_layer: dict[int, list[tuple[float, float]]] = {}  # layer -> (mse, rel_err) per batch
     for i in range(0, len(val_rows), s1.batch_size):
-        for layer, (mse, rel) in transfer_losses(model, val_rows[i : i + s1.batch_size].to(device), train=False).items():
-            per_layer.setdefault(layer, []).append(rel)
-            per_layer.setdefault(-layer - 1, []).append(mse)
+        for layer, pair in transfer_losses(model, val_rows[i : i + s1.batch_size].to(device), train=False).items():
+            per_layer.setdefault(layer, []).append(pair)
     m1["val_layer_loss"] = [
-        {"layer": layer, "mse": sum(per_layer[-layer - 1]) / len(per_layer[-layer - 1]), "rel_err": sum(v) / len(v)}
-        for layer, v in sorted(per_layer.items()) if layer >= 0
+        {"layer": layer, "mse": sum(p[0] for p in v) / len(v), "rel_err": sum(p[1] for p in v) / len(v)}
+        for layer, v in sorted(per_layer.items())
     ]
     summary["stage1_val_ppl"] = perplexity(model, val_rows, eval_bs)
     if evaluate:
