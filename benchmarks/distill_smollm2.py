@@ -39,8 +39,9 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--wikitext", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--plans", default=",".join(PLANS), help=f"subset of {', '.join(PLANS)}, or plan strings")
+    ap.add_argument("--plans", nargs="+", default=list(PLANS), help=f"names from {', '.join(PLANS)}, or plan strings")
     ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--data", default="teacher", help="training data: teacher samples (default) or a text file")
     ap.add_argument("--teacher-sequences", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--stage1-steps", type=int, default=100)
@@ -48,14 +49,13 @@ def main() -> None:
     ap.add_argument("--stage1-lr", type=float, default=1e-2)
     ap.add_argument("--stage2-lr", type=float, default=1e-4)
     ap.add_argument("--kl-weight", type=float, default=0.0)
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="stage 2 recomputes each layer in backward (less memory)")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=512)
     ap.add_argument("--eval-tokens", type=int, default=None, help="score only the first N tokens (smoke runs)")
     ap.add_argument("--workdir", default="/tmp/linearize-bench")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoints an earlier run left in --workdir")
     args = ap.parse_args()
-
-    def evaluate(model, tok):
-        return text_perplexity(model, tok, args.wikitext, context=args.context, stride=args.stride, max_tokens=args.eval_tokens)
 
     out = Path(args.out)
     import peft
@@ -69,31 +69,43 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
         "records": [],
     }
-    for name in args.plans.split(","):
+    def save() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+
+    for name in args.plans:
         plan = PLANS.get(name, name)
         cfg = DistillConfig(
             model=args.model, plan=plan, seed=0,
-            data=DataConfig(source="teacher", seq_len=args.seq_len, teacher_sequences=args.teacher_sequences,
+            data=DataConfig(source=args.data, seq_len=args.seq_len, teacher_sequences=args.teacher_sequences,
                             val_fraction=0.02, cache_dir=f"{args.workdir}/cache"),
             stage1=Stage1Config(steps=args.stage1_steps, batch_size=args.batch, lr=args.stage1_lr, save_every=10**9),
-            stage2=Stage2Config(steps=args.stage2_steps, batch_size=args.batch, lr=args.stage2_lr, kl_weight=args.kl_weight, save_every=10**9),
+            stage2=Stage2Config(steps=args.stage2_steps, batch_size=args.batch, lr=args.stage2_lr, kl_weight=args.kl_weight,
+                                gradient_checkpointing=args.gradient_checkpointing, save_every=10**9),
         )
+        tokens1 = args.stage1_steps * args.batch * args.seq_len
+        tokens2 = args.stage2_steps * args.batch * args.seq_len
+        stages = iter([("teacher", 0), ("stage1", tokens1), ("stage2", tokens1 + tokens2)])
+        t0 = time.time()
+
+        def evaluate(model, tok):
+            """Called after loading, after stage 1 and at the end: each result is recorded at once."""
+            ppl = text_perplexity(model, tok, args.wikitext, context=args.context, stride=args.stride, max_tokens=args.eval_tokens)
+            stage, tokens = next(stages)
+            if stage != "teacher":
+                result["records"].append({"plan": model.config.linearize["plan"], "name": name, "stage": stage,
+                                          "train_tokens": tokens, "wikitext2_ppl": ppl["ppl"], "seconds": round(time.time() - t0, 1)})
+            elif not result["records"]:
+                result["records"].append({"plan": "teacher", "stage": "teacher", "train_tokens": 0, "wikitext2_ppl": ppl["ppl"]})
+            save()
+            print(f"{name} {stage}: WikiText-2 ppl {ppl['ppl']:.3f} after {tokens:,} tokens ({time.time() - t0:.0f}s)", flush=True)
+            return ppl
+
         run_dir = Path(args.workdir) / name.replace("*", "all").replace(":", "_")[:60]
         for d in (run_dir, Path(str(run_dir) + ".ckpt")):
-            if d.exists():
+            if d.exists() and not (args.resume and d.name.endswith(".ckpt")):
                 shutil.rmtree(d)
-        t0 = time.time()
-        s = distill(cfg, run_dir, evaluate=evaluate)
-        tokens1, tokens2 = s["train_tokens"]["stage1"], s["train_tokens"]["stage2"]
-        if not result["records"]:
-            result["records"].append({"plan": "teacher", "stage": "teacher", "train_tokens": 0, "wikitext2_ppl": s["teacher_eval"]["ppl"]})
-        result["records"] += [
-            {"plan": s["plan"], "name": name, "stage": "stage1", "train_tokens": tokens1, "wikitext2_ppl": s["stage1_eval"]["ppl"]},
-            {"plan": s["plan"], "name": name, "stage": "stage2", "train_tokens": tokens1 + tokens2, "wikitext2_ppl": s["final_eval"]["ppl"],
-             "seconds": round(time.time() - t0, 1)},
-        ]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+        s = distill(cfg, run_dir, evaluate=evaluate, resume=args.resume)
         teacher = result["records"][0]["wikitext2_ppl"]
         print(f"{name}: teacher {teacher:.3f} | stage1 {s['stage1_eval']['ppl']:.3f} | stage1+2 {s['final_eval']['ppl']:.3f} "
               f"({s['final_eval']['ppl'] / teacher - 1:+.1%}) | {tokens1 + tokens2:,} tokens | {time.time() - t0:.0f}s", flush=True)

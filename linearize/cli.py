@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
     if args.plan:
         overrides.append(f"plan={args.plan}")
     s = distill(load_config(args.config, overrides), args.out, resume=args.resume)  # checks the plan before loading
+    if int(os.environ.get("RANK", "0")):
+        return  # several processes: the first one reports
     print(f"\nplan: {s['plan']}")
     print(f"validation perplexity: teacher {s['teacher_val_ppl']:.3f}, converted {s['student_val_ppl']:.3f} "
           f"(after stage 1: {s['stage1_val_ppl']:.3f}; {s['student_val_ppl'] / s['teacher_val_ppl'] - 1:+.1%} vs teacher)")

@@ -13,7 +13,7 @@ import linearize
 from linearize.distill import load_config
 from linearize.distill.config import ConfigError, DataConfig
 from linearize.distill.data import DataError, pack, read_texts, split
-from linearize.distill.stages import Checkpoint, lm_loss, new_parameters, train_loop, transfer_losses
+from linearize.distill.stages import Checkpoint, lm_loss, new_parameters, set_checkpointing, train_loop, transfer_losses
 
 from conftest import rel_err
 
@@ -84,6 +84,31 @@ def test_stage2_lora_reduces_lm_loss_and_freezes_base_weights(two_layers, rows, 
     changed = {k for k, v in peft_model.state_dict().items() if not torch.equal(v, before[k])}
     assert all("lora_" in k or any(n in k for n in ("feature_map", "window_logit", "gate")) for k in changed)
     assert any("lora_B" in k for k in changed)
+
+
+def test_stage2_gradient_checkpointing_gives_the_same_gradients(two_layers, rows):
+    model, _ = two_layers
+    model.requires_grad_(False)
+    params = {k: p.requires_grad_(True) for k, p in new_parameters(model).items()}
+    calls = []
+    hook = model.model.layers[3].self_attn.register_forward_hook(lambda *a: calls.append(1))
+    model.train()
+    grads, forwards = [], []
+    for checkpointing in (False, True):
+        if checkpointing:
+            set_checkpointing(model, True)
+        calls.clear()
+        lm_loss(model, rows[:2], 1.0, 0.0).backward()
+        grads.append({k: p.grad.clone() for k, p in params.items()})
+        forwards.append(len(calls))
+        for p in params.values():
+            p.grad = None
+    hook.remove()
+    set_checkpointing(model, False)
+    model.eval()
+    assert forwards == [1, 2]  # recomputed in backward
+    assert sum(g.abs().sum() for g in grads[0].values()) > 0
+    assert all(rel_err(grads[1][k], grads[0][k]) < 1e-5 for k in params)
 
 
 def test_interrupted_stage_resumes_exactly(two_layers, rows, tmp_path):
@@ -186,10 +211,14 @@ def test_cli_convert_end_to_end_with_resume(smollm2_base, tmp_path, monkeypatch,
     assert "finished earlier" not in capsys.readouterr().out
 
 
-def test_two_process_data_parallel_matches_one_process_with_double_batch(smollm2_base, tmp_path):
-    """`torchrun --nproc_per_node 2` (gloo on CPU) runs the same code; averaged gradients over two
-    ranks of batch 1 give the weights of one process with batch 2."""
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_match_one_process_with_double_batch(smollm2_base, tmp_path, sharding):
+    """`torchrun --nproc_per_node 2` (gloo on CPU) runs the same code, replicated (DDP-style) or with
+    FSDP2 (ACCELERATE_USE_FSDP=true, as accelerate's FSDP config sets): averaged gradients over two
+    ranks of batch 1 give the weights of one process with batch 2. The FSDP run then resumes from
+    its gathered checkpoints alone and saves the same model again."""
     import os
+    import shutil
     import subprocess
     import sys
 
@@ -205,13 +234,13 @@ def test_two_process_data_parallel_matches_one_process_with_double_batch(smollm2
     (tmp_path / "d.txt").write_text("\n".join([TEXT, TEXT[::-1], TEXT.lower(), TEXT.upper()] * 3))
     common = ["--model", str(tmp_path / "tiny"), "--plan", "0:lolcats(window=4),1:gla", f"data.source={tmp_path / 'd.txt'}",
               "data.seq_len=32", "stage1.steps=3", "stage2.steps=2", "stage2.lr=0.001"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_FSDP": str(sharding == "fsdp").lower()}
     one = subprocess.run([sys.executable, "-m", "linearize.cli", "convert", "--out", str(tmp_path / "one"), *common, "stage1.batch_size=2", "stage2.batch_size=2"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "linearize.cli", "convert",
-                          "--out", str(tmp_path / "two"), *common, "stage1.batch_size=1", "stage2.batch_size=1"],
-                         env=env, capture_output=True, text=True, timeout=600)
+    two_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "linearize.cli", "convert",
+               "--out", str(tmp_path / "two"), *common, "stage1.batch_size=1", "stage2.batch_size=1"]
+    two = subprocess.run(two_cmd, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert a.keys() == b.keys()
@@ -219,6 +248,14 @@ def test_two_process_data_parallel_matches_one_process_with_double_batch(smollm2
     assert moved
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    if sharding == "fsdp":
+        shutil.rmtree(tmp_path / "two")
+        (tmp_path / "two.ckpt" / "complete").unlink()
+        again = subprocess.run(two_cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "stage2: finished earlier" in again.stdout + again.stderr
+        c = load_file(tmp_path / "two" / "model.safetensors")
+        assert all(torch.equal(b[k], c[k]) for k in b)
 
 
 def test_hedgehog_attention_weights_match_its_outputs_and_ce_trains(smollm2, rows, tmp_path):

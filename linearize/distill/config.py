@@ -59,6 +59,7 @@ class Stage2Config(StageConfig):
     kl_weight: float = 0.0  # weight of KL(teacher || student) on next-token distributions
     ce_weight: float = 1.0
     merge: bool = True  # fold LoRA into the weights before saving
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward: activations of one layer at a time
 
 
 @dataclass

@@ -99,10 +99,15 @@ def split(rows: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Ten
     return rows[perm[n_val:]], rows[perm[:n_val]]
 
 
+def teacher_cache(cfg: DataConfig, seed: int, model_id: str) -> Path:
+    """Where the teacher corpus of this model and data recipe is cached."""
+    key = json.dumps(["full-length", model_id, cfg.teacher_sequences, cfg.seq_len, cfg.teacher_temperature, seed, PROMPTS])
+    return Path(os.path.expanduser(cfg.cache_dir)) / "teacher" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
+
+
 def teacher_texts(model: Any, tokenizer: Any, cfg: DataConfig, seed: int, model_id: str) -> list[str]:
     """Sample `teacher_sequences` texts from the (teacher) model from short neutral prompts; cached on disk."""
-    key = json.dumps(["full-length", model_id, cfg.teacher_sequences, cfg.seq_len, cfg.teacher_temperature, seed, PROMPTS])
-    cache = Path(os.path.expanduser(cfg.cache_dir)) / "teacher" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
+    cache = teacher_cache(cfg, seed, model_id)
     if cache.is_file():
         return [json.loads(line)["text"] for line in cache.read_text().splitlines()]
     torch.manual_seed(seed)

@@ -3,7 +3,7 @@
 Checkpoints live beside the output, in `<out>.ckpt/`, each written atomically; the output folder
 appears only when the model is complete. Runs on CPU, one GPU, or several under `torchrun` or
 `accelerate launch` (data parallel: each process draws its own slice of every batch and gradients
-are averaged).
+are averaged; sharded with FSDP when the launcher asks for it, see `fsdp.py`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import yaml
@@ -22,9 +23,11 @@ from ..convert import atomic_dir, convert
 from ..errors import LinearizeError
 from ..loading import load
 from ..plan import LayerPlan
+from . import fsdp
 from .config import DistillConfig
-from .data import pack, read_texts, split, teacher_texts
-from .stages import Checkpoint, lm_loss, new_parameters, perplexity, train_loop, transfer_losses
+from .data import pack, read_texts, split, teacher_cache, teacher_texts
+from .stages import (Checkpoint, attention_mode, lm_loss, new_parameters, perplexity, set_checkpointing, train_loop,
+                     transfer_losses)
 
 
 def _distributed() -> tuple[torch.device, int, int]:
@@ -66,6 +69,7 @@ def distill(
     final model (summary keys teacher_eval, stage1_eval, final_eval).
     """
     device, rank, world = _distributed()
+    sharded = world > 1 and fsdp.requested()
     out = Path(out)
     work = Path(str(out) + ".ckpt")
     plan = LayerPlan.coerce(cfg.plan).check_kinds()
@@ -77,6 +81,9 @@ def distill(
             shutil.rmtree(work)  # the earlier run finished and saved its model: start afresh
     if resume and (work / "recipe.yaml").is_file() and (work / "recipe.yaml").read_text() != recipe:
         raise LinearizeError(f"the checkpoints in {work} were made with another recipe; resume with the same one, or delete them")
+    if sharded and cfg.data.source == "teacher" and not teacher_cache(cfg.data, cfg.seed, str(cfg.model)).is_file():
+        raise LinearizeError("FSDP runs cannot sample the teacher corpus (that needs the whole model on one device): set "
+                             "data.source to a dataset or file, or fill the cache with one run of the same recipe without FSDP")
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
@@ -84,7 +91,8 @@ def distill(
         (work / "recipe.yaml").write_text(recipe)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    model, tok = load(cfg.model, dtype=torch.float32, device=device)
+    # sharded: every process loads on the CPU and keeps only its shards on the GPU after `fsdp.shard`
+    model, tok = load(cfg.model, dtype=torch.float32, device="cpu" if sharded else device)
     model.requires_grad_(False)
 
     if cfg.data.source == "teacher":
@@ -94,63 +102,95 @@ def distill(
     train_rows, val_rows = split(pack(texts, tok, cfg.data.seq_len), cfg.data.val_fraction, cfg.seed)
     log(f"data: {len(train_rows)} train / {len(val_rows)} validation sequences of {cfg.data.seq_len} tokens")
     eval_bs = max(cfg.stage1.batch_size, cfg.stage2.batch_size)
-    teacher_ppl = perplexity(model, val_rows, eval_bs)
-    evals = {"teacher_eval": evaluate(model, tok)} if evaluate else {}
+    if not sharded:
+        teacher_ppl = perplexity(model, val_rows, eval_bs)
+        evals = {"teacher_eval": evaluate(model, tok)} if evaluate else {}
 
     convert(model, plan)
+    params = {k: p.requires_grad_(True) for k, p in new_parameters(model).items()}
+    # LoRA goes in now (B = 0: no effect until stage 2) so that FSDP can shard the adapters with the rest
+    s2 = cfg.stage2
+    lora = None
+    if s2.steps > 0:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=s2.lora_r, lora_alpha=s2.lora_alpha, lora_dropout=s2.lora_dropout, target_modules=_lora_targets(model, s2.lora_targets))
+        model = get_peft_model(model, lora)
+        params = {k: p.requires_grad_(True) for k, p in new_parameters(model).items()}
+    if sharded:
+        fsdp.shard(model, device, params.values())
+        with _as_teacher(model):
+            teacher_ppl = perplexity(model, val_rows, eval_bs)
+            evals = {"teacher_eval": evaluate(model, tok)} if evaluate else {}
     common = dict(seed=cfg.seed, device=device, rank=rank, world=world, log=log)
     summary: dict[str, Any] = {"model": str(cfg.model), "plan": model.config.linearize["plan"], "teacher_val_ppl": teacher_ppl}
 
-    # Stage 1: attention transfer; only the new parameters train.
-    params = {k: p.requires_grad_(True) for k, p in new_parameters(model).items()}
+    # Stage 1: attention transfer; only the new parameters train (adapters off).
     s1 = cfg.stage1
+    with _adapters_off(model):
 
-    def step1(batch: torch.Tensor) -> float:
-        return sum(v[0] for v in transfer_losses(model, batch, train=True, attn_ce_weight=s1.attn_ce_weight).values())
+        def step1(batch: torch.Tensor) -> float:
+            losses = transfer_losses(model, batch, train=True, attn_ce_weight=s1.attn_ce_weight, stop_early=not sharded)
+            return sum(v[0] for v in losses.values())
 
-    m1 = train_loop("stage1", params, step1, train_rows, steps=s1.steps, batch_size=s1.batch_size, lr=s1.lr,
-                    weight_decay=s1.weight_decay, save_every=s1.save_every, ckpt=Checkpoint(work / "stage1"), **common)
-    per_layer: dict[int, list[tuple[float, float]]] = {}  # layer -> (mse, rel_err) per batch
-    for i in range(0, len(val_rows), s1.batch_size):
-        for layer, pair in transfer_losses(model, val_rows[i : i + s1.batch_size].to(device), train=False).items():
-            per_layer.setdefault(layer, []).append(pair)
-    m1["val_layer_loss"] = [
-        {"layer": layer, "mse": sum(p[0] for p in v) / len(v), "rel_err": sum(p[1] for p in v) / len(v)}
-        for layer, v in sorted(per_layer.items())
-    ]
-    summary["stage1_val_ppl"] = perplexity(model, val_rows, eval_bs)
-    if evaluate:
-        evals["stage1_eval"] = evaluate(model, tok)
+        m1 = train_loop("stage1", params, step1, train_rows, steps=s1.steps, batch_size=s1.batch_size, lr=s1.lr,
+                        weight_decay=s1.weight_decay, save_every=s1.save_every, ckpt=Checkpoint(work / "stage1"), **common)
+        per_layer: dict[int, list[tuple[float, float]]] = {}  # layer -> (mse, rel_err) per batch
+        for i in range(0, len(val_rows), s1.batch_size):
+            batch = val_rows[i : i + s1.batch_size].to(device)
+            for layer, pair in transfer_losses(model, batch, train=False, stop_early=not sharded).items():
+                per_layer.setdefault(layer, []).append(pair)
+        m1["val_layer_loss"] = [
+            {"layer": layer, "mse": sum(p[0] for p in v) / len(v), "rel_err": sum(p[1] for p in v) / len(v)}
+            for layer, v in sorted(per_layer.items())
+        ]
+        summary["stage1_val_ppl"] = perplexity(model, val_rows, eval_bs)
+        if evaluate:
+            evals["stage1_eval"] = evaluate(model, tok)
     log(_table([[r["layer"], f"{r['mse']:.3e}", f"{r['rel_err']:.4f}"] for r in m1["val_layer_loss"]], ["layer", "val MSE", "rel. error"]))
     for p in params.values():
         p.requires_grad_(False)
 
     # Stage 2: LoRA (+ the new parameters) on next-token prediction (+ KL to the teacher).
-    s2 = cfg.stage2
-    final, m2 = model, {"steps": 0}
-    if s2.steps > 0:
-        from peft import LoraConfig, get_peft_model
-
-        targets = _lora_targets(model, s2.lora_targets)
-        peft_model = get_peft_model(model, LoraConfig(r=s2.lora_r, lora_alpha=s2.lora_alpha, lora_dropout=s2.lora_dropout, target_modules=targets))
+    m2: dict[str, Any] = {"steps": 0}
+    if lora is not None:
+        if s2.gradient_checkpointing:
+            set_checkpointing(model, True)
         if s2.train_new_params:
-            for p in new_parameters(peft_model).values():
+            for p in params.values():
                 p.requires_grad_(True)
-        params2 = {k: p for k, p in peft_model.named_parameters() if p.requires_grad}
-        peft_model.train()
+        params2 = {k: p for k, p in model.named_parameters() if p.requires_grad}
+        model.train()
 
         def step2(batch: torch.Tensor) -> float:
-            loss = lm_loss(peft_model, batch, s2.ce_weight, s2.kl_weight)
+            loss = lm_loss(model, batch, s2.ce_weight, s2.kl_weight)
             loss.backward()
             return loss.item()
 
         m2 = train_loop("stage2", params2, step2, train_rows, steps=s2.steps, batch_size=s2.batch_size, lr=s2.lr,
                         weight_decay=s2.weight_decay, save_every=s2.save_every, ckpt=Checkpoint(work / "stage2"), **common)
-        peft_model.eval()
-        final = peft_model.merge_and_unload() if s2.merge else peft_model
-    summary["student_val_ppl"] = perplexity(final, val_rows, eval_bs)
-    if evaluate:
-        evals["final_eval"] = evaluate(final, tok)
+        model.eval()
+        if s2.gradient_checkpointing:
+            set_checkpointing(model, False)
+    if sharded:  # score the sharded model, then give process 0 a whole copy to save
+        summary["student_val_ppl"] = perplexity(model, val_rows, eval_bs)
+        if evaluate:
+            evals["final_eval"] = evaluate(model, tok)
+        whole = {k: fsdp.full(v).cpu() for k, v in model.state_dict().items()}
+        if rank == 0:
+            model, _ = load(cfg.model, dtype=torch.float32, device="cpu")
+            convert(model, plan)
+            if lora is not None:
+                from peft import get_peft_model
+
+                model = get_peft_model(model, lora)
+            model.load_state_dict(whole)
+    if not sharded or rank == 0:
+        final = model.merge_and_unload() if lora is not None and s2.merge else model
+    if not sharded:
+        summary["student_val_ppl"] = perplexity(final, val_rows, eval_bs)
+        if evaluate:
+            evals["final_eval"] = evaluate(final, tok)
     summary.update(evals)
     summary["train_tokens"] = {"stage1": m1.get("train_tokens", 0), "stage2": m2.get("train_tokens", 0)}
     summary["seconds"] = round(time.time() - t0, 1)
@@ -158,7 +198,7 @@ def distill(
     if rank == 0:
         with atomic_dir(out) as tmp:
             tmp = Path(tmp)
-            if s2.steps > 0 and not s2.merge:
+            if lora is not None and not s2.merge:
                 final.get_base_model().save_pretrained(tmp)
                 final.save_pretrained(tmp / "lora")
             else:
@@ -170,7 +210,23 @@ def distill(
             for name, m in (("stage1", m1), ("stage2", m2), ("summary", summary)):
                 (tmp / "metrics" / f"{name}.json").write_text(json.dumps(m, indent=1))
         (work / "complete").write_text(str(out.resolve()))
+    if world > 1:
+        torch.distributed.barrier()
     return summary
+
+
+@contextmanager
+def _adapters_off(model: torch.nn.Module) -> Iterator[None]:
+    """peft adapters skipped for the block (stage 1 trains the new parameters alone)."""
+    with (model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()):
+        yield
+
+
+@contextmanager
+def _as_teacher(model: torch.nn.Module) -> Iterator[None]:
+    """The original model: converted layers in teacher mode, adapters off."""
+    with _adapters_off(model), attention_mode(model, "teacher"):
+        yield
 
 
 __all__ = ["distill"]

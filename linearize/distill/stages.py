@@ -22,10 +22,12 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from ..convert import atomic_dir
 from ..eval.perplexity import autocast, token_nll
 from ..kinds.base import LinearizedAttention
+from .fsdp import clip_grad_norm_, full, gather_optimizer_state, like, scatter_optimizer_state
 
 
 @contextmanager
@@ -64,10 +66,13 @@ def attention_ce(mod: LinearizedAttention, q: Tensor, k: Tensor) -> Tensor:
     return -(teacher * mod.attention_weights(q, k).clamp_min(1e-12).log()).sum(-1).mean()
 
 
-def transfer_losses(model: nn.Module, batch: Tensor, train: bool, attn_ce_weight: float = 0.0) -> dict[int, tuple[float, float]]:
+def transfer_losses(
+    model: nn.Module, batch: Tensor, train: bool, attn_ce_weight: float = 0.0, stop_early: bool = True,
+) -> dict[int, tuple[float, float]]:
     """One stage-1 pass: {layer: (loss, relative squared error of the output)}; the loss is the output
     MSE plus `attn_ce_weight` x the attention-weight cross-entropy where the kind has one. With
-    `train`, gradients are accumulated."""
+    `train`, gradients are accumulated. `stop_early=False` runs the whole forward (FSDP needs every
+    layer's forward to finish)."""
     device = batch.device
     losses: dict[int, tuple[float, float]] = {}
     layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
@@ -81,7 +86,7 @@ def transfer_losses(model: nn.Module, batch: Tensor, train: bool, attn_ce_weight
         if train:
             loss.backward()
         losses[mod.layer_idx] = (loss.item(), (diff.pow(2).sum() / teacher.float().pow(2).sum().clamp_min(1e-12)).item())
-        if mod.layer_idx == last:
+        if mod.layer_idx == last and stop_early:
             raise _StopForward
 
     with attention_mode(model, "transfer", on_transfer), torch.no_grad(), autocast(device):
@@ -103,6 +108,20 @@ def lm_loss(model: nn.Module, batch: Tensor, ce_weight: float, kl_weight: float)
         kl = F.kl_div(logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean()
         loss = loss + kl_weight * kl
     return loss
+
+
+def set_checkpointing(model: nn.Module, on: bool) -> None:
+    """Recompute each decoder layer in backward (non-reentrant) or stop; transformers renamed the
+    methods from gradient_ to activation_checkpointing in 5.2x."""
+    new = hasattr(model, "activation_checkpointing_enable")
+    if on:
+        kwargs = {"use_reentrant": False}
+        if new:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
 
 
 @torch.no_grad()
@@ -127,13 +146,14 @@ class Checkpoint:
     def exists(self) -> bool:
         return (self.folder / "state.pt").is_file()
 
-    def save(self, params: dict[str, nn.Parameter], opt: Any, sched: Any, step: int, done: bool, history: list) -> None:
-        with atomic_dir(self.folder) as tmp:
-            torch.save(
-                {"params": {k: p.detach().cpu() for k, p in params.items()}, "optimizer": opt.state_dict(),
-                 "scheduler": sched.state_dict(), "step": step, "done": done, "history": history},
-                Path(tmp) / "state.pt",
-            )
+    def save(self, params: dict[str, nn.Parameter], opt: Any, sched: Any, step: int, done: bool, history: list,
+             write: bool = True) -> None:
+        """Whole tensors (sharded ones gathered: under FSDP every process calls this; `write` on one)."""
+        state = {"params": {k: full(p.detach()).cpu() for k, p in params.items()}, "optimizer": gather_optimizer_state(opt.state_dict()),
+                 "scheduler": sched.state_dict(), "step": step, "done": done, "history": history}
+        if write:
+            with atomic_dir(self.folder) as tmp:
+                torch.save(state, Path(tmp) / "state.pt")
 
     def load(self) -> dict[str, Any]:
         return torch.load(self.folder / "state.pt", map_location="cpu", weights_only=False)
@@ -144,7 +164,7 @@ class Checkpoint:
             raise RuntimeError(f"checkpoint {self.folder} does not match this run (differs in {sorted(missing)[:3]}...)")
         with torch.no_grad():
             for k, p in params.items():
-                p.copy_(saved[k])
+                p.copy_(like(saved[k], p))
 
 
 def _schedule(steps: int) -> Callable[[int], float]:
@@ -167,7 +187,7 @@ def train_loop(
     if ckpt.exists():
         state = ckpt.load()
         ckpt.restore_params(params, state["params"])
-        opt.load_state_dict(state["optimizer"])
+        opt.load_state_dict(scatter_optimizer_state(state["optimizer"], list(params.values())))
         sched.load_state_dict(state["scheduler"])
         start, history = state["step"], state["history"]
         if state["done"]:
@@ -182,21 +202,23 @@ def train_loop(
             idx = torch.randint(len(rows), (batch_size * world,), generator=g)[rank::world]
             batch = rows[idx].to(device)
             loss = step_fn(batch)
-            if world > 1:
+            if world > 1:  # FSDP has already averaged the gradients of sharded parameters
                 for p in params.values():
-                    if p.grad is not None:
+                    if p.grad is not None and not isinstance(p.grad, DTensor):
                         torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
-            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+            clip_grad_norm_(params.values(), 1.0)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             tokens += batch.numel() * world
             history.append(round(float(loss), 6))
             bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tokens / (time.time() - t0):.0f}")
-            if rank == 0 and ((step + 1) % save_every == 0 or step + 1 == steps):
-                ckpt.save(params, opt, sched, step + 1, step + 1 == steps, history)
+            if (step + 1) % save_every == 0 or step + 1 == steps:
+                ckpt.save(params, opt, sched, step + 1, step + 1 == steps, history, write=rank == 0)
     except KeyboardInterrupt:
-        if rank == 0:
+        if any(isinstance(p, DTensor) for p in params.values()):  # gathering shards now could hang on a peer
+            log(f"\n{name}: interrupted; continue with --resume from the last checkpoint in {ckpt.folder}")
+        elif rank == 0:
             ckpt.save(params, opt, sched, len(history), False, history)
             log(f"\n{name}: interrupted; checkpoint at step {len(history)} in {ckpt.folder} (continue with --resume)")
         raise
