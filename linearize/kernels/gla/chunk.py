@@ -5,7 +5,9 @@ Forward: one program per (batch, KV head, block of value channels) walks the chu
 keeping its [K, BV] slice of the fp32 state on chip: for each query head of the group,
 o = q S + tril(q k^T) v (strictly lower for the exclusive scan), then S += k^T v.
 Backward: dq = dO S^T + tril(dO v^T) k is the forward scan again (dO as queries, v as keys, k as
-values, the transposed initial state); dk, dv and the initial state's gradient walk backward with dS = dS_final + sum of later q^T dO (dk = v dS^T + ..., dv = k dS + ...).
+values, the transposed initial state); dk, dv and the initial state's gradient walk backward, one
+program per (batch, KV head, block of value channels), with dS = dS_final + sum of later q^T dO
+(dk = v dS^T + ..., dv = k dS + ...); dk sums over value channels, so the blocks' parts are added.
 Query heads of a GQA group accumulate into their KV head's dk, dv without repeated k/v.
 """
 
@@ -96,14 +98,18 @@ def _chunk_linear_dkv_kernel(
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EXCLUSIVE: tl.constexpr, HAS_DS: tl.constexpr,
 ):
-    # walking the chunks backward, dS = (gradient of the final state) + sum over later queries of q^T dO
-    bh = tl.program_id(0)
+    # walking the chunks backward, dS = (gradient of the final state) + sum over later queries of q^T dO.
+    # Program (bh, iv) owns a BV-wide slice of V: its dv slice is exact; dk is a sum over V, so each
+    # slice writes its part to dk[iv] and the caller adds the parts.
+    bh, iv = tl.program_id(0), tl.program_id(1)
     b = bh // HK
     hk = bh % HK
     G: tl.constexpr = H // HK
-    rc, rk, rv = tl.arange(0, C), tl.arange(0, BK), tl.arange(0, BV)
+    rc, rk = tl.arange(0, C), tl.arange(0, BK)
+    rv = iv * BV + tl.arange(0, BV)
     mk, mv = rk < K, rv < V
     dstate = _state(ds_final, bh, K, V, rk, rv, mk, mv, BK, BV, HAS_DS)
+    dk_part = dk + iv.to(tl.int64) * tl.num_programs(0) * T * K  # dk is [NV, B, T, HK, K]
     later = (rc[:, None] < rc[None, :]) if EXCLUSIVE else (rc[:, None] <= rc[None, :])  # [j, i]: i sees j
     for n in range(NC):
         start = (NC - 1 - n) * C
@@ -119,7 +125,7 @@ def _chunk_linear_dkv_kernel(
             dkc += tl.dot(tl.where(later, tl.dot(vc, tl.trans(doc)), 0.0), qc)
             dvc += tl.dot(tl.where(later, tl.dot(kc, tl.trans(qc)), 0.0), doc)
             dstate += tl.dot(tl.trans(qc), doc)
-        _store_tile(dk, dkc, b, T, t, mt, HK, hk, K, rk, mk)
+        _store_tile(dk_part, dkc, b, T, t, mt, HK, hk, K, rk, mk)
         _store_tile(dv, dvc, b, T, t, mt, HK, hk, V, rv, mv)
     tl.store(ds0 + bh * K * V + rk[:, None] * V + rv[None, :], dstate, mask=mk[:, None] & mv[None, :])
 
@@ -140,18 +146,21 @@ class ChunkLinearAttnFunction(torch.autograd.Function):
         b, t, h, kd = q.shape
         hk, vd = k.shape[2], v.shape[-1]
         c = ctx.chunk_size
-        bk, bv = max(16, triton.next_power_of_2(kd)), max(16, triton.next_power_of_2(vd))
+        bk, bv = max(16, triton.next_power_of_2(kd)), max(16, min(64, triton.next_power_of_2(vd)))
+        nv = triton.cdiv(vd, bv)
         q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        dk_parts = torch.empty(nv, *k.shape, dtype=torch.float32 if nv > 1 else k.dtype, device=k.device)
+        dv = torch.empty_like(v)
         # dq_i = dO_i S_i^T is the forward scan itself, with dO as queries, v as keys, k as values
         dq = chunk_linear_attn_triton(
             do, v, k, initial_state=None if s0 is None else s0.transpose(-1, -2), exclusive=ctx.exclusive, chunk_size=c,
         )[0].to(q.dtype)
         ds0 = torch.empty(b, hk, kd, vd, dtype=torch.float32, device=q.device)
         dsf = dstate.float().contiguous() if dstate is not None else ds0
-        _chunk_linear_dkv_kernel[(b * hk,)](
-            q, k, v, do, dsf, dk, dv, ds0, t, triton.cdiv(t, c), h, hk, kd, vd, c, bk, bv, ctx.exclusive, dstate is not None,
+        _chunk_linear_dkv_kernel[(b * hk, nv)](
+            q, k, v, do, dsf, dk_parts, dv, ds0, t, triton.cdiv(t, c), h, hk, kd, vd, c, bk, bv, ctx.exclusive, dstate is not None,
         )
+        dk = dk_parts[0] if nv == 1 else dk_parts.sum(0).to(k.dtype)
         return dq, dk, dv, (ds0.to(s0.dtype) if s0 is not None else None), None, None
 
 
