@@ -54,7 +54,7 @@ def main() -> None:
     del base
     text = Path(args.text) if args.text else work / "corpus.txt"
     if not args.text:
-        text.write_text("\n".join(f"Line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i % 11}." for i in range(4000)))
+        text.write_text("\n".join(f"Line {i}: the quick brown fox {i % 7} jumps over the lazy dog {i % 11}." for i in range(600)))
 
     n = cfg.num_hidden_layers
     plan = ",".join(f"{i}:lolcats(window=64)" for i in range(0, n, 2))  # every other layer

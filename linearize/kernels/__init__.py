@@ -2,9 +2,8 @@
 
 Each op folder holds its Triton kernels beside the pure-PyTorch reference (`naive.py`), which is
 the ground truth every kernel is tested against (on CPU under TRITON_INTERPRET=1). The attention
-kinds call the names exported here. With LINEARIZE_KERNELS=triton, CUDA tensors go to a Triton
-kernel where one exists; by default (LINEARIZE_KERNELS=reference) everything runs on the
-references, until the kernels have been checked on a GPU as well as under the interpreter.
+kinds call the names exported here. CUDA tensors go to a Triton kernel where one exists (the
+kernel tests pass on an H100 too); LINEARIZE_KERNELS=reference sends everything to the references.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ except ImportError:  # pragma: no cover - depends on the platform
 
 def use_triton(x: Tensor) -> bool:
     """Whether `x`'s op goes to a Triton kernel."""
-    return gla_step_triton is not None and x.is_cuda and os.environ.get("LINEARIZE_KERNELS", "reference") == "triton"
+    return gla_step_triton is not None and x.is_cuda and os.environ.get("LINEARIZE_KERNELS", "triton") != "reference"
 
 
 def chunk_gla(
