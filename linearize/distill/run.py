@@ -102,12 +102,19 @@ def distill(
     train_rows, val_rows = split(pack(texts, tok, cfg.data.seq_len), cfg.data.val_fraction, cfg.seed)
     log(f"data: {len(train_rows)} train / {len(val_rows)} validation sequences of {cfg.data.seq_len} tokens")
     eval_bs = max(cfg.stage1.batch_size, cfg.stage2.batch_size)
+    evals: dict[str, Any] = {}
+
+    def measure(m: torch.nn.Module, name: str) -> float:
+        """Validation perplexity of `m`; the caller's `evaluate` result goes to evals[name]."""
+        ppl = perplexity(m, val_rows, eval_bs)
+        if evaluate:
+            evals[name] = evaluate(m, tok)
+        return ppl
+
     if not sharded:
-        teacher_ppl = perplexity(model, val_rows, eval_bs)
-        evals = {"teacher_eval": evaluate(model, tok)} if evaluate else {}
+        teacher_ppl = measure(model, "teacher_eval")
 
     convert(model, plan)
-    params = {k: p.requires_grad_(True) for k, p in new_parameters(model).items()}
     # LoRA goes in now (B = 0: no effect until stage 2) so that FSDP can shard the adapters with the rest
     s2 = cfg.stage2
     lora = None
@@ -116,12 +123,11 @@ def distill(
 
         lora = LoraConfig(r=s2.lora_r, lora_alpha=s2.lora_alpha, lora_dropout=s2.lora_dropout, target_modules=_lora_targets(model, s2.lora_targets))
         model = get_peft_model(model, lora)
-        params = {k: p.requires_grad_(True) for k, p in new_parameters(model).items()}
+    params = {k: p.requires_grad_(True) for k, p in new_parameters(model).items()}
     if sharded:
         fsdp.shard(model, device, params.values())
         with _as_teacher(model):
-            teacher_ppl = perplexity(model, val_rows, eval_bs)
-            evals = {"teacher_eval": evaluate(model, tok)} if evaluate else {}
+            teacher_ppl = measure(model, "teacher_eval")
     common = dict(seed=cfg.seed, device=device, rank=rank, world=world, log=log)
     summary: dict[str, Any] = {"model": str(cfg.model), "plan": model.config.linearize["plan"], "teacher_val_ppl": teacher_ppl}
 
@@ -144,9 +150,7 @@ def distill(
             {"layer": layer, "mse": sum(p[0] for p in v) / len(v), "rel_err": sum(p[1] for p in v) / len(v)}
             for layer, v in sorted(per_layer.items())
         ]
-        summary["stage1_val_ppl"] = perplexity(model, val_rows, eval_bs)
-        if evaluate:
-            evals["stage1_eval"] = evaluate(model, tok)
+        summary["stage1_val_ppl"] = measure(model, "stage1_eval")
     log(_table([[r["layer"], f"{r['mse']:.3e}", f"{r['rel_err']:.4f}"] for r in m1["val_layer_loss"]], ["layer", "val MSE", "rel. error"]))
     for p in params.values():
         p.requires_grad_(False)
@@ -173,9 +177,7 @@ def distill(
         if s2.gradient_checkpointing:
             set_checkpointing(model, False)
     if sharded:  # score the sharded model, then give process 0 a whole copy to save
-        summary["student_val_ppl"] = perplexity(model, val_rows, eval_bs)
-        if evaluate:
-            evals["final_eval"] = evaluate(model, tok)
+        summary["student_val_ppl"] = measure(model, "final_eval")
         whole = {k: fsdp.full(v).cpu() for k, v in model.state_dict().items()}
         if rank == 0:
             model, _ = load(cfg.model, dtype=torch.float32, device="cpu")
@@ -188,9 +190,7 @@ def distill(
     if not sharded or rank == 0:
         final = model.merge_and_unload() if lora is not None and s2.merge else model
     if not sharded:
-        summary["student_val_ppl"] = perplexity(final, val_rows, eval_bs)
-        if evaluate:
-            evals["final_eval"] = evaluate(final, tok)
+        summary["student_val_ppl"] = measure(final, "final_eval")
     summary.update(evals)
     summary["train_tokens"] = {"stage1": m1.get("train_tokens", 0), "stage2": m2.get("train_tokens", 0)}
     summary["seconds"] = round(time.time() - t0, 1)

@@ -39,19 +39,22 @@ def _state(ptr, bh, K: tl.constexpr, V: tl.constexpr, rk, rv, mk, mv, BK: tl.con
 
 
 @triton.jit
+def _block(HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Program (batch x KV head, block of value channels): its indices, chunk rows and masks."""
+    bh, iv = tl.program_id(0), tl.program_id(1)
+    rc, rk = tl.arange(0, C), tl.arange(0, BK)
+    rv = iv * BV + tl.arange(0, BV)
+    return bh, iv, bh // HK, bh % HK, rc, rk, rv, rk < K, rv < V
+
+
+@triton.jit
 def _chunk_linear_fwd_kernel(
     q, k, v, s0, o, s_out, T,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EXCLUSIVE: tl.constexpr, HAS_S0: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    iv = tl.program_id(1)
-    b = bh // HK
-    hk = bh % HK
+    bh, iv, b, hk, rc, rk, rv, mk, mv = _block(HK, K, V, C, BK, BV)
     G: tl.constexpr = H // HK
-    rc, rk = tl.arange(0, C), tl.arange(0, BK)
-    rv = iv * BV + tl.arange(0, BV)
-    mk, mv = rk < K, rv < V
     state = _state(s0, bh, K, V, rk, rv, mk, mv, BK, BV, HAS_S0)
     causal = (rc[:, None] > rc[None, :]) if EXCLUSIVE else (rc[:, None] >= rc[None, :])
     for start in range(0, T, C):
@@ -101,13 +104,8 @@ def _chunk_linear_dkv_kernel(
     # walking the chunks backward, dS = (gradient of the final state) + sum over later queries of q^T dO.
     # Program (bh, iv) owns a BV-wide slice of V: its dv slice is exact; dk is a sum over V, so each
     # slice writes its part to dk[iv] and the caller adds the parts.
-    bh, iv = tl.program_id(0), tl.program_id(1)
-    b = bh // HK
-    hk = bh % HK
+    bh, iv, b, hk, rc, rk, rv, mk, mv = _block(HK, K, V, C, BK, BV)
     G: tl.constexpr = H // HK
-    rc, rk = tl.arange(0, C), tl.arange(0, BK)
-    rv = iv * BV + tl.arange(0, BV)
-    mk, mv = rk < K, rv < V
     dstate = _state(ds_final, bh, K, V, rk, rv, mk, mv, BK, BV, HAS_DS)
     dk_part = dk + iv.to(tl.int64) * tl.num_programs(0) * T * K  # dk is [NV, B, T, HK, K]
     later = (rc[:, None] < rc[None, :]) if EXCLUSIVE else (rc[:, None] <= rc[None, :])  # [j, i]: i sees j
