@@ -48,7 +48,9 @@ def main() -> None:
     ap.add_argument("--stage2-steps", type=int, default=100)
     ap.add_argument("--stage1-lr", type=float, default=1e-2)
     ap.add_argument("--stage2-lr", type=float, default=1e-4)
-    ap.add_argument("--kl-weight", type=float, default=0.0)
+    ap.add_argument("--kl-weight", type=float, default=0.0, help="stage 2: weight of KL(teacher || student)")
+    ap.add_argument("--ce-weight", type=float, default=1.0, help="stage 2: weight of next-token cross-entropy")
+    ap.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (a killed call resumes from there)")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="stage 2 recomputes each layer in backward (less memory)")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=512)
@@ -79,9 +81,10 @@ def main() -> None:
             model=args.model, plan=plan, seed=0,
             data=DataConfig(source=args.data, seq_len=args.seq_len, teacher_sequences=args.teacher_sequences,
                             val_fraction=0.02, cache_dir=f"{args.workdir}/cache"),
-            stage1=Stage1Config(steps=args.stage1_steps, batch_size=args.batch, lr=args.stage1_lr, save_every=10**9),
+            stage1=Stage1Config(steps=args.stage1_steps, batch_size=args.batch, lr=args.stage1_lr, save_every=args.save_every),
             stage2=Stage2Config(steps=args.stage2_steps, batch_size=args.batch, lr=args.stage2_lr, kl_weight=args.kl_weight,
-                                gradient_checkpointing=args.gradient_checkpointing, save_every=10**9),
+                                ce_weight=args.ce_weight, gradient_checkpointing=args.gradient_checkpointing,
+                                save_every=args.save_every),
         )
         tokens1 = args.stage1_steps * args.batch * args.seq_len
         tokens2 = args.stage2_steps * args.batch * args.seq_len

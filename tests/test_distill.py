@@ -141,6 +141,8 @@ def test_interrupted_stage_resumes_exactly(two_layers, rows, tmp_path):
     assert resumed["resumed_from"] == 3 and resumed["history"] == straight["history"]
     for k, p in params.items():
         assert torch.allclose(p, final[k], atol=1e-6), k
+    again = _loop(params, fn, rows, 6, tmp_path, name="b")  # finished earlier: loaded, same token count
+    assert again["resumed_from"] == 6 and again["train_tokens"] == straight["train_tokens"]
 
 
 def test_txt_and_jsonl_loaders_pack_exactly(smollm2, tmp_path):

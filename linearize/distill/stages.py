@@ -192,7 +192,7 @@ def train_loop(
         start, history = state["step"], state["history"]
         if state["done"]:
             log(f"{name}: finished earlier ({start} steps), loaded from {ckpt.folder}")
-            return {"steps": start, "history": history, "resumed_from": start}
+            return {"steps": start, "history": history, "resumed_from": start, "train_tokens": start * batch_size * world * rows.shape[1]}
         log(f"{name}: resuming at step {start} from {ckpt.folder}")
     t0, tokens, step = time.time(), 0, start
     bar = tqdm(range(start, steps), desc=name, disable=rank != 0, initial=start, total=steps)

@@ -67,23 +67,27 @@ def window_softmax_ref(
     """Banded softmax numerator [B,T,H,V] and normalizer [B,T,H] with max-shifted scores.
 
     ext_* hold W-1 context tokens followed by the T tokens of q; query t sees ext tokens [t, t+W-1].
+    Queries go in blocks of `block`, all blocks at once: block n reads the ext tokens
+    [n*block, n*block + block + W - 1) (an unfold, no copy), so the work is one batch of small
+    matrix products instead of a loop of launches.
     """
     b, t, h, d = q.shape
     hk = ext_k.shape[2]
-    qg = q.float().reshape(b, t, hk, h // hk, d)
-    nums, dens = [], []
-    for s in range(0, t, block):
-        e = min(s + block, t)
-        kb, vb = ext_k[:, s : e + window - 1], ext_v[:, s : e + window - 1]
-        i = torch.arange(e - s, device=q.device)[:, None]
-        j = torch.arange(kb.shape[1], device=q.device)[None, :]
-        band = (j >= i) & (j <= i + window - 1)  # [c, c+W-1]
-        allowed = band[None, :, None, None, :] & ext_valid[:, None, None, None, s : e + window - 1]
-        a = _masked_exp(_scores(qg[:, s:e], kb, scale, softcap), allowed)
-        nums.append(torch.einsum("bihgj,bjhv->bihgv", a, vb))
-        dens.append(a.sum(-1))
-    num = torch.cat(nums, 1).reshape(b, t, h, -1)
-    den = torch.cat(dens, 1).reshape(b, t, h)
+    nb = -(-t // block)
+    span, pad = block + window - 1, nb * block - t
+    qb = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, pad)).reshape(b, nb, block, hk, h // hk, d)
+    kb, vb = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)).unfold(1, span, block) for x in (ext_k, ext_v))
+    validb = torch.nn.functional.pad(ext_valid, (0, pad)).unfold(1, span, block)  # [B,nb,span]
+    i = torch.arange(block, device=q.device)[:, None]
+    j = torch.arange(span, device=q.device)[None, :]
+    band = (j >= i) & (j <= i + window - 1)  # query i of a block sees its tokens [i, i+W-1]
+    allowed = band[None, None, :, None, None, :] & validb[:, :, None, None, None, :]
+    s = torch.einsum("bnihgd,bnhdj->bnihgj", qb, kb) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    a = _masked_exp(s, allowed)
+    num = torch.einsum("bnihgj,bnhvj->bnihgv", a, vb).reshape(b, nb * block, h, -1)[:, :t]
+    den = a.sum(-1).reshape(b, nb * block, h)[:, :t]
     return num, den
 
 
