@@ -118,6 +118,28 @@ def test_chunk_linear_attn_gradients_match_reference(dtype, t, kd, vd, exclusive
         assert rel_err(got, ref) < tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 9, 16, 47])  # below, at and across the kernel's chunk of 16
+@pytest.mark.parametrize("kd,vd", [(16, 16), (64, 40)])
+@pytest.mark.parametrize("exclusive,with_state", [(False, False), (False, True), (True, True)])
+@pytest.mark.parametrize("decay", ["channel", "scalar", "strong"])
+def test_chunk_gla_forward_kernel_matches_reference(dtype, t, kd, vd, exclusive, with_state, decay):
+    b, h, hk = 2, 6, 2
+    r = lambda *s: torch.randn(*s, device=DEVICE)  # noqa: E731
+    q, k, v = r(b, t, h, kd).to(dtype), r(b, t, hk, kd).to(dtype), r(b, t, hk, vd).to(dtype)
+    if decay == "scalar":  # one decay per head and token (the mamba2 case), broadcast over channels
+        g = F.logsigmoid(r(b, t, hk, 1) + 3).expand(b, t, hk, kd)
+    else:  # "strong": decays far past exp's range over one chunk (exp(-16 * 30) underflows to 0)
+        g = F.logsigmoid(r(b, t, hk, kd) + 2) * (30 if decay == "strong" else 1)
+    s0 = r(b, hk, kd, vd) if with_state else None
+    out = torch.full((b, t, h, vd), float("nan"), dtype=dtype, device=DEVICE)
+    o, s = chunk_ops.chunk_gla_fwd_triton(q, k, v, g, initial_state=s0, exclusive=exclusive, out=out)
+    o_ref, s_ref = chunk_gla_ref(q.float(), k.float(), v.float(), g, initial_state=s0, exclusive=exclusive)
+    tol = 1e-5 if dtype == torch.float32 and DEVICE == "cpu" else (3e-3 if dtype == torch.float32 else 1e-2)
+    assert o.data_ptr() == out.data_ptr() and not torch.isnan(o).any()
+    assert rel_err(o, o_ref) < tol and rel_err(s, s_ref) < max(tol, 3e-3 if DEVICE == "cuda" else 1e-5)
+
+
 def _triton_scan(q, k, v, g, *, initial_state=None, exclusive=False, chunk_size=64):
     assert g is None
     return chunk_ops.chunk_linear_attn(q, k, v, initial_state=initial_state, exclusive=exclusive, chunk_size=16)

@@ -1,5 +1,6 @@
-"""Triton chunked causal linear attention without decay (the `hedgehog` kind and the linear part of
-`lolcats`), forward and backward. Same maths as `chunk_gla_ref` with g=None.
+"""Triton chunked causal linear attention (the `hedgehog` kind and the linear part of `lolcats`),
+forward and backward, and the forward with a per-channel log-decay g (the `gla` kind; its backward
+is still the reference's). Same maths as `chunk_gla_ref`.
 
 Forward: one program per (batch, KV head, block of value channels) walks the chunks in order,
 keeping its [K, BV] slice of the fp32 state on chip: for each query head of the group,
@@ -9,6 +10,8 @@ values, the transposed initial state); dk, dv and the initial state's gradient w
 program per (batch, KV head, block of value channels), with dS = dS_final + sum of later q^T dO
 (dk = v dS^T + ..., dv = k dS + ...); dk sums over value channels, so the blocks' parts are added.
 Query heads of a GQA group accumulate into their KV head's dk, dv without repeated k/v.
+Gated forward, with b the running sum of g from the chunk start: o_i = (q_i * exp(b_i)) S +
+sum_{j<=i} (sum_c q_ic k_jc exp(b_ic - b_jc)) v_j, then S = exp(b_last) S + (k exp(b_last - b))^T v.
 """
 
 from __future__ import annotations
@@ -48,10 +51,11 @@ def _block(HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, 
 
 
 @triton.jit
-def _chunk_linear_fwd_kernel(
-    q, k, v, s0, o, s_out, T,
+def _chunk_fwd_kernel(
+    q, k, v, g, s0, o, s_out, T,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EXCLUSIVE: tl.constexpr, HAS_S0: tl.constexpr,
+    GATED: tl.constexpr,
 ):
     bh, iv, b, hk, rc, rk, rv, mk, mv = _block(HK, K, V, C, BK, BV)
     G: tl.constexpr = H // HK
@@ -62,11 +66,25 @@ def _chunk_linear_fwd_kernel(
         mt = t < T
         kc = _tile(k, b, T, t, mt, HK, hk, K, rk, mk)
         vc = _tile(v, b, T, t, mt, HK, hk, V, rv, mv)
+        if GATED:  # b: running sum of log-decays from the chunk start; 0 past T (k is 0 there too)
+            gc = _tile(g, b, T, t, mt, HK, hk, K, rk, mk)
+            bc = tl.cumsum(gc, axis=0)
+            bq = bc - gc if EXCLUSIVE else bc  # the exclusive query reads the state before its own token
+            blast = tl.sum(gc, axis=0)
+            # log decay from key j to query i; -inf where i does not see j (exp gives 0, never inf)
+            rel = tl.where(causal[:, :, None], bq[:, None, :] - bc[None, :, :], float("-inf"))
         for j in range(G):
             qc = _tile(q, b, T, t, mt, H, hk * G + j, K, rk, mk)
-            a = tl.where(causal, tl.dot(qc, tl.trans(kc)), 0.0)
+            if GATED:
+                a = tl.sum(qc[:, None, :] * kc[None, :, :] * tl.exp(rel), axis=2)
+                qc = qc * tl.exp(bq)
+            else:
+                a = tl.where(causal, tl.dot(qc, tl.trans(kc)), 0.0)
             _store_tile(o, tl.dot(qc, state) + tl.dot(a, vc), b, T, t, mt, H, hk * G + j, V, rv, mv)
-        state += tl.dot(tl.trans(kc), vc)
+        if GATED:
+            state = state * tl.exp(blast)[:, None] + tl.dot(tl.trans(kc * tl.exp(blast[None, :] - bc)), vc)
+        else:
+            state += tl.dot(tl.trans(kc), vc)
     tl.store(s_out + bh * K * V + rk[:, None] * V + rv[None, :], state, mask=mk[:, None] & mv[None, :])
 
 
@@ -89,11 +107,37 @@ def chunk_linear_attn_triton(
     bk = max(16, triton.next_power_of_2(kd))
     bv = max(16, min(64, triton.next_power_of_2(vd)))
     grid = (b * hk, triton.cdiv(vd, bv))
-    _chunk_linear_fwd_kernel[grid](
-        q, k, v, s0, o, s_out, t, h, hk, kd, vd, chunk_size, bk, bv, exclusive, initial_state is not None,
+    _chunk_fwd_kernel[grid](
+        q, k, v, q, s0, o, s_out, t, h, hk, kd, vd, chunk_size, bk, bv, exclusive, initial_state is not None, False,
     )
     return o, s_out
 
+
+
+def chunk_gla_fwd_triton(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, initial_state: Tensor | None = None, exclusive: bool = False,
+    out: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Gated forward: g [B,T,Hk,K] log-decay (<= 0; a scalar-per-head decay is g broadcast over K).
+    Chunks of 16: the intra-chunk weights are formed channel by channel ([16, 16, K]), each exponent
+    a sum of log-decays over a stretch of tokens (<= 0), so strong decays underflow, never overflow.
+    No autograd yet: for calls that need no gradient."""
+    b, t, h, kd = q.shape
+    hk, vd = k.shape[2], v.shape[-1]
+    if h % hk:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk})")
+    if g.shape != k.shape:
+        raise ValueError(f"g must have k's shape {tuple(k.shape)}, got {tuple(g.shape)}")
+    q, k, v, g = q.contiguous(), k.contiguous(), v.contiguous(), g.float().contiguous()
+    o = torch.empty(b, t, h, vd, dtype=v.dtype, device=v.device) if out is None else out
+    s_out = torch.empty(b, hk, kd, vd, dtype=torch.float32, device=v.device)
+    s0 = initial_state.float().contiguous() if initial_state is not None else s_out
+    bk = max(16, triton.next_power_of_2(kd))
+    bv = max(16, min(64, triton.next_power_of_2(vd)))
+    _chunk_fwd_kernel[(b * hk, triton.cdiv(vd, bv))](
+        q, k, v, g, s0, o, s_out, t, h, hk, kd, vd, 16, bk, bv, exclusive, initial_state is not None, True,
+    )
+    return o, s_out
 
 @triton.jit
 def _chunk_linear_dkv_kernel(
