@@ -25,12 +25,8 @@ from linearize.convert import convert
 from linearize.distill.run import _lora_targets
 from linearize.distill.stages import lm_loss, new_parameters, transfer_losses
 
-PLANS = {
-    "lolcats-all": "*:lolcats(window=64)",
-    "lolcats-50": ",".join(f"{i}:lolcats(window=64)" for i in range(0, 30, 2)),
-    "gla-all": "*:gla",
-    "hedgehog-all": "*:hedgehog",
-}
+from distill_smollm2 import PLANS  # noqa: E402  (the script's folder is on sys.path)
+
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True)
 

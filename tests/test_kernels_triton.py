@@ -133,7 +133,7 @@ def test_chunk_gla_forward_kernel_matches_reference(dtype, t, kd, vd, exclusive,
         g = F.logsigmoid(r(b, t, hk, kd) + 2) * (30 if decay == "strong" else 1)
     s0 = r(b, hk, kd, vd) if with_state else None
     out = torch.full((b, t, h, vd), float("nan"), dtype=dtype, device=DEVICE)
-    o, s = chunk_ops.chunk_gla_fwd_triton(q, k, v, g, initial_state=s0, exclusive=exclusive, out=out)
+    o, s = chunk_ops.chunk_linear_attn_triton(q, k, v, g=g, initial_state=s0, exclusive=exclusive, out=out)
     o_ref, s_ref = chunk_gla_ref(q.float(), k.float(), v.float(), g, initial_state=s0, exclusive=exclusive)
     tol = 1e-5 if dtype == torch.float32 and DEVICE == "cpu" else (3e-3 if dtype == torch.float32 else 1e-2)
     assert o.data_ptr() == out.data_ptr() and not torch.isnan(o).any()

@@ -184,6 +184,7 @@ def train_loop(
     opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps))
     start, history = 0, []
+    step_tokens = batch_size * world * rows.shape[1]
     if ckpt.exists():
         state = ckpt.load()
         ckpt.restore_params(params, state["params"])
@@ -192,7 +193,7 @@ def train_loop(
         start, history = state["step"], state["history"]
         if state["done"]:
             log(f"{name}: finished earlier ({start} steps), loaded from {ckpt.folder}")
-            return {"steps": start, "history": history, "resumed_from": start, "train_tokens": start * batch_size * world * rows.shape[1]}
+            return {"steps": start, "history": history, "resumed_from": start, "train_tokens": start * step_tokens}
         log(f"{name}: resuming at step {start} from {ckpt.folder}")
     t0, tokens, step = time.time(), 0, start
     bar = tqdm(range(start, steps), desc=name, disable=rank != 0, initial=start, total=steps)
@@ -223,4 +224,4 @@ def train_loop(
             log(f"\n{name}: interrupted; checkpoint at step {len(history)} in {ckpt.folder} (continue with --resume)")
         raise
     return {"steps": steps, "history": history, "resumed_from": start, "seconds": round(time.time() - t0, 1),
-            "train_tokens": steps * batch_size * world * rows.shape[1]}
+            "train_tokens": steps * step_tokens}

@@ -89,55 +89,36 @@ def _chunk_fwd_kernel(
 
 
 def chunk_linear_attn_triton(
-    q: Tensor, k: Tensor, v: Tensor, *, initial_state: Tensor | None = None, exclusive: bool = False,
-    chunk_size: int = 64, out: Tensor | None = None,
+    q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None, initial_state: Tensor | None = None,
+    exclusive: bool = False, chunk_size: int = 64, out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """q [B,T,H,K], k [B,T,Hk,K], v [B,T,Hk,V] -> (o [B,T,H,V] in v's dtype, final state [B,Hk,K,V] fp32).
 
+    g [B,T,Hk,K]: log-decay (<= 0; a scalar-per-head decay is g broadcast over K), forward only (no
+    autograd for it yet). Gated chunks are 16 tokens whatever `chunk_size`: the intra-chunk weights are
+    formed channel by channel ([16, 16, K]), each exponent a sum of log-decays over a stretch of
+    tokens (<= 0), so strong decays underflow, never overflow.
     On a GPU, fp32 products run in TF32 (Triton's default): relative error ~1e-3 against fp32.
     """
     b, t, h, kd = q.shape
     hk, vd = k.shape[2], v.shape[-1]
     if h % hk:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk})")
+    if g is not None and g.shape != k.shape:
+        raise ValueError(f"g must have k's shape {tuple(k.shape)}, got {tuple(g.shape)}")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = torch.empty(b, t, h, vd, dtype=v.dtype, device=v.device) if out is None else out
     s_out = torch.empty(b, hk, kd, vd, dtype=torch.float32, device=v.device)
     s0 = initial_state.float().contiguous() if initial_state is not None else s_out
     bk = max(16, triton.next_power_of_2(kd))
     bv = max(16, min(64, triton.next_power_of_2(vd)))
-    grid = (b * hk, triton.cdiv(vd, bv))
-    _chunk_fwd_kernel[grid](
-        q, k, v, q, s0, o, s_out, t, h, hk, kd, vd, chunk_size, bk, bv, exclusive, initial_state is not None, False,
-    )
-    return o, s_out
-
-
-
-def chunk_gla_fwd_triton(
-    q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, initial_state: Tensor | None = None, exclusive: bool = False,
-    out: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Gated forward: g [B,T,Hk,K] log-decay (<= 0; a scalar-per-head decay is g broadcast over K).
-    Chunks of 16: the intra-chunk weights are formed channel by channel ([16, 16, K]), each exponent
-    a sum of log-decays over a stretch of tokens (<= 0), so strong decays underflow, never overflow.
-    No autograd yet: for calls that need no gradient."""
-    b, t, h, kd = q.shape
-    hk, vd = k.shape[2], v.shape[-1]
-    if h % hk:
-        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk})")
-    if g.shape != k.shape:
-        raise ValueError(f"g must have k's shape {tuple(k.shape)}, got {tuple(g.shape)}")
-    q, k, v, g = q.contiguous(), k.contiguous(), v.contiguous(), g.float().contiguous()
-    o = torch.empty(b, t, h, vd, dtype=v.dtype, device=v.device) if out is None else out
-    s_out = torch.empty(b, hk, kd, vd, dtype=torch.float32, device=v.device)
-    s0 = initial_state.float().contiguous() if initial_state is not None else s_out
-    bk = max(16, triton.next_power_of_2(kd))
-    bv = max(16, min(64, triton.next_power_of_2(vd)))
+    gated = g is not None
     _chunk_fwd_kernel[(b * hk, triton.cdiv(vd, bv))](
-        q, k, v, g, s0, o, s_out, t, h, hk, kd, vd, 16, bk, bv, exclusive, initial_state is not None, True,
+        q, k, v, g.float().contiguous() if gated else q, s0, o, s_out, t, h, hk, kd, vd, 16 if gated else chunk_size,
+        bk, bv, exclusive, initial_state is not None, gated,
     )
     return o, s_out
+
 
 @triton.jit
 def _chunk_linear_dkv_kernel(

@@ -75,18 +75,17 @@ def window_softmax_ref(
     hk = ext_k.shape[2]
     nb = -(-t // block)
     span, pad = block + window - 1, nb * block - t
-    qb = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, pad)).reshape(b, nb, block, hk, h // hk, d)
-    kb, vb = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)).unfold(1, span, block) for x in (ext_k, ext_v))
-    validb = torch.nn.functional.pad(ext_valid, (0, pad)).unfold(1, span, block)  # [B,nb,span]
+    def blocks(x: Tensor) -> Tensor:  # [B, W-1+T, ...] -> [B*nb, span, ...], block n = tokens from n*block
+        x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)).unfold(1, span, block)
+        return x.movedim(-1, 2).reshape(b * nb, span, *x.shape[2:-1])
+
+    qb = torch.nn.functional.pad(q.float(), (0, 0, 0, 0, 0, pad)).reshape(b * nb, block, hk, h // hk, d)
     i = torch.arange(block, device=q.device)[:, None]
     j = torch.arange(span, device=q.device)[None, :]
     band = (j >= i) & (j <= i + window - 1)  # query i of a block sees its tokens [i, i+W-1]
-    allowed = band[None, None, :, None, None, :] & validb[:, :, None, None, None, :]
-    s = torch.einsum("bnihgd,bnhdj->bnihgj", qb, kb) * scale
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    a = _masked_exp(s, allowed)
-    num = torch.einsum("bnihgj,bnhvj->bnihgv", a, vb).reshape(b, nb * block, h, -1)[:, :t]
+    allowed = band[None, :, None, None, :] & blocks(ext_valid)[:, None, None, None, :]
+    a = _masked_exp(_scores(qb, blocks(ext_k), scale, softcap), allowed)
+    num = torch.einsum("bihgj,bjhv->bihgv", a, blocks(ext_v)).reshape(b, nb * block, h, -1)[:, :t]
     den = a.sum(-1).reshape(b, nb * block, h)[:, :t]
     return num, den
 
