@@ -46,6 +46,19 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * x.numel() / ms
 
 
+def versions() -> dict[str, str]:
+    """Versions of everything timed here (fla only when installed)."""
+    import importlib.metadata as md
+
+    out = {"linearize": linearize.__version__, "torch": torch.__version__}
+    for name in ("triton", "fla-core"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -67,33 +80,49 @@ def main() -> None:
             return
         records.append({"op": op, "impl": impl, "T": t, "pass": pas, "ms": round(ms, 4)})
 
-    try:
-        from fla.ops.linear_attn import chunk_linear_attn as fla_linear  # noqa: F401
+    try:  # the public peers, on the same inputs (flash-linear-attention's wheels carried to the device)
+        from fla.ops.gla import chunk_gla as fla_gla
+        from fla.ops.linear_attn import chunk_linear_attn as fla_linear
+        from fla.ops.simple_gla import chunk_simple_gla as fla_simple_gla
     except ImportError:
-        fla_linear = None
-    from linearize.kernels import chunk_linear_attn as ours_linear
+        fla_gla = fla_linear = fla_simple_gla = None
+    from linearize.kernels import chunk_gla as ours
 
     for t in lengths:
         b = max(1, tokens // t)
         q, k, v = (torch.randn(b, t, h, d, device=device, dtype=dtype) * 0.1 for _ in range(3))
-        grads = [x.clone().requires_grad_() for x in (q, k, v)]
         do = torch.randn_like(q)
-        floor_ms = 4 * q.numel() * q.element_size() / bw  # q, k, v read once, o written once
-        records.append({"op": "linear_attn", "impl": "floor", "T": t, "pass": "fwd", "ms": round(floor_ms, 4)})
+        decays = {  # log-decays as the layers produce them: fp32, per channel (gla) or per head (mamba2)
+            "linear_attn": None,
+            "gla": F.logsigmoid(torch.randn(b, t, h, d, device=device)) / 16,
+            "simple_gla": F.logsigmoid(torch.randn(b, t, h, device=device)),
+        }
+        peers = {
+            "linear_attn": fla_linear and (lambda q, k, v, g: fla_linear(q, k, v, normalize=False, output_final_state=True)),
+            "gla": fla_gla and (lambda q, k, v, g: fla_gla(q, k, v, g, output_final_state=True)),
+            "simple_gla": fla_simple_gla and (lambda q, k, v, g: fla_simple_gla(q, k, v, g, output_final_state=True)),
+        }
+        for op, g in decays.items():
+            nbytes = 4 * q.numel() * q.element_size() + (0 if g is None else g.numel() * g.element_size())
+            records.append({"op": op, "impl": "floor", "T": t, "pass": "fwd", "ms": round(nbytes / bw, 4)})
+            impls = {"ours": lambda q, k, v, g: ours(q, k, v, g)} if cuda else {}
+            if cuda and peers[op] is not None:
+                impls["fla"] = peers[op]
+            for impl, fn in impls.items():
+                leaves = [x.clone().requires_grad_() for x in (q, k, v)] + [None if g is None else g.clone().requires_grad_()]
+                record(op, impl, t, "fwd", lambda: fn(q, k, v, g))
+                record(op, impl, t, "fwdbwd", lambda: torch.autograd.backward(fn(*leaves)[0], do))
         record("linear_attn", "reference", t, "fwd", lambda: chunk_gla_ref(q, k, v))
-        if cuda and ours_linear is not None:
-            record("linear_attn", "ours", t, "fwd", lambda: ours_linear(q, k, v))
-            record("linear_attn", "ours", t, "fwdbwd", lambda: torch.autograd.backward(ours_linear(*grads)[0], do))
-        if cuda and fla_linear is not None:
-            record("linear_attn", "fla", t, "fwd", lambda: fla_linear(q, k, v, normalize=False))
-            record("linear_attn", "fla", t, "fwdbwd", lambda: torch.autograd.backward(fla_linear(*grads, normalize=False)[0], do))
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
         record("softmax_attn", "sdpa", t, "fwd", lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True))
+        lt = [x.clone().requires_grad_() for x in (qt, kt, vt)]
+        record("softmax_attn", "sdpa", t, "fwdbwd",
+               lambda: torch.autograd.backward(F.scaled_dot_product_attention(*lt, is_causal=True), do.transpose(1, 2)))
 
     out = {
         "command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "versions": {"linearize": linearize.__version__, "torch": torch.__version__},
+        "versions": versions(),
         "shapes": {"heads": h, "head_dim": d, "tokens_per_batch": tokens, "dtype": str(dtype)},
         "copy_bandwidth_GBps": round(bw / 1e6, 1), "records": records,
     }

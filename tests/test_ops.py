@@ -15,15 +15,16 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 def _qkvg(b, t, h, hk, kd, vd, dtype, gated, seed):
+    """gated: False, True (per channel) or "scalar" (one decay per head)."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     q, k, v = r(b, t, h, kd), r(b, t, hk, kd), r(b, t, hk, vd)
-    gate = F.logsigmoid(r(b, t, hk, kd) + 2) if gated else None
+    gate = F.logsigmoid(r(b, t, hk, *([] if gated == "scalar" else [kd])) + 2) if gated else None
     return q.to(dtype), k.to(dtype), v.to(dtype), gate
 
 
 @pytest.mark.parametrize("t", [1, 7, 16, 45])
-@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("gated", [False, True, "scalar"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunk_gla_matches_recurrence(t, gated, dtype):
     q, k, v, g = _qkvg(2, t, 4, 2, 16, 8, dtype, gated, seed=t)
@@ -31,6 +32,17 @@ def test_chunk_gla_matches_recurrence(t, gated, dtype):
     o1, s1 = chunk_gla_ref(q, k, v, g, initial_state=s0, chunk_size=16)
     o2, s2 = recurrent_gla_ref(q, k, v, g, initial_state=s0)
     assert rel_err(o1, o2) < TOL[dtype] and rel_err(s1, s2) < TOL[dtype]
+
+
+@pytest.mark.parametrize("gated", [False, True, "scalar"])
+def test_packed_sequences_run_each_from_its_own_state(gated):
+    q, k, v, g = _qkvg(1, 30, 4, 2, 8, 4, torch.float32, gated, seed=5)
+    cu = torch.tensor([0, 7, 8, 30])
+    s0 = torch.randn(3, 2, 8, 4)
+    o, s = chunk_gla_ref(q, k, v, g, initial_state=s0, cu_seqlens=cu, chunk_size=8)
+    for n, (a, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        ref, st = recurrent_gla_ref(q[:, a:e], k[:, a:e], v[:, a:e], None if g is None else g[:, a:e], initial_state=s0[n : n + 1])
+        assert rel_err(o[:, a:e], ref) < 1e-5 and rel_err(s[n : n + 1], st) < 1e-5
 
 
 @pytest.mark.parametrize("gated", [False, True])

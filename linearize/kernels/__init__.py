@@ -18,11 +18,11 @@ from .hybrid import hybrid_attn_ref
 from .hybrid import hybrid_step_ref
 
 try:  # Triton is Linux-only; without it everything runs on the references
-    from .gla.chunk import chunk_linear_attn
+    from .gla.chunk import chunk_gla_triton
     from .gla.fused_recurrent import gla_step_triton
     from .hybrid.fused_recurrent import hybrid_step_triton
 except ImportError:  # pragma: no cover - depends on the platform
-    chunk_linear_attn = gla_step_triton = hybrid_step_triton = None
+    chunk_gla_triton = gla_step_triton = hybrid_step_triton = None
 
 
 def use_triton(x: Tensor) -> bool:
@@ -32,18 +32,17 @@ def use_triton(x: Tensor) -> bool:
 
 def chunk_gla(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, initial_state: Tensor | None = None,
-    exclusive: bool = False, chunk_size: int = 64,
+    exclusive: bool = False, chunk_size: int = 64, cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Chunked causal (gated) linear attention (see `chunk_gla_ref`). Triton covers the no-decay case,
-    forward and backward; decays use the reference."""
-    if use_triton(q) and g is None:
-        return chunk_linear_attn(q, k, v, initial_state=initial_state, exclusive=exclusive, chunk_size=chunk_size)
-    return chunk_gla_ref(q, k, v, g, initial_state=initial_state, exclusive=exclusive, chunk_size=chunk_size)
+    """Chunked causal (gated) linear attention (see `chunk_gla_ref`; g None, per head or per channel),
+    forward and backward on the Triton kernels for CUDA tensors."""
+    fn = chunk_gla_triton if use_triton(q) else chunk_gla_ref
+    return fn(q, k, v, g, initial_state=initial_state, exclusive=exclusive, chunk_size=chunk_size, cu_seqlens=cu_seqlens)
 
 
 def hybrid_attn(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None, mix: Tensor, **kw):
     """Window + linear hybrid over a sequence (see `hybrid_attn_ref`); its linear part goes through
-    `chunk_gla`, so the Triton scan serves it when there is no decay."""
+    `chunk_gla`, so the Triton scan serves it on CUDA."""
     return hybrid_attn_ref(q, k, v, fq, fk, g, mix, scan=chunk_gla, **kw)
 
 

@@ -1,194 +1,645 @@
-"""Triton chunked causal linear attention (the `hedgehog` kind and the linear part of `lolcats`),
-forward and backward, and the forward with a per-channel log-decay g (the `gla` kind; its backward
-is still the reference's). Same maths as `chunk_gla_ref`.
+"""Triton chunked (gated) linear attention, forward and backward: the `hedgehog` and `gla` kinds, the
+linear part of the hybrids, and the scalar-decay scan of `mamba2`. Same maths as `chunk_gla_ref`.
 
-Forward: one program per (batch, KV head, block of value channels) walks the chunks in order,
-keeping its [K, BV] slice of the fp32 state on chip: for each query head of the group,
-o = q S + tril(q k^T) v (strictly lower for the exclusive scan), then S += k^T v.
-Backward: dq = dO S^T + tril(dO v^T) k is the forward scan again (dO as queries, v as keys, k as
-values, the transposed initial state); dk, dv and the initial state's gradient walk backward, one
-program per (batch, KV head, block of value channels), with dS = dS_final + sum of later q^T dO
-(dk = v dS^T + ..., dv = k dS + ...); dk sums over value channels, so the blocks' parts are added.
-Query heads of a GQA group accumulate into their KV head's dk, dv without repeated k/v.
-Gated forward, with b the running sum of g from the chunk start: o_i = (q_i * exp(b_i)) S +
-sum_{j<=i} (sum_c q_ic k_jc exp(b_ic - b_jc)) v_j, then S = exp(b_last) S + (k exp(b_last - b))^T v.
+Decay modes (constexpr GATE): 0 none, 1 one log-decay per head and token (g [B,T,Hk]), 2 one per key
+channel (g [B,T,Hk,K]). b is the running sum of g inside each chunk of C tokens (`_cumsum_kernel`);
+every exponent below is a difference b_i - b_j with i after j, so it is <= 0 and never overflows.
+
+Forward, chunk-parallel as in flash-linear-attention:
+1. `_state_kernel`: one program per (sequence, KV head, block of K, block of V) walks the chunks in
+   order and stores the state entering each chunk, h[n] = exp(b_last) h[n-1] + (k exp(b_last - b))^T v.
+2. per-channel decay only, `_intra_kernel`: the intra-chunk weights A_ij = sum_c q_ic k_jc exp(bq_ic - b_jc)
+   in 16-token sub-blocks: between sub-blocks a matrix product of q and k rescaled to the sub-block
+   boundary, inside a diagonal sub-block one key at a time.
+3. `_output_kernel`, every chunk in parallel: o = (q exp(bq)) h[n] + A v, with A = tril(q k^T) (times
+   exp(bq_i - b_j) for a per-head decay) computed in place or, per channel, read from step 2.
+Backward, the same pattern transposed: `_dstate_kernel` walks the chunks backward for the gradient of
+the state leaving each chunk (dh = exp(b_last) dh + (q exp(bq))^T dO); `_dv_kernel` gives
+dv = (k exp(b_last - b)) dh + A^T dO; `_dqk_kernel` gives dq = exp(bq) dO h^T + dA k and
+dk = exp(b_last - b) v dh^T + dA^T q with dA = tril(dO v^T) (per channel: `_dA_kernel` stores dA and
+`_intra_grad_kernel` adds its terms in sub-blocks); the decay's gradient is a reverse cumulative sum
+of q dq - k dk (see `_decay_grad`). GQA: query heads of a group read and accumulate into their KV
+head's k, v, states and gradients; k and v are never repeated. Exclusive scans (o_i reads the state
+before token i) shift bq by one token and make the diagonal strict. Packed sequences (cu_seqlens):
+a table maps each program to its (sequence, chunk); no chunk crosses a sequence boundary.
+States are fp32 at the ends; the per-chunk states are stored in the inputs' dtype for 16-bit inputs
+(as flash-linear-attention does), so matrix products run on bf16/fp16 tensor cores.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-
-@triton.jit
-def _tile(ptr, b, T, t, mt, NH: tl.constexpr, head, D: tl.constexpr, rd, md):
-    """Rows t of head `head` of a [B, T, NH, D] tensor, as fp32 (zeros outside the masks)."""
-    return tl.load(ptr + ((b * T + t[:, None]) * NH + head) * D + rd[None, :], mask=mt[:, None] & md[None, :], other=0.0).to(tl.float32)
+SUB = 16  # sub-block of the per-channel intra-chunk weights
+# Triton's CPU interpreter (3.9) multiplies 16-bit dot operands wrongly: upcast them there only
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
-def _store_tile(ptr, val, b, T, t, mt, NH: tl.constexpr, head, D: tl.constexpr, rd, md):
-    tl.store(ptr + ((b * T + t[:, None]) * NH + head) * D + rd[None, :], val.to(ptr.dtype.element_ty), mask=mt[:, None] & md[None, :])
+def _dot(a, b):
+    if _INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
 
 
 @triton.jit
-def _state(ptr, bh, K: tl.constexpr, V: tl.constexpr, rk, rv, mk, mv, BK: tl.constexpr, BV: tl.constexpr, PRESENT: tl.constexpr):
-    """The [BK, BV] fp32 state tile of (batch, KV head) `bh`, or zeros."""
-    if PRESENT:
-        return tl.load(ptr + bh * K * V + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
-    return tl.zeros([BK, BV], dtype=tl.float32)
+def _chunk_of(pid, cidx, NT, IS_VARLEN: tl.constexpr):
+    """(sequence, chunk within it) of chunk program `pid`."""
+    if IS_VARLEN:
+        return tl.load(cidx + 2 * pid), tl.load(cidx + 2 * pid + 1)
+    return pid // NT, pid % NT
 
 
 @triton.jit
-def _block(HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Program (batch x KV head, block of value channels): its indices, chunk rows and masks."""
-    bh, iv = tl.program_id(0), tl.program_id(1)
-    rc, rk = tl.arange(0, C), tl.arange(0, BK)
-    rv = iv * BV + tl.arange(0, BV)
-    return bh, iv, bh // HK, bh % HK, rc, rk, rv, rk < K, rv < V
+def _bounds(i_n, cu, T, IS_VARLEN: tl.constexpr):
+    """First token and end (exclusive) of sequence i_n in the flattened [B*T] token axis."""
+    if IS_VARLEN:
+        return tl.load(cu + i_n).to(tl.int64), tl.load(cu + i_n + 1).to(tl.int64)
+    bos = i_n.to(tl.int64) * T
+    return bos, bos + T
 
 
 @triton.jit
-def _chunk_fwd_kernel(
-    q, k, v, g, s0, o, s_out, T,
-    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EXCLUSIVE: tl.constexpr, HAS_S0: tl.constexpr,
-    GATED: tl.constexpr,
+def _load(ptr, tok, mt, NH: tl.constexpr, head, D: tl.constexpr, rd, md):
+    """Rows `tok` of head `head` of a [tokens, NH, D] tensor (zeros outside the masks)."""
+    return tl.load(ptr + (tok[:, None] * NH + head) * D + rd[None, :], mask=mt[:, None] & md[None, :], other=0.0)
+
+
+@triton.jit
+def _store(ptr, val, tok, mt, NH: tl.constexpr, head, D: tl.constexpr, rd, md):
+    tl.store(ptr + (tok[:, None] * NH + head) * D + rd[None, :], val.to(ptr.dtype.element_ty), mask=mt[:, None] & md[None, :])
+
+
+@triton.jit
+def _decays(b, tok, mt, head, ck, mk, first, last, EXCLUSIVE: tl.constexpr, HK: tl.constexpr, KG: tl.constexpr, GATE: tl.constexpr):
+    """Cumulative log-decays (from the chunk's first token) of rows `tok` for keys (bk), queries (bq,
+    one token earlier when exclusive; 0 before the chunk) and at the chunk's last token (bl):
+    [rows, BK] / [BK] per channel, [rows] / scalar per head."""
+    prev = tok - 1
+    mp = mt & (prev >= first)
+    if GATE == 2:
+        bk = _load(b, tok, mt, HK, head, KG, ck, mk)
+        bq = _load(b, prev, mp, HK, head, KG, ck, mk) if EXCLUSIVE else bk
+        bl = tl.load(b + (last * HK + head) * KG + ck, mask=mk, other=0.0)
+    else:
+        bk = tl.load(b + tok * HK + head, mask=mt, other=0.0)
+        bq = tl.load(b + prev * HK + head, mask=mp, other=0.0) if EXCLUSIVE else bk
+        bl = tl.load(b + last * HK + head)
+    return bk, bq, bl
+
+
+@triton.jit
+def _cumsum_kernel(g, b, cu, cidx, T, NT, HK: tl.constexpr, KG: tl.constexpr, C: tl.constexpr, BKG: tl.constexpr, IS_VARLEN: tl.constexpr):
+    pid, hk = tl.program_id(0), tl.program_id(1)
+    i_n, i_t = _chunk_of(pid, cidx, NT, IS_VARLEN)
+    bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
+    tok = bos + i_t * C + tl.arange(0, C)
+    mt = tok < eos
+    rg = tl.arange(0, BKG)
+    x = _load(g, tok, mt, HK, hk, KG, rg, rg < KG).to(tl.float32)
+    _store(b, tl.cumsum(x, axis=0), tok, mt, HK, hk, KG, rg, rg < KG)
+
+
+@triton.jit
+def _state_kernel(
+    k, v, b, h, s0, s_out, cu, coff, T, NT,
+    HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_S0: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    bh, iv, b, hk, rc, rk, rv, mk, mv = _block(HK, K, V, C, BK, BV)
-    G: tl.constexpr = H // HK
-    state = _state(s0, bh, K, V, rk, rv, mk, mv, BK, BV, HAS_S0)
-    causal = (rc[:, None] > rc[None, :]) if EXCLUSIVE else (rc[:, None] >= rc[None, :])
-    for start in range(0, T, C):
-        t = start + rc
-        mt = t < T
-        kc = _tile(k, b, T, t, mt, HK, hk, K, rk, mk)
-        vc = _tile(v, b, T, t, mt, HK, hk, V, rv, mv)
-        if GATED:  # b: running sum of log-decays from the chunk start; 0 past T (k is 0 there too)
-            gc = _tile(g, b, T, t, mt, HK, hk, K, rk, mk)
-            bc = tl.cumsum(gc, axis=0)
-            bq = bc - gc if EXCLUSIVE else bc  # the exclusive query reads the state before its own token
-            blast = tl.sum(gc, axis=0)
-            # log decay from key j to query i; -inf where i does not see j (exp gives 0, never inf)
-            rel = tl.where(causal[:, :, None], bq[:, None, :] - bc[None, :, :], float("-inf"))
-        for j in range(G):
-            qc = _tile(q, b, T, t, mt, H, hk * G + j, K, rk, mk)
-            if GATED:
-                a = tl.sum(qc[:, None, :] * kc[None, :, :] * tl.exp(rel), axis=2)
-                qc = qc * tl.exp(bq)
+    ik, iv, nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, hk = nh // HK, nh % HK
+    bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
+    c0 = tl.load(coff + i_n) if IS_VARLEN else i_n * NT
+    rc, rk, rv = tl.arange(0, C), ik * BK + tl.arange(0, BK), iv * BV + tl.arange(0, BV)
+    mk, mv = rk < K, rv < V
+    ck = rk if GATE == 2 else rk * 0
+    s_off = rk[:, None] * V + rv[None, :]
+    ms = mk[:, None] & mv[None, :]
+    if HAS_S0:
+        state = tl.load(s0 + nh.to(tl.int64) * K * V + s_off, mask=ms, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BK, BV], dtype=tl.float32)
+    for i_t in range(tl.cdiv(eos - bos, C)):
+        tl.store(h + ((c0 + i_t).to(tl.int64) * HK + hk) * K * V + s_off, state.to(h.dtype.element_ty), mask=ms)
+        tok = bos + i_t * C + rc
+        mt = tok < eos
+        kc = _load(k, tok, mt, HK, hk, K, rk, mk)
+        vc = _load(v, tok, mt, HK, hk, V, rv, mv)
+        if GATE != 0:
+            bk, _, bl = _decays(b, tok, mt, hk, ck, mk, bos + i_t * C, tl.minimum(bos + i_t * C + C, eos) - 1, False, HK, KG, GATE)
+            if GATE == 2:
+                kc = (kc * tl.exp(bl[None, :] - bk)).to(vc.dtype)
+                state = state * tl.exp(bl)[:, None]
             else:
-                a = tl.where(causal, tl.dot(qc, tl.trans(kc)), 0.0)
-            _store_tile(o, tl.dot(qc, state) + tl.dot(a, vc), b, T, t, mt, H, hk * G + j, V, rv, mv)
-        if GATED:
-            state = state * tl.exp(blast)[:, None] + tl.dot(tl.trans(kc * tl.exp(blast[None, :] - bc)), vc)
-        else:
-            state += tl.dot(tl.trans(kc), vc)
-    tl.store(s_out + bh * K * V + rk[:, None] * V + rv[None, :], state, mask=mk[:, None] & mv[None, :])
-
-
-def chunk_linear_attn_triton(
-    q: Tensor, k: Tensor, v: Tensor, *, g: Tensor | None = None, initial_state: Tensor | None = None,
-    exclusive: bool = False, chunk_size: int = 64, out: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """q [B,T,H,K], k [B,T,Hk,K], v [B,T,Hk,V] -> (o [B,T,H,V] in v's dtype, final state [B,Hk,K,V] fp32).
-
-    g [B,T,Hk,K]: log-decay (<= 0; a scalar-per-head decay is g broadcast over K), forward only (no
-    autograd for it yet). Gated chunks are 16 tokens whatever `chunk_size`: the intra-chunk weights are
-    formed channel by channel ([16, 16, K]), each exponent a sum of log-decays over a stretch of
-    tokens (<= 0), so strong decays underflow, never overflow.
-    On a GPU, fp32 products run in TF32 (Triton's default): relative error ~1e-3 against fp32.
-    """
-    b, t, h, kd = q.shape
-    hk, vd = k.shape[2], v.shape[-1]
-    if h % hk:
-        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk})")
-    if g is not None and g.shape != k.shape:
-        raise ValueError(f"g must have k's shape {tuple(k.shape)}, got {tuple(g.shape)}")
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o = torch.empty(b, t, h, vd, dtype=v.dtype, device=v.device) if out is None else out
-    s_out = torch.empty(b, hk, kd, vd, dtype=torch.float32, device=v.device)
-    s0 = initial_state.float().contiguous() if initial_state is not None else s_out
-    bk = max(16, triton.next_power_of_2(kd))
-    bv = max(16, min(64, triton.next_power_of_2(vd)))
-    gated = g is not None
-    _chunk_fwd_kernel[(b * hk, triton.cdiv(vd, bv))](
-        q, k, v, g.float().contiguous() if gated else q, s0, o, s_out, t, h, hk, kd, vd, 16 if gated else chunk_size,
-        bk, bv, exclusive, initial_state is not None, gated,
-    )
-    return o, s_out
+                kc = (kc * tl.exp(bl - bk)[:, None]).to(vc.dtype)
+                state = state * tl.exp(bl)
+        state += _dot(tl.trans(kc), vc)
+    tl.store(s_out + nh.to(tl.int64) * K * V + s_off, state, mask=ms)
 
 
 @triton.jit
-def _chunk_linear_dkv_kernel(
-    q, k, v, do, ds_final, dk, dv, ds0, T, NC,
-    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EXCLUSIVE: tl.constexpr, HAS_DS: tl.constexpr,
+def _intra_kernel(
+    q, k, b, A, cu, cidx, T, NT,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+    S: tl.constexpr, EXCLUSIVE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    # walking the chunks backward, dS = (gradient of the final state) + sum over later queries of q^T dO.
-    # Program (bh, iv) owns a BV-wide slice of V: its dv slice is exact; dk is a sum over V, so each
-    # slice writes its part to dk[iv] and the caller adds the parts.
-    bh, iv, b, hk, rc, rk, rv, mk, mv = _block(HK, K, V, C, BK, BV)
+    # per-channel decay: rows of sub-block I of A [tokens, H, C] (entries j > i are never read);
+    # channels in slices of BK, so the diagonal's [S, S, BK] weights stay small
+    isub, pid, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    hk = head // (H // HK)
+    i_n, i_t = _chunk_of(pid, cidx, NT, IS_VARLEN)
+    bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
+    c_start = bos + i_t * C
+    if c_start + isub * S < eos:
+        rs = tl.arange(0, S)
+        tok = c_start + isub * S + rs
+        mt = tok < eos
+        sees = (rs[:, None] > rs[None, :]) if EXCLUSIVE else (rs[:, None] >= rs[None, :])
+        for jsub in range(isub):  # earlier sub-blocks: q and k rescaled to the boundary before this one
+            tj = c_start + jsub * S + rs
+            acc = tl.zeros([S, S], dtype=tl.float32)
+            for ik in range(tl.cdiv(K, BK)):
+                rk = ik * BK + tl.arange(0, BK)
+                mk = rk < K
+                _, bq, _ = _decays(b, tok, mt, hk, rk, mk, c_start, eos - 1, EXCLUSIVE, HK, K, 2)
+                bref = tl.load(b + ((c_start + isub * S - 1) * HK + hk) * K + rk, mask=mk, other=0.0)
+                qr = _load(q, tok, mt, H, head, K, rk, mk) * tl.exp(tl.minimum(bq - bref[None, :], 0.0))
+                kr = _load(k, tj, tj < eos, HK, hk, K, rk, mk) * tl.exp(bref[None, :] - _load(b, tj, tj < eos, HK, hk, K, rk, mk))
+                acc += _dot(qr.to(q.dtype.element_ty), tl.trans(kr.to(k.dtype.element_ty)))
+            _store(A, acc, tok, mt, H, head, C, jsub * S + rs, rs < S)
+        a = tl.zeros([S, S], dtype=tl.float32)
+        for ik in range(tl.cdiv(K, BK)):  # the diagonal sub-block, channel by channel
+            rk = ik * BK + tl.arange(0, BK)
+            mk = rk < K
+            bk, bq, _ = _decays(b, tok, mt, hk, rk, mk, c_start, eos - 1, EXCLUSIVE, HK, K, 2)
+            qi = _load(q, tok, mt, H, head, K, rk, mk).to(tl.float32)
+            ki = _load(k, tok, mt, HK, hk, K, rk, mk).to(tl.float32)
+            w = tl.exp(tl.minimum(bq[:, None, :] - bk[None, :, :], 0.0))
+            a += tl.sum(qi[:, None, :] * ki[None, :, :] * w, axis=2)
+        _store(A, tl.where(sees, a, 0.0), tok, mt, H, head, C, isub * S + rs, rs < S)
+
+
+@triton.jit
+def _output_kernel(
+    q, k, v, b, h, A, o, cu, cidx, T, NT,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, EXCLUSIVE: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    iv, pid, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    hk = head // (H // HK)
+    i_n, i_t = _chunk_of(pid, cidx, NT, IS_VARLEN)
+    bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
+    rc, rv = tl.arange(0, C), iv * BV + tl.arange(0, BV)
+    mv = rv < V
+    tok = bos + i_t * C + rc
+    mt = tok < eos
+    last = tl.minimum(bos + i_t * C + C, eos) - 1
+    sees = (rc[:, None] > rc[None, :]) if EXCLUSIVE else (rc[:, None] >= rc[None, :])
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    a = tl.zeros([C, C], dtype=tl.float32)
+    h_base = h + (pid.to(tl.int64) * HK + hk) * K * V
+    for ik in range(tl.cdiv(K, BK)):
+        rk = ik * BK + tl.arange(0, BK)
+        mk = rk < K
+        qc = _load(q, tok, mt, H, head, K, rk, mk)
+        hc = tl.load(h_base + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        if GATE == 2:
+            _, bq, _ = _decays(b, tok, mt, hk, rk, mk, bos + i_t * C, last, EXCLUSIVE, HK, KG, 2)
+            acc += _dot((qc * tl.exp(bq)).to(hc.dtype), hc)
+        else:
+            acc += _dot(qc.to(hc.dtype), hc)
+            a += _dot(qc, tl.trans(_load(k, tok, mt, HK, hk, K, rk, mk)))
+    if GATE == 1:
+        bk, bq, _ = _decays(b, tok, mt, hk, rc, mt, bos + i_t * C, last, EXCLUSIVE, HK, KG, 1)
+        acc *= tl.exp(bq)[:, None]
+        a *= tl.exp(tl.where(sees, tl.minimum(bq[:, None] - bk[None, :], 0.0), float("-inf")))
+    if GATE == 2:
+        a = tl.load(A + (tok[:, None] * H + head) * C + rc[None, :], mask=mt[:, None] & sees, other=0.0)
+    vc = _load(v, tok, mt, HK, hk, V, rv, mv)
+    acc += _dot(tl.where(sees, a, 0.0).to(vc.dtype), vc)
+    _store(o, acc, tok, mt, H, head, V, rv, mv)
+
+
+@triton.jit
+def _dstate_kernel(
+    q, do, b, dh, ds_final, ds0, cu, coff, T, NT,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, EXCLUSIVE: tl.constexpr,
+    HAS_DS: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    # walking backward, dh[n] is the gradient of the state leaving chunk n
+    ik, iv, nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, hk = nh // HK, nh % HK
     G: tl.constexpr = H // HK
-    dstate = _state(ds_final, bh, K, V, rk, rv, mk, mv, BK, BV, HAS_DS)
-    dk_part = dk + iv.to(tl.int64) * tl.num_programs(0) * T * K  # dk is [NV, B, T, HK, K]
-    later = (rc[:, None] < rc[None, :]) if EXCLUSIVE else (rc[:, None] <= rc[None, :])  # [j, i]: i sees j
-    for n in range(NC):
-        start = (NC - 1 - n) * C
-        t = start + rc
-        mt = t < T
-        kc = _tile(k, b, T, t, mt, HK, hk, K, rk, mk)
-        vc = _tile(v, b, T, t, mt, HK, hk, V, rv, mv)
-        dkc = tl.dot(vc, tl.trans(dstate))
-        dvc = tl.dot(kc, dstate)
+    bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
+    c0 = tl.load(coff + i_n) if IS_VARLEN else i_n * NT
+    rc, rk, rv = tl.arange(0, C), ik * BK + tl.arange(0, BK), iv * BV + tl.arange(0, BV)
+    mk, mv = rk < K, rv < V
+    ck = rk if GATE == 2 else rk * 0
+    s_off = rk[:, None] * V + rv[None, :]
+    ms = mk[:, None] & mv[None, :]
+    if HAS_DS:
+        dstate = tl.load(ds_final + nh.to(tl.int64) * K * V + s_off, mask=ms, other=0.0).to(tl.float32)
+    else:
+        dstate = tl.zeros([BK, BV], dtype=tl.float32)
+    nt = tl.cdiv(eos - bos, C)
+    for n in range(nt):
+        i_t = nt - 1 - n
+        tl.store(dh + ((c0 + i_t).to(tl.int64) * HK + hk) * K * V + s_off, dstate.to(dh.dtype.element_ty), mask=ms)
+        tok = bos + i_t * C + rc
+        mt = tok < eos
+        if GATE != 0:
+            _, bq, bl = _decays(b, tok, mt, hk, ck, mk, bos + i_t * C, tl.minimum(bos + i_t * C + C, eos) - 1, EXCLUSIVE, HK, KG, GATE)
+            dstate = dstate * (tl.exp(bl)[:, None] if GATE == 2 else tl.exp(bl))
         for j in range(G):
-            qc = _tile(q, b, T, t, mt, H, hk * G + j, K, rk, mk)
-            doc = _tile(do, b, T, t, mt, H, hk * G + j, V, rv, mv)
-            dkc += tl.dot(tl.where(later, tl.dot(vc, tl.trans(doc)), 0.0), qc)
-            dvc += tl.dot(tl.where(later, tl.dot(kc, tl.trans(qc)), 0.0), doc)
-            dstate += tl.dot(tl.trans(qc), doc)
-        _store_tile(dk_part, dkc, b, T, t, mt, HK, hk, K, rk, mk)
-        _store_tile(dv, dvc, b, T, t, mt, HK, hk, V, rv, mv)
-    tl.store(ds0 + bh * K * V + rk[:, None] * V + rv[None, :], dstate, mask=mk[:, None] & mv[None, :])
+            qc = _load(q, tok, mt, H, hk * G + j, K, rk, mk)
+            doc = _load(do, tok, mt, H, hk * G + j, V, rv, mv)
+            if GATE == 2:
+                qc = qc * tl.exp(bq)
+            elif GATE == 1:
+                qc = qc * tl.exp(bq)[:, None]
+            dstate += _dot(tl.trans(qc.to(doc.dtype)), doc)
+    tl.store(ds0 + nh.to(tl.int64) * K * V + s_off, dstate, mask=ms)
 
 
-class ChunkLinearAttnFunction(torch.autograd.Function):
-    """Forward and backward on the Triton kernels; gradients for q, k, v and the initial state."""
+@triton.jit
+def _dv_kernel(
+    q, k, b, A, do, dh, dv, cu, cidx, T, NT,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, EXCLUSIVE: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    iv, pid, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    G: tl.constexpr = H // HK
+    i_n, i_t = _chunk_of(pid, cidx, NT, IS_VARLEN)
+    bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
+    rc, rv = tl.arange(0, C), iv * BV + tl.arange(0, BV)
+    mv = rv < V
+    tok = bos + i_t * C + rc
+    mt = tok < eos
+    last = tl.minimum(bos + i_t * C + C, eos) - 1
+    sees = (rc[:, None] > rc[None, :]) if EXCLUSIVE else (rc[:, None] >= rc[None, :])
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    dh_base = dh + (pid.to(tl.int64) * HK + hk) * K * V
+    for ik in range(tl.cdiv(K, BK)):  # through the state leaving the chunk
+        rk = ik * BK + tl.arange(0, BK)
+        mk = rk < K
+        kc = _load(k, tok, mt, HK, hk, K, rk, mk)
+        dhc = tl.load(dh_base + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        if GATE == 2:
+            bk, _, bl = _decays(b, tok, mt, hk, rk, mk, bos + i_t * C, last, EXCLUSIVE, HK, KG, 2)
+            kc = kc * tl.exp(bl[None, :] - bk)
+        acc += _dot(kc.to(dhc.dtype), dhc)
+    if GATE == 1:
+        bk, bq, bl = _decays(b, tok, mt, hk, rc, mt, bos + i_t * C, last, EXCLUSIVE, HK, KG, 1)
+        acc *= tl.exp(bl - bk)[:, None]
+    for j in range(G):  # through the outputs of the same chunk
+        head = hk * G + j
+        doc = _load(do, tok, mt, H, head, V, rv, mv)
+        if GATE == 2:
+            a = tl.load(A + (tok[:, None] * H + head) * C + rc[None, :], mask=mt[:, None] & sees, other=0.0)
+        else:
+            a = tl.zeros([C, C], dtype=tl.float32)
+            for ik in range(tl.cdiv(K, BK)):
+                rk = ik * BK + tl.arange(0, BK)
+                mk = rk < K
+                a += _dot(_load(q, tok, mt, H, head, K, rk, mk), tl.trans(_load(k, tok, mt, HK, hk, K, rk, mk)))
+            if GATE == 1:
+                a *= tl.exp(tl.where(sees, tl.minimum(bq[:, None] - bk[None, :], 0.0), float("-inf")))
+        acc += _dot(tl.trans(tl.where(sees, a, 0.0).to(doc.dtype)), doc)
+    _store(dv, acc, tok, mt, HK, hk, V, rv, mv)
+
+
+@triton.jit
+def _dqk_kernel(
+    q, k, v, b, h, do, dh, dq, dk, cu, cidx, T, NT,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, EXCLUSIVE: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    # dq and dk through the states, and (no decay or per head) through the intra-chunk weights
+    ik, pid, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    G: tl.constexpr = H // HK
+    i_n, i_t = _chunk_of(pid, cidx, NT, IS_VARLEN)
+    bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
+    rc, rk = tl.arange(0, C), ik * BK + tl.arange(0, BK)
+    mk = rk < K
+    tok = bos + i_t * C + rc
+    mt = tok < eos
+    last = tl.minimum(bos + i_t * C + C, eos) - 1
+    sees = (rc[:, None] > rc[None, :]) if EXCLUSIVE else (rc[:, None] >= rc[None, :])
+    ck = rk if GATE == 2 else rc
+    if GATE != 0:
+        bk, bq, bl = _decays(b, tok, mt, hk, ck, mk if GATE == 2 else mt, bos + i_t * C, last, EXCLUSIVE, HK, KG, GATE)
+    kc = _load(k, tok, mt, HK, hk, K, rk, mk)
+    dkc = tl.zeros([C, BK], dtype=tl.float32)
+    base = (pid.to(tl.int64) * HK + hk) * K * V
+    for iv in range(tl.cdiv(V, BV)):
+        rv = iv * BV + tl.arange(0, BV)
+        mv = rv < V
+        vc = _load(v, tok, mt, HK, hk, V, rv, mv)
+        dhc = tl.load(dh + base + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        dkc += _dot(vc, tl.trans(dhc.to(vc.dtype)))
+    if GATE == 2:
+        dkc *= tl.exp(bl[None, :] - bk)
+    elif GATE == 1:
+        dkc *= tl.exp(bl - bk)[:, None]
+        decay = tl.exp(tl.where(sees, tl.minimum(bq[:, None] - bk[None, :], 0.0), float("-inf")))
+    for j in range(G):
+        head = hk * G + j
+        dqc = tl.zeros([C, BK], dtype=tl.float32)
+        da = tl.zeros([C, C], dtype=tl.float32)
+        for iv in range(tl.cdiv(V, BV)):
+            rv = iv * BV + tl.arange(0, BV)
+            mv = rv < V
+            doc = _load(do, tok, mt, H, head, V, rv, mv)
+            hc = tl.load(h + base + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+            dqc += _dot(doc, tl.trans(hc.to(doc.dtype)))
+            if GATE != 2:
+                da += _dot(doc, tl.trans(_load(v, tok, mt, HK, hk, V, rv, mv)))
+        if GATE == 2:
+            dqc *= tl.exp(bq)
+        else:
+            if GATE == 1:
+                dqc *= tl.exp(bq)[:, None]
+                da *= decay
+            da = tl.where(sees, da, 0.0).to(kc.dtype)
+            qc = _load(q, tok, mt, H, head, K, rk, mk)
+            dqc += _dot(da, kc)
+            dkc += _dot(tl.trans(da), qc)
+        _store(dq, dqc, tok, mt, H, head, K, rk, mk)
+    _store(dk, dkc, tok, mt, HK, hk, K, rk, mk)
+
+
+@triton.jit
+def _dA_kernel(
+    v, do, dA, cu, cidx, T, NT,
+    H: tl.constexpr, HK: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    # per-channel decay: dA = dO v^T of each chunk [tokens, H, C] (the mask is applied by its reader)
+    pid, head = tl.program_id(0), tl.program_id(1)
+    hk = head // (H // HK)
+    i_n, i_t = _chunk_of(pid, cidx, NT, IS_VARLEN)
+    bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
+    rc = tl.arange(0, C)
+    tok = bos + i_t * C + rc
+    mt = tok < eos
+    da = tl.zeros([C, C], dtype=tl.float32)
+    for iv in range(tl.cdiv(V, BV)):
+        rv = iv * BV + tl.arange(0, BV)
+        mv = rv < V
+        da += _dot(_load(do, tok, mt, H, head, V, rv, mv), tl.trans(_load(v, tok, mt, HK, hk, V, rv, mv)))
+    _store(dA, da, tok, mt, H, head, C, rc, rc < C)
+
+
+@triton.jit
+def _intra_grad_kernel(
+    q, k, b, dA, dq, dk, cu, cidx, T, NT,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+    S: tl.constexpr, EXCLUSIVE: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    # per-channel decay, channels ik*BK.. of sub-block I: adds dq_i += sum_{j<=i} dA_ij k_j exp(bq_i - b_j)
+    # to its queries and dk_j += sum_{i>=j} dA_ij q_i exp(bq_i - b_j) to its keys (all query heads of the group)
+    isub, pid, hkk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NK: tl.constexpr = (K + BK - 1) // BK
+    hk, ik = hkk // NK, hkk % NK
+    G: tl.constexpr = H // HK
+    NS: tl.constexpr = C // S
+    i_n, i_t = _chunk_of(pid, cidx, NT, IS_VARLEN)
+    bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
+    c_start = bos + i_t * C
+    if c_start + isub * S < eos:
+        rs, rk = tl.arange(0, S), ik * BK + tl.arange(0, BK)
+        mk = rk < K
+        tok = c_start + isub * S + rs
+        mt = tok < eos
+        bi, bqi, _ = _decays(b, tok, mt, hk, rk, mk, c_start, eos - 1, EXCLUSIVE, HK, K, 2)
+        ki = _load(k, tok, mt, HK, hk, K, rk, mk).to(tl.float32)
+        sees = (rs[:, None] > rs[None, :]) if EXCLUSIVE else (rs[:, None] >= rs[None, :])
+        w = tl.exp(tl.minimum(bqi[:, None, :] - bi[None, :, :], 0.0))  # [query, key, channel] of the diagonal
+        dk_acc = tl.zeros([S, BK], dtype=tl.float32)
+        bref = tl.load(b + ((c_start + isub * S - 1) * HK + hk) * K + rk, mask=mk & ((isub + rk * 0) > 0), other=0.0)
+        for j in range(G):
+            head = hk * G + j
+            qi = _load(q, tok, mt, H, head, K, rk, mk).to(tl.float32)
+            dq_acc = tl.zeros([S, BK], dtype=tl.float32)
+            for jsub in range(isub):  # queries of this sub-block, keys of earlier ones
+                tj = c_start + jsub * S + rs
+                kj = _load(k, tj, tj < eos, HK, hk, K, rk, mk).to(tl.float32)
+                bj = _load(b, tj, tj < eos, HK, hk, K, rk, mk)
+                da = tl.load(dA + (tok[:, None] * H + head) * C + jsub * S + rs[None, :], mask=mt[:, None], other=0.0)
+                dq_acc += _dot(da, kj * tl.exp(bref[None, :] - bj))
+            dq_acc *= tl.exp(tl.minimum(bqi - bref[None, :], 0.0))
+            for isub2 in range(isub + 1, NS):  # keys of this sub-block, queries of later ones
+                ti = c_start + isub2 * S + rs
+                mi = ti < eos
+                b2 = tl.load(b + ((c_start + isub2 * S - 1) * HK + hk) * K + rk, mask=mk & ((c_start + isub2 * S + rk * 0) < eos), other=0.0)
+                _, bq2, _ = _decays(b, ti, mi, hk, rk, mk, c_start, eos - 1, EXCLUSIVE, HK, K, 2)
+                qq = _load(q, ti, mi, H, head, K, rk, mk).to(tl.float32) * tl.exp(tl.minimum(bq2 - b2[None, :], 0.0))
+                da = tl.load(dA + (ti[:, None] * H + head) * C + isub * S + rs[None, :], mask=mi[:, None], other=0.0)
+                dk_acc += _dot(tl.trans(da), qq) * tl.exp(tl.minimum(b2[None, :] - bi, 0.0))
+            da = tl.load(dA + (tok[:, None] * H + head) * C + isub * S + rs[None, :], mask=mt[:, None] & sees, other=0.0)
+            dq_acc += tl.sum(da[:, :, None] * ki[None, :, :] * w, axis=1)
+            dk_acc += tl.sum(da[:, :, None] * qi[:, None, :] * w, axis=0)
+            ptr = dq + (tok[:, None] * H + head) * K + rk[None, :]
+            m2 = mt[:, None] & mk[None, :]
+            tl.store(ptr, tl.load(ptr, mask=m2, other=0.0) + dq_acc, mask=m2)
+        ptr = dk + (tok[:, None] * HK + hk) * K + rk[None, :]
+        m2 = mt[:, None] & mk[None, :]
+        tl.store(ptr, tl.load(ptr, mask=m2, other=0.0) + dk_acc, mask=m2)
+
+
+def _chunk_table(cu_seqlens: Tensor | None, batch: int, t: int, c: int) -> tuple[Tensor | None, Tensor | None, int, int]:
+    """(chunk -> (sequence, chunk) table, first chunk of each sequence, chunks per sequence, total chunks).
+
+    Without cu_seqlens every sequence has ceil(T / C) chunks and the kernels need no table."""
+    if cu_seqlens is None:
+        nt = triton.cdiv(t, c)
+        return None, None, nt, batch * nt
+    counts = (cu_seqlens[1:] - cu_seqlens[:-1] + c - 1) // c
+    offsets = torch.nn.functional.pad(counts.cumsum(0), (1, 0))
+    seq = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    table = torch.stack([seq, torch.arange(len(seq), device=seq.device) - offsets[seq]], 1)
+    return table.to(torch.int32).contiguous(), offsets.to(torch.int32).contiguous(), 0, len(seq)
+
+
+class _Launch:
+    """Shapes, block sizes and the chunk table shared by the forward and backward launches."""
+
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, cu_seqlens: Tensor | None, chunk_size: int):
+        self.B, self.T, self.H, self.K = q.shape
+        self.HK, self.V = k.shape[2], v.shape[-1]
+        self.gate = 0 if g is None else (1 if g.dim() == 3 else 2)
+        self.KG = self.K if self.gate == 2 else 1
+        self.C = chunk_size
+        self.N = self.B if cu_seqlens is None else len(cu_seqlens) - 1
+        self.cu = cu_seqlens.to(torch.int32).contiguous() if cu_seqlens is not None else None
+        self.cidx, self.coff, self.NT, self.NTtot = _chunk_table(cu_seqlens, self.B, self.T, self.C)
+        self.BK = min(64, max(16, triton.next_power_of_2(self.K)))
+        self.BV = min(64, max(16, triton.next_power_of_2(self.V)))
+        self.BKS = min(32, max(16, triton.next_power_of_2(self.K)))  # channel slice of the sub-block kernels
+        self.varlen = cu_seqlens is not None
+        # per-chunk states in the inputs' dtype for 16-bit inputs (tensor cores), fp32 otherwise
+        self.state_dtype = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+        self.dummy = torch.empty(1, dtype=torch.int32, device=q.device)  # pointer for unused arguments
+
+    def seq_args(self) -> tuple[Tensor, Tensor]:
+        return (self.cu, self.cidx) if self.varlen else (self.dummy, self.dummy)
+
+    def cumsum(self, g: Tensor) -> Tensor:
+        b = torch.empty(g.shape, dtype=torch.float32, device=g.device)
+        cu, cidx = self.seq_args()
+        _cumsum_kernel[(self.NTtot, self.HK)](
+            g, b, cu, cidx, self.T, self.NT, self.HK, self.KG, self.C, triton.next_power_of_2(self.KG), self.varlen,
+        )
+        return b
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, chunk_size: int, cu_seqlens: Tensor | None) -> None:
+    b, t, h, kd = q.shape
+    if k.shape[:2] != (b, t) or v.shape[:3] != k.shape[:3] or k.shape[-1] != kd:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected [B,T,H,K], [B,T,Hk,K], [B,T,Hk,V]")
+    if h % k.shape[2]:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({k.shape[2]})")
+    if g is not None and g.shape not in (k.shape, k.shape[:3]):
+        raise ValueError(f"g must be [B,T,Hk,K] {tuple(k.shape)} or [B,T,Hk] {tuple(k.shape[:3])}, got {tuple(g.shape)}")
+    if chunk_size < SUB or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= {SUB}, got {chunk_size}")
+    if cu_seqlens is not None and b != 1:
+        raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {b}")
+
+
+def _forward(L: _Launch, q, k, v, b, initial_state, exclusive, out=None):
+    """o, the final states [N,Hk,K,V] fp32, the per-chunk states and (per-channel decay) the intra weights."""
+    cu, cidx = L.seq_args()
+    coff = L.coff if L.varlen else cidx
+    h = torch.empty(L.NTtot, L.HK, L.K, L.V, dtype=L.state_dtype, device=q.device)
+    s_out = torch.empty(L.N, L.HK, L.K, L.V, dtype=torch.float32, device=q.device)
+    s0 = initial_state.float().contiguous() if initial_state is not None else s_out
+    bb = b if b is not None else q
+    _state_kernel[(triton.cdiv(L.K, L.BK), triton.cdiv(L.V, L.BV), L.N * L.HK)](
+        k, v, bb, h, s0, s_out, cu, coff, L.T, L.NT, L.HK, L.K, L.V, L.KG, L.C, L.BK, L.BV, L.gate,
+        initial_state is not None, L.varlen,
+    )
+    A = None
+    if L.gate == 2:
+        A = torch.empty(L.B, L.T, L.H, L.C, dtype=torch.float32, device=q.device)
+        _intra_kernel[(L.C // SUB, L.NTtot, L.H)](
+            q, k, b, A, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.C, L.BKS, SUB, exclusive, L.varlen,
+        )
+    o = torch.empty(L.B, L.T, L.H, L.V, dtype=v.dtype, device=v.device) if out is None else out
+    _output_kernel[(triton.cdiv(L.V, L.BV), L.NTtot, L.H)](
+        q, k, v, bb, h, A if A is not None else q, o, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.V, L.KG, L.C,
+        L.BK, L.BV, L.gate, exclusive, L.varlen,
+    )
+    return o, s_out, h, A
+
+
+def _decay_grad(L: _Launch, q, k, dq, dk, b, final_state, dfinal, exclusive) -> Tensor:
+    """dL/dg from dq, dk (fp32): g_t enters every cumulative decay from t on, so
+    dg_t = sum_{u>=t} (q_u dq_u - k_u dk_u) + sum_v S_T dS_T (q's term one token later when exclusive)."""
+    r = (q.float() * dq).view(L.B, L.T, L.HK, L.H // L.HK, L.K).sum(3)
+    kk = k.float() * dk
+    x = r - kk
+    if L.gate == 1:
+        x, r = x.sum(-1), r.sum(-1)
+    x = x.double()
+    rev = x.flip(1).cumsum(1).flip(1)  # sum over u >= t within the row
+    if L.varlen:  # restart at every sequence: subtract what the later sequences added
+        ends = torch.repeat_interleave(L.cu[1:].long(), (L.cu[1:] - L.cu[:-1]).long())
+        rev = rev - torch.nn.functional.pad(rev, (0, 0) * (rev.dim() - 2) + (0, 1))[:, ends]
+    dg = rev - r.double() if exclusive else rev
+    if dfinal is not None:
+        fin = (final_state * dfinal.float()).sum(-1)  # [N, Hk, K]
+        fin = fin.sum(-1) if L.gate == 1 else fin
+        if L.varlen:
+            seq = torch.repeat_interleave(torch.arange(L.N, device=q.device), (L.cu[1:] - L.cu[:-1]).long())
+            dg = dg + fin[seq][None].double()
+        else:
+            dg = dg + fin[:, None].double()
+    return dg.float()
+
+
+class ChunkGLAFunction(torch.autograd.Function):
+    """Chunked (gated) linear attention on the Triton kernels; gradients for q, k, v, g and the initial state."""
 
     @staticmethod
-    def forward(ctx, q, k, v, initial_state, exclusive: bool, chunk_size: int):
-        o, state = chunk_linear_attn_triton(q, k, v, initial_state=initial_state, exclusive=exclusive, chunk_size=chunk_size)
-        ctx.save_for_backward(q, k, v, initial_state)
-        ctx.exclusive, ctx.chunk_size = exclusive, chunk_size
-        return o, state
+    def forward(ctx, q, k, v, g, initial_state, exclusive: bool, chunk_size: int, cu_seqlens):
+        L = _Launch(q, k, v, g, cu_seqlens, chunk_size)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        b = L.cumsum(g.contiguous()) if g is not None else None
+        o, s_out, h, A = _forward(L, q, k, v, b, initial_state, exclusive)
+        ctx.save_for_backward(q, k, v, b, initial_state, h, A, s_out)
+        ctx.L, ctx.exclusive, ctx.g_dtype = L, exclusive, None if g is None else g.dtype
+        return o, s_out
 
     @staticmethod
     def backward(ctx, do, dstate):
-        q, k, v, s0 = ctx.saved_tensors
-        b, t, h, kd = q.shape
-        hk, vd = k.shape[2], v.shape[-1]
-        c = ctx.chunk_size
-        bk, bv = max(16, triton.next_power_of_2(kd)), max(16, min(64, triton.next_power_of_2(vd)))
-        nv = triton.cdiv(vd, bv)
-        q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
-        dk_parts = torch.empty(nv, *k.shape, dtype=torch.float32 if nv > 1 else k.dtype, device=k.device)
-        dv = torch.empty_like(v)
-        # dq_i = dO_i S_i^T is the forward scan itself, with dO as queries, v as keys, k as values
-        dq = chunk_linear_attn_triton(
-            do, v, k, initial_state=None if s0 is None else s0.transpose(-1, -2), exclusive=ctx.exclusive, chunk_size=c,
-        )[0].to(q.dtype)
-        ds0 = torch.empty(b, hk, kd, vd, dtype=torch.float32, device=q.device)
+        q, k, v, b, s0, h, A, s_out = ctx.saved_tensors
+        L, exclusive = ctx.L, ctx.exclusive
+        cu, cidx = L.seq_args()
+        coff = L.coff if L.varlen else cidx
+        do = do.contiguous()
+        bb = b if b is not None else q
+        dh = torch.empty_like(h)
+        ds0 = torch.empty(L.N, L.HK, L.K, L.V, dtype=torch.float32, device=q.device)
         dsf = dstate.float().contiguous() if dstate is not None else ds0
-        _chunk_linear_dkv_kernel[(b * hk, nv)](
-            q, k, v, do, dsf, dk_parts, dv, ds0, t, triton.cdiv(t, c), h, hk, kd, vd, c, bk, bv, ctx.exclusive, dstate is not None,
+        _dstate_kernel[(triton.cdiv(L.K, L.BK), triton.cdiv(L.V, L.BV), L.N * L.HK)](
+            q, do, bb, dh, dsf, ds0, cu, coff, L.T, L.NT, L.H, L.HK, L.K, L.V, L.KG, L.C, L.BK, L.BV, L.gate,
+            exclusive, dstate is not None, L.varlen,
         )
-        dk = dk_parts[0] if nv == 1 else dk_parts.sum(0).to(k.dtype)
-        return dq, dk, dv, (ds0.to(s0.dtype) if s0 is not None else None), None, None
+        dv = torch.empty_like(v)
+        _dv_kernel[(triton.cdiv(L.V, L.BV), L.NTtot, L.HK)](
+            q, k, bb, A if A is not None else q, do, dh, dv, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.V, L.KG, L.C,
+            L.BK, L.BV, L.gate, exclusive, L.varlen,
+        )
+        gdt = torch.float32 if L.gate else None  # the decay's gradient needs dq, dk unrounded
+        dq = torch.empty(q.shape, dtype=gdt or q.dtype, device=q.device)
+        dk = torch.empty(k.shape, dtype=gdt or k.dtype, device=k.device)
+        _dqk_kernel[(triton.cdiv(L.K, L.BK), L.NTtot, L.HK)](
+            q, k, v, bb, h, do, dh, dq, dk, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.V, L.KG, L.C, L.BK, L.BV,
+            L.gate, exclusive, L.varlen,
+        )
+        dg = None
+        if L.gate == 2:
+            dA = torch.empty(L.B, L.T, L.H, L.C, dtype=torch.float32, device=q.device)
+            _dA_kernel[(L.NTtot, L.H)](v, do, dA, cu, cidx, L.T, L.NT, L.H, L.HK, L.V, L.C, L.BV, L.varlen)
+            _intra_grad_kernel[(L.C // SUB, L.NTtot, L.HK * triton.cdiv(L.K, L.BKS))](
+                q, k, b, dA, dq, dk, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.C, L.BKS, SUB, exclusive, L.varlen,
+            )
+        if L.gate:
+            dg = _decay_grad(L, q, k, dq, dk, b, s_out, dstate, exclusive).to(ctx.g_dtype)
+        ds0 = ds0.to(s0.dtype) if s0 is not None else None
+        return dq.to(q.dtype), dk.to(k.dtype), dv, dg, ds0, None, None, None
 
 
-def chunk_linear_attn(
-    q: Tensor, k: Tensor, v: Tensor, *, initial_state: Tensor | None = None, exclusive: bool = False, chunk_size: int = 64,
+def chunk_gla_triton(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, initial_state: Tensor | None = None,
+    exclusive: bool = False, chunk_size: int = 64, cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Differentiable chunked causal linear attention on the Triton kernels (same maths as `chunk_gla_ref`, g=None)."""
-    return ChunkLinearAttnFunction.apply(q, k, v, initial_state, exclusive, chunk_size)
+    """Differentiable chunked (gated) linear attention: same arguments and results as `chunk_gla_ref`.
+
+    q [B,T,H,K], k [B,T,Hk,K], v [B,T,Hk,V]; g None, [B,T,Hk] (per head) or [B,T,Hk,K] (per channel)
+    log-decays <= 0; initial_state [N,Hk,K,V]; cu_seqlens [N+1] int (B = 1) for packed sequences.
+    Returns o [B,T,H,V] in v's dtype and the final states [N,Hk,K,V] fp32. On a GPU, fp32 products
+    run in TF32 (Triton's default) and 16-bit inputs keep the per-chunk states in 16 bits.
+    """
+    _check(q, k, v, g, chunk_size, cu_seqlens)
+    return ChunkGLAFunction.apply(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens)
+
+
+def chunk_gla_fwd(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, initial_state: Tensor | None = None,
+    exclusive: bool = False, chunk_size: int = 64, cu_seqlens: Tensor | None = None, out: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The forward alone (no graph kept), optionally into a preallocated `out` [B,T,H,V]."""
+    _check(q, k, v, g, chunk_size, cu_seqlens)
+    L = _Launch(q, k, v, g, cu_seqlens, chunk_size)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    b = L.cumsum(g.contiguous()) if g is not None else None
+    o, s_out, _, _ = _forward(L, q, k, v, b, initial_state, exclusive, out)
+    return o, s_out

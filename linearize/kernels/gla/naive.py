@@ -2,8 +2,9 @@
 
 Layout [B, T, H, D]. Queries may have more heads than keys/values (GQA): query head h reads the
 state of key/value head h // (H // Hk), so repeated keys/values are never materialized.
-With log-decay g (<= 0, per key channel) the state evolves as S_t = exp(g_t) * S_{t-1} + k_t v_t^T;
-without g it is plain causal linear attention. Normalizers are the caller's business (append a
+With log-decay g (<= 0, per key channel [B,T,Hk,K], or one per head [B,T,Hk] as in Mamba-2) the
+state evolves as S_t = exp(g_t) * S_{t-1} + k_t v_t^T; without g it is plain causal linear attention.
+Packed variable-length batches: B = 1 and `cu_seqlens` [N+1] marks where each sequence starts. Normalizers are the caller's business (append a
 ones column to v to get the denominator in the same pass). All maths in fp32; states are fp32.
 """
 
@@ -27,14 +28,27 @@ def chunk_gla_ref(
     initial_state: Tensor | None = None,
     exclusive: bool = False,
     chunk_size: int = 64,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Chunked causal (gated) linear attention.
 
-    q [B,T,H,K], k [B,T,Hk,K], v [B,T,Hk,V], g [B,T,Hk,K] log-decay or None,
-    initial_state [B,Hk,K,V] (the state before the first token).
+    q [B,T,H,K], k [B,T,Hk,K], v [B,T,Hk,V], g [B,T,Hk,K] or [B,T,Hk] log-decay or None,
+    initial_state [N,Hk,K,V] (the state before the first token; N = B, or the number of sequences).
     Inclusive: o_i = q_i . S_i.  Exclusive: o_i = q_i . S_{i-1} (token i does not see itself).
-    Returns o [B,T,H,V] (dtype of v) and the final state S_T [B,Hk,K,V] (fp32).
+    Returns o [B,T,H,V] (dtype of v) and the final states S_T [N,Hk,K,V] (fp32).
     """
+    if g is not None and g.dim() == 3:  # one decay per head: the same for every key channel
+        g = g[..., None].expand(k.shape)
+    if cu_seqlens is not None:  # each packed sequence on its own, from its own initial state
+        bounds = cu_seqlens.tolist()
+        runs = [
+            chunk_gla_ref(
+                q[:, s:e], k[:, s:e], v[:, s:e], None if g is None else g[:, s:e], exclusive=exclusive,
+                initial_state=None if initial_state is None else initial_state[n : n + 1], chunk_size=chunk_size,
+            )
+            for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))
+        ]
+        return torch.cat([o for o, _ in runs], 1), torch.cat([s for _, s in runs], 0)
     b, t, h, kd = q.shape
     hk, vd = k.shape[2], v.shape[-1]
     out_dtype = v.dtype
@@ -77,11 +91,12 @@ def chunk_gla_ref(
 def gla_step_ref(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, state: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """One decode step (inclusive): q [B,H,K], k [B,Hk,K], v [B,Hk,V], g [B,Hk,K] or None, state [B,Hk,K,V]."""
+    """One decode step (inclusive): q [B,H,K], k [B,Hk,K], v [B,Hk,V], g [B,Hk,K] or [B,Hk] or None, state [B,Hk,K,V]."""
     b, h, kd = q.shape
     hk = k.shape[1]
     state = state.float()
     if g is not None:
+        g = g[..., None] if g.dim() == 2 else g  # per head: the same decay for every channel
         state = state * g.float().exp()[..., None]
     state = state + k.float()[..., None] * v.float()[..., None, :]
     o = torch.einsum("bhgk,bhkv->bhgv", q.float().reshape(b, hk, h // hk, kd), state)
