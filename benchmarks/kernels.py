@@ -79,6 +79,7 @@ def main() -> None:
             print(f"{op} {impl} T={t} {pas}: {type(e).__name__}: {e}", file=sys.stderr)
             return
         records.append({"op": op, "impl": impl, "T": t, "pass": pas, "ms": round(ms, 4)})
+        print(f"{op} {impl} T={t} {pas}: {ms:.4f} ms", file=sys.stderr, flush=True)
 
     try:  # the public peers, on the same inputs (flash-linear-attention's wheels carried to the device)
         from fla.ops.gla import chunk_gla as fla_gla
