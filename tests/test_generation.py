@@ -1,9 +1,14 @@
 """Graphed decoding: the static decode step against model.generate, cache states that keep their
-addresses, refusals and (on a GPU) CUDA-graph replay."""
+addresses, refusals, the decode benchmark's smoke mode, and (on a GPU) CUDA-graph replay."""
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +18,7 @@ from linearize import GraphedDecoder, LinearizeError, generate_graphed
 
 from conftest import perturb_new_params, rel_err, tiny_model
 
+ROOT = Path(__file__).resolve().parent.parent
 PLANS = {
     "hedgehog": "*:hedgehog",
     "lolcats": "*:lolcats(window=4)",
@@ -91,6 +97,19 @@ def test_graphed_decoding_refuses_softmax_layers_and_bad_input(base):
         generate_graphed(model, ids, 2, prefill_chunk=0)
     with pytest.raises(LinearizeError, match=r"\[batch, tokens\]"):
         generate_graphed(model, ids[0], 2)
+
+
+def test_decode_benchmark_runs_in_smoke_mode(tmp_path):
+    out = tmp_path / "decode.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--smoke", "--out", str(out)],
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert {"command", "date", "device", "versions", "records"} <= set(data)
+    records = data["records"]
+    assert {(r["op"], r["impl"]) for r in records} >= {("smollm2_decode_lolcats", "ours"), ("smollm2_decode_teacher", "hf_generate")}
+    assert all(r["pass"] == "decode" and r["ms"] > 0 and isinstance(r["T"], int) for r in records)
+    assert "| op | impl | T |" in run.stdout
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
