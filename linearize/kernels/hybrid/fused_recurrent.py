@@ -150,6 +150,7 @@ def hybrid_step_triton(
         h, hk, p, d, f, vd,
         triton.next_power_of_2(window), triton.next_power_of_2(d), bf, bv,
         g is not None, valid is not None, bool(softcap), EPS,
+        num_warps=4 if bf * bv + triton.next_power_of_2(window) * (triton.next_power_of_2(d) + bv) <= 8192 else 8,
     )
     _ring_advance_kernel[(b,)](new_valid, rvalid, state["pos"], p, valid is not None)
     return y, state
