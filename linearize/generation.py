@@ -45,6 +45,9 @@ class GraphedDecoder:
             raise LinearizeError(f"input_ids must be [batch, tokens] with at least one token, got shape {tuple(input_ids.shape)}")
         if prefill_chunk is not None and prefill_chunk < 1:
             raise LinearizeError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
+        use_graph = input_ids.is_cuda if graph is None else graph
+        if use_graph and not input_ids.is_cuda:
+            raise LinearizeError("graph=True needs the model and input_ids on a CUDA device")
         self.model, self.sample = model, sample
         self.cache = model.new_cache()
         self._layers = [layer for layer in self.cache.layers if isinstance(layer, StateLayer)]
@@ -63,7 +66,7 @@ class GraphedDecoder:
         self.positions = positions[:, -1:] + 1
         self.seen = t
         self.graph = None
-        if input_ids.is_cuda if graph is None else graph:
+        if use_graph:
             self._capture()
 
     def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -97,6 +97,8 @@ def test_graphed_decoding_refuses_softmax_layers_and_bad_input(base):
         generate_graphed(model, ids, 2, prefill_chunk=0)
     with pytest.raises(LinearizeError, match=r"\[batch, tokens\]"):
         generate_graphed(model, ids[0], 2)
+    with pytest.raises(LinearizeError, match="CUDA device"):
+        generate_graphed(model, ids, 2, graph=True)
 
 
 def test_decode_benchmark_runs_in_smoke_mode(tmp_path):
