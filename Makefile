@@ -8,7 +8,7 @@ CONFIG ?= configs/smollm2-135m.yaml
 OUT    ?= out/smollm2-135m-lolcats
 ARGS   ?=
 
-.PHONY: setup test convert bench-kernels clean
+.PHONY: setup test convert bench-kernels bench-decode clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,12 @@ bench-kernels: setup
 	$(if $(shell $(PY) -c "import torch; print(torch.cuda.is_available() or '')"),\
 	  $(PY) benchmarks/kernels.py --out benchmarks/results/kernels_h100.json,\
 	  $(PY) benchmarks/kernels.py --smoke --out out/kernels_smoke.json)
+
+# Decode step under CUDA graphs vs the teacher's generate (a GPU for real figures; CPU: tiny smoke run)
+bench-decode: setup
+	$(if $(shell $(PY) -c "import torch; print(torch.cuda.is_available() or '')"),\
+	  $(PY) benchmarks/decode.py --out benchmarks/results/decode_h100.json $(if $(MODEL),--model $(MODEL)),\
+	  $(PY) benchmarks/decode.py --smoke --out out/decode_smoke.json)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

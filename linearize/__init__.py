@@ -10,12 +10,13 @@ __version__ = "0.1.0"
 from .cache import LinearizeCache  # noqa: E402
 from .convert import convert, is_converted  # noqa: E402  (also registers the Auto classes)
 from .errors import LinearizeError, ModelLoadError, PlanError, UnsupportedModelError  # noqa: E402
+from .generation import GraphedDecoder, generate_graphed  # noqa: E402
 from .kinds import KINDS, kind_names, register  # noqa: E402
 from .loading import DEFAULT_MODEL, load  # noqa: E402
 from .plan import LayerPlan, LayerSpec, every, keep_softmax, ratio  # noqa: E402
 
 __all__ = [
-    "DEFAULT_MODEL", "KINDS", "LayerPlan", "LayerSpec", "LinearizeCache", "LinearizeError", "ModelLoadError",
-    "PlanError", "UnsupportedModelError", "convert", "every", "is_converted", "keep_softmax", "kind_names",
-    "load", "ratio", "register",
+    "DEFAULT_MODEL", "GraphedDecoder", "KINDS", "LayerPlan", "LayerSpec", "LinearizeCache", "LinearizeError",
+    "ModelLoadError", "PlanError", "UnsupportedModelError", "convert", "every", "generate_graphed", "is_converted",
+    "keep_softmax", "kind_names", "load", "ratio", "register",
 ]

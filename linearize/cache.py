@@ -2,13 +2,15 @@
 
 `LinearizeCache` is a `DynamicCache` (softmax layers keep their growing keys/values, sliding
 layers their window) whose converted layers hold a `StateLayer`: the recurrent memory plus, for
-hybrid kinds, the last W-1 tokens. Its size does not depend on how many tokens were generated.
+hybrid kinds, the last W-1 tokens. Its size does not depend on how many tokens were generated, and
+its tensors keep their addresses once allocated (CUDA graphs capture them; see `generation.py`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from torch import Tensor
 from transformers.cache_utils import CacheLayerMixin, DynamicCache, DynamicLayer
 
@@ -28,7 +30,15 @@ class StateLayer(CacheLayerMixin):
         self.seen = 0
 
     def store(self, state: dict[str, Tensor], num_tokens: int) -> None:
-        self.state = {k: v.detach() for k, v in state.items()}
+        """Keep the state after `num_tokens` more tokens. The first store takes compact copies; later ones
+        copy into those tensors (decode steps already updated them in place), so addresses never change."""
+        old = self.state
+        if old is not None and old.keys() == state.keys() and all(old[n].shape == t.shape for n, t in state.items()):
+            for name, t in state.items():
+                if t is not old[name]:
+                    old[name].copy_(t.detach())
+        else:  # copies: a prefill's state tensors can be views of much larger buffers
+            self.state = {n: t.detach().clone(memory_format=torch.contiguous_format) for n, t in state.items()}
         self.seen += num_tokens
         self.is_initialized = True
 

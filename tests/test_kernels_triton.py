@@ -52,28 +52,39 @@ from linearize.kernels.hybrid.naive import hybrid_attn_ref, hybrid_step_ref  # n
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("window,prefix,softcap", [(1, 3, None), (5, 2, None), (8, 11, 30.0), (64, 70, None)])
-def test_hybrid_step_kernel_matches_reference(dtype, gated, window, prefix, softcap):
-    b, h, hk, d, vd, f = 2, 6, 2, 16, 24, 32
+@pytest.mark.parametrize(
+    "window,prefix,steps,softcap,vd,f",
+    [(1, 3, 3, None, 24, 32), (5, 2, 11, None, 24, 32), (8, 11, 3, 30.0, 24, 32), (64, 70, 2, None, 24, 32), (4, 6, 5, None, 130, 128)],
+)
+def test_hybrid_step_kernel_matches_reference(dtype, gated, window, prefix, steps, softcap, vd, f):
+    """Prefill with the reference, then decode: the kernel updates the ring state in place (wrapping
+    around for short windows; value channels in several blocks for vd=130) like the reference step."""
+    b, h, hk, d = 2, 6, 2, 16
     r = lambda *s: torch.randn(*s, device=DEVICE)  # noqa: E731
-    t = prefix + 1
+    t = prefix + steps
     q, k, v = r(b, t, h, d).to(dtype), r(b, t, hk, d).to(dtype), r(b, t, hk, vd).to(dtype)
     fq, fk = r(b, t, h, f).softmax(-1), r(b, t, hk, f).softmax(-1)
     g = F.logsigmoid(r(b, t, hk, f) + 2) if gated else None
     mix = torch.rand(h, device=DEVICE)
     valid = torch.ones(b, t, dtype=torch.bool, device=DEVICE)
-    valid[1, :2] = False  # a left-padded row: invalid slots in the window buffer
+    valid[1, :2] = False  # a left-padded row: invalid slots in the window ring
+    valid[0, prefix + 1 :: 3] = False  # padded decode tokens (they must not enter window or memory)
     cut = lambda x: None if x is None else x[:, :prefix]  # noqa: E731
     kw = dict(window=window, scale=d**-0.5, softcap=softcap)
     _, state = hybrid_attn_ref(*(cut(x) for x in (q, k, v, fq, fk, g)), mix, valid=valid[:, :prefix], **kw)
-    last = (q[:, -1], k[:, -1], v[:, -1], fq[:, -1], fk[:, -1], None if g is None else g[:, -1], mix)
-    out = torch.full((b, h, vd), float("nan"), dtype=dtype, device=DEVICE)
-    y, new = hybrid_ops.hybrid_step_triton(*last, valid=valid[:, -1], state=state, out=out, **kw)
-    y_ref, new_ref = hybrid_step_ref(*last, valid=valid[:, -1], state=state, **kw)
-    assert y.data_ptr() == out.data_ptr() and not torch.isnan(y).any()
-    assert rel_err(y, y_ref) < TOL[dtype]
-    for name in new_ref:
-        assert torch.allclose(new[name].float(), new_ref[name].float(), atol=1e-5), name
+    state = {name: x.clone() for name, x in state.items()}  # compact: the kernel writes in place
+    ref_state = {name: x.clone() for name, x in state.items()}
+    ptrs = {name: x.data_ptr() for name, x in state.items()}
+    for i in range(prefix, t):
+        step = (q[:, i], k[:, i], v[:, i], fq[:, i], fk[:, i], None if g is None else g[:, i], mix)
+        out = torch.full((b, h, vd), float("nan"), dtype=dtype, device=DEVICE)
+        y, new = hybrid_ops.hybrid_step_triton(*step, valid=valid[:, i], state=state, out=out, **kw)
+        y_ref, ref_state = hybrid_step_ref(*step, valid=valid[:, i], state=ref_state, **kw)
+        assert new is state and {name: x.data_ptr() for name, x in state.items()} == ptrs
+        assert y.data_ptr() == out.data_ptr() and not torch.isnan(y).any()
+        assert rel_err(y, y_ref) < TOL[dtype]
+        for name in ref_state:
+            assert torch.allclose(state[name].float(), ref_state[name].float(), atol=1e-5), name
 
 
 chunk_ops = pytest.importorskip("linearize.kernels.gla.chunk")

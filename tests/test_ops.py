@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from linearize.kernels.gla.naive import chunk_gla_ref, recurrent_gla_ref
-from linearize.kernels.hybrid.naive import empty_state, hybrid_attn_ref, hybrid_step_ref
+from linearize.kernels.hybrid.naive import empty_state, hybrid_attn_ref, hybrid_step_ref, token_order
 
 from conftest import rel_err
 
@@ -76,6 +76,7 @@ def test_hybrid_parallel_matches_steps(t, window, gated):
         yi, state = hybrid_step_ref(q[:, i], k[:, i], v[:, i], fq[:, i], fk[:, i], None if g is None else g[:, i], mix, state=state, **kw)
         ys.append(yi)
     assert rel_err(y, torch.stack(ys, 1)) < 1e-5
+    state = token_order(state)  # the steps leave their window ring rotated
     for name in final:
         assert torch.allclose(final[name].float(), state[name].float(), atol=1e-5), name
 
@@ -110,3 +111,33 @@ def test_hybrid_ignores_padding(gated):
     valid = torch.tensor([[False] * 3 + [True] * 17])
     yp, _ = hybrid_attn_ref(*(pad(x) for x in (q, k, v, fq, fk, g)), mix, valid=valid, **kw)
     assert rel_err(yp[:, 3:], y) < 1e-5
+
+
+@pytest.mark.parametrize("window", [1, 2, 5])
+@pytest.mark.parametrize("gated", [False, True])
+def test_hybrid_ring_prefill_decode_prefill_equals_one_pass(window, gated):
+    """Prefill 3 tokens, decode 26 (the ring wraps around many times), prefill 9 more from the rotated
+    ring: outputs and final state equal one pass; the in-place steps keep every state tensor's address."""
+    from linearize import kernels
+
+    q, k, v, fq, fk, g, mix = _hybrid_inputs(38, gated, seed=window)
+    valid = torch.ones(2, 38, dtype=torch.bool)
+    valid[1, :2] = False  # left padding: invalid ring slots
+    valid[0, [7, 20]] = False  # padded decode tokens enter neither the window nor the memory
+    kw = dict(window=window, scale=0.35)
+    y, final = hybrid_attn_ref(q, k, v, fq, fk, g, mix, valid=valid, chunk_size=8, **kw)
+    cut = lambda x, a, b: None if x is None else x[:, a:b]  # noqa: E731
+    y1, state = hybrid_attn_ref(*(cut(x, 0, 3) for x in (q, k, v, fq, fk, g)), mix, valid=valid[:, :3], chunk_size=8, **kw)
+    state = {name: t.clone() for name, t in state.items()}
+    ptrs = {name: t.data_ptr() for name, t in state.items()}
+    ys = [y1]
+    for i in range(3, 29):
+        yi, new = kernels.hybrid_step(q[:, i], k[:, i], v[:, i], fq[:, i], fk[:, i], None if g is None else g[:, i], mix,
+                                      valid=valid[:, i], state=state, **kw)
+        assert new is state and {name: t.data_ptr() for name, t in state.items()} == ptrs
+        ys.append(yi[:, None])
+    assert window == 1 or int(state["pos"][0]) > 3 * (window - 1)
+    y3, end = hybrid_attn_ref(*(cut(x, 29, 38) for x in (q, k, v, fq, fk, g)), mix, valid=valid[:, 29:], state=state, chunk_size=8, **kw)
+    assert rel_err(torch.cat(ys + [y3], 1), y) < 1e-5
+    for name in final:
+        assert torch.allclose(final[name].float(), end[name].float(), atol=1e-5), name

@@ -4,6 +4,7 @@ Each op folder holds its Triton kernels beside the pure-PyTorch reference (`naiv
 the ground truth every kernel is tested against (on CPU under TRITON_INTERPRET=1). The attention
 kinds call the names exported here. CUDA tensors go to a Triton kernel where one exists (the
 kernel tests pass on an H100 too); LINEARIZE_KERNELS=reference sends everything to the references.
+The decode steps update their state in place on either path, so a captured CUDA graph replays them.
 """
 
 from __future__ import annotations
@@ -47,17 +48,23 @@ def hybrid_attn(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tens
 
 
 def gla_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, state: Tensor) -> tuple[Tensor, Tensor]:
-    """One decode step of (gated) linear attention (see `gla_step_ref`)."""
+    """One decode step of (gated) linear attention (see `gla_step_ref`); updates `state` in place and returns it."""
     if use_triton(q):
-        return gla_step_triton(q, k, v, g, state)
-    return gla_step_ref(q, k, v, g, state)
+        return gla_step_triton(q, k, v, g, state, out_state=state)
+    o, new = gla_step_ref(q, k, v, g, state)
+    return o, state.copy_(new.detach())
 
 
-def hybrid_step(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None, mix: Tensor, **kw):
-    """One decode step of the window + linear hybrid (see `hybrid_step_ref`)."""
+def hybrid_step(
+    q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None, mix: Tensor, *, state: dict[str, Tensor], **kw
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One decode step of the window + linear hybrid (see `hybrid_step_ref`); updates `state` in place and returns it."""
     if use_triton(q):
-        return hybrid_step_triton(q, k, v, fq, fk, g, mix, **kw)
-    return hybrid_step_ref(q, k, v, fq, fk, g, mix, **kw)
+        return hybrid_step_triton(q, k, v, fq, fk, g, mix, state=state, **kw)
+    y, new = hybrid_step_ref(q, k, v, fq, fk, g, mix, state=state, **kw)
+    for name, t in new.items():
+        state[name].copy_(t.detach())
+    return y, state
 
 
 __all__ = ["EPS", "chunk_gla", "empty_state", "gla_step", "hybrid_attn", "hybrid_step", "use_triton"]

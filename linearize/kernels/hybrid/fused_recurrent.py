@@ -1,9 +1,14 @@
 """Triton decode step of the sliding-window softmax + linear attention hybrid (`lolcats`, `lizard`).
 
-One program per (batch, KV head, block of value channels) computes, for every query head of the
-group, the max-shifted window softmax over the W window tokens, the read of the (decayed) linear
-memory, the shared normalizer and the mix; then it writes the memory updated with the token that
-leaves the window. Same maths as `hybrid_step_ref`; the window buffers are shifted by the caller.
+Same maths and ring semantics as `hybrid_step_ref`, but the state is updated in place, so every
+tensor keeps its address and a captured CUDA graph replays the step. One program per (batch, KV
+head) computes, for every query head of the group, the max-shifted softmax over the W-1 ring slots
+and this token, the read of the (decayed) linear memory, the shared normalizer and the mix; then
+it adds the oldest window token to the memory and writes this token into that token's ring slot.
+The program owns its (batch, KV head) slice of every state tensor (value channels are looped over,
+not split across programs, since all of them need the normalizer column and the ring slot before
+either is overwritten). The per-row `valid` slot and `pos` are shared by a row's KV heads, so a
+second one-program-per-row kernel advances them once the first has finished reading.
 """
 
 from __future__ import annotations
@@ -13,66 +18,106 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .naive import EPS, extend_window, shift_window
+from ...errors import LinearizeError
+from .naive import EPS
 
 
 @triton.jit
 def _hybrid_step_kernel(
-    q, fq, mix, ek, ev, evalid, fk0, v0, gsum, g0, s_in, s_out, y,
-    scale, softcap,
-    H: tl.constexpr, HK: tl.constexpr, W: tl.constexpr, D: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
+    q, k, v, fq, fk, g, valid, mix,  # this token: q [B,H,D], k [B,HK,D], v [B,HK,V], fq [B,H,F], fk/g [B,HK,F], valid [B]
+    s, rk, rv, rfk, rg, rvalid, pos,  # state: S [B,HK,F,V+1], ring k/v/fk/g [B,P,HK,*], ring valid [B,P], pos [B]
+    y, scale, softcap,
+    H: tl.constexpr, HK: tl.constexpr, P: tl.constexpr, D: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
     BW: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
-    HAS_G: tl.constexpr, HAS_CAP: tl.constexpr, EPS_: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_VALID: tl.constexpr, HAS_CAP: tl.constexpr, EPS_: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    iv = tl.program_id(1)
+    bh = tl.program_id(0)  # b * HK + kv head
     b = bh // HK
     hk = bh % HK
     G: tl.constexpr = H // HK
     rw, rd, rf = tl.arange(0, BW), tl.arange(0, BD), tl.arange(0, BF)
-    rv = iv * BV + tl.arange(0, BV)
-    mw, md, mf, mv = rw < W, rd < D, rf < F, rv < V
-    # window tokens of this KV head: keys [W, D], values [W, BV], validity [W]
-    kw = tl.load(ek + ((b * W + rw[:, None]) * HK + hk) * D + rd[None, :], mask=mw[:, None] & md[None, :], other=0.0)
-    vw = tl.load(ev + ((b * W + rw[:, None]) * HK + hk) * V + rv[None, :], mask=mw[:, None] & mv[None, :], other=0.0)
-    ok = (tl.load(evalid + b * W + rw, mask=mw, other=0) != 0) & mw
-    # linear memory [F, BV] and its normalizer column z [F]
-    s_row = bh * F * (V + 1) + rf[:, None] * (V + 1)
-    mem = tl.load(s_in + s_row + rv[None, :], mask=mf[:, None] & mv[None, :], other=0.0)
-    z = tl.load(s_in + bh * F * (V + 1) + rf * (V + 1) + V, mask=mf, other=0.0)
+    md, mf = rd < D, rf < F
+    in_ring, is_new = rw < P, rw == P  # window rows: the P ring slots, then this token
+    ring_row = (b * P + rw) * HK + hk
+    keep = tl.load(valid + b).to(tl.float32) if HAS_VALID else 1.0  # 0: this token is padding
+    if P > 0:
+        old = (b * P + tl.load(pos + b) % P) * HK + hk  # ring row of the oldest token
+    # window keys [BW, BD] and validity [BW]
+    kn = tl.load(k + bh * D + rd, mask=md, other=0.0).to(tl.float32)
+    kw = tl.load(rk + ring_row[:, None] * D + rd[None, :], mask=in_ring[:, None] & md[None, :], other=0.0)
+    kw = tl.where(is_new[:, None], kn[None, :], kw)
+    ok = tl.load(rvalid + b * P + rw, mask=in_ring, other=0) != 0
+    ok = tl.where(is_new, keep > 0, ok)
+    # this token's key features and log-decay (zero for padding), the oldest token's, the query decay
+    fkn = tl.load(fk + bh * F + rf, mask=mf, other=0.0).to(tl.float32) * keep
+    f0 = tl.load(rfk + old * F + rf, mask=mf, other=0.0) if P > 0 else fkn
     if HAS_G:
-        decay_q = tl.exp(tl.load(gsum + bh * F + rf, mask=mf, other=0.0))
-    for j in range(G):
-        h = b * H + hk * G + j
-        qq = tl.load(q + h * D + rd, mask=md, other=0.0).to(tl.float32)
-        s = tl.sum(kw.to(tl.float32) * qq[None, :], axis=1) * scale
-        if HAS_CAP:
-            t = tl.exp(-2.0 * tl.abs(s / softcap))
-            s = softcap * tl.where(s >= 0, 1.0, -1.0) * (1.0 - t) / (1.0 + t)
-        s = tl.where(ok, s, float("-inf"))
-        m = tl.max(s, axis=0)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        a = tl.where(ok, tl.exp(s - m), 0.0)
-        num_w = tl.sum(a[:, None] * vw.to(tl.float32), axis=0)
-        den_w = tl.sum(a, axis=0)
-        ff = tl.load(fq + h * F + rf, mask=mf, other=0.0).to(tl.float32)
+        gn = tl.load(g + bh * F + rf, mask=mf, other=0.0).to(tl.float32) * keep
+        gw = tl.load(rg + ring_row[:, None] * F + rf[None, :], mask=in_ring[:, None] & mf[None, :], other=0.0)
+        decay_q = tl.exp(tl.sum(gw, axis=0) + gn)
+        d0 = tl.exp(tl.load(rg + old * F + rf, mask=mf, other=0.0)) if P > 0 else tl.exp(gn)
+    s_base = s + bh * F * (V + 1)
+    z = tl.load(s_base + rf * (V + 1) + V, mask=mf, other=0.0)  # normalizer column of the memory
+    for v_start in range(0, V, BV):
+        rv_ = v_start + tl.arange(0, BV)
+        mv = rv_ < V
+        vn = tl.load(v + bh * V + rv_, mask=mv, other=0.0).to(tl.float32)
+        vw = tl.load(rv + ring_row[:, None] * V + rv_[None, :], mask=in_ring[:, None] & mv[None, :], other=0.0)
+        vw = tl.where(is_new[:, None], vn[None, :], vw)
+        s_off = rf[:, None] * (V + 1) + rv_[None, :]
+        mem = tl.load(s_base + s_off, mask=mf[:, None] & mv[None, :], other=0.0)
+        for j in range(G):
+            h = b * H + hk * G + j
+            qq = tl.load(q + h * D + rd, mask=md, other=0.0).to(tl.float32)
+            sc = tl.sum(kw * qq[None, :], axis=1) * scale
+            if HAS_CAP:
+                t = tl.exp(-2.0 * tl.abs(sc / softcap))
+                sc = softcap * tl.where(sc >= 0, 1.0, -1.0) * (1.0 - t) / (1.0 + t)
+            sc = tl.where(ok, sc, float("-inf"))
+            m = tl.max(sc, axis=0)
+            m = tl.where(m == float("-inf"), 0.0, m)
+            a = tl.where(ok, tl.exp(sc - m), 0.0)
+            num_w = tl.sum(a[:, None] * vw, axis=0)
+            den_w = tl.sum(a, axis=0)
+            ff = tl.load(fq + h * F + rf, mask=mf, other=0.0).to(tl.float32)
+            if HAS_G:
+                ff = ff * decay_q
+            num_l = tl.sum(ff[:, None] * mem, axis=0)
+            den_l = tl.sum(ff * z, axis=0)
+            w = tl.load(mix + hk * G + j).to(tl.float32)
+            out = (w * num_w + (1.0 - w) * num_l) / (w * den_w + (1.0 - w) * den_l + EPS_)
+            tl.store(y + h * V + rv_, out.to(y.dtype.element_ty), mask=mv)
+        # the oldest token enters the memory, once every thread has read this block and z
+        v0 = tl.load(rv + old * V + rv_, mask=mv, other=0.0) if P > 0 else vn
         if HAS_G:
-            ff = ff * decay_q
-        num_l = tl.sum(ff[:, None] * mem, axis=0)
-        den_l = tl.sum(ff * z, axis=0)
-        w = tl.load(mix + hk * G + j).to(tl.float32)
-        out = (w * num_w + (1.0 - w) * num_l) / (w * den_w + (1.0 - w) * den_l + EPS_)
-        tl.store(y + h * V + rv, out.to(y.dtype.element_ty), mask=mv)
-    # the oldest window token enters the memory
-    f0 = tl.load(fk0 + bh * F + rf, mask=mf, other=0.0).to(tl.float32)
-    vv = tl.load(v0 + bh * V + rv, mask=mv, other=0.0).to(tl.float32)
+            mem = mem * d0[:, None]
+        tl.debug_barrier()
+        tl.store(s_base + s_off, mem + f0[:, None] * v0[None, :], mask=mf[:, None] & mv[None, :])
     if HAS_G:
-        d0 = tl.exp(tl.load(g0 + bh * F + rf, mask=mf, other=0.0))
-        mem = mem * d0[:, None]
         z = z * d0
-    tl.store(s_out + s_row + rv[None, :], mem + f0[:, None] * vv[None, :], mask=mf[:, None] & mv[None, :])
-    if iv == 0:
-        tl.store(s_out + bh * F * (V + 1) + rf * (V + 1) + V, z + f0, mask=mf)
+    tl.store(s_base + rf * (V + 1) + V, z + f0, mask=mf)
+    if P > 0:  # this token takes the oldest token's slot, once every thread has read it
+        tl.debug_barrier()
+        tl.store(rk + old * D + rd, kn, mask=md)
+        tl.store(rfk + old * F + rf, fkn, mask=mf)
+        if HAS_G:
+            tl.store(rg + old * F + rf, gn, mask=mf)
+        for v_start in range(0, V, BV):
+            rv_ = v_start + tl.arange(0, BV)
+            mv = rv_ < V
+            tl.store(rv + old * V + rv_, tl.load(v + bh * V + rv_, mask=mv, other=0.0).to(tl.float32), mask=mv)
+
+
+@triton.jit
+def _ring_advance_kernel(valid, rvalid, pos, P: tl.constexpr, HAS_VALID: tl.constexpr):
+    b = tl.program_id(0)
+    p = tl.load(pos + b)
+    if P > 0:
+        if HAS_VALID:
+            tl.store(rvalid + b * P + p % P, tl.load(valid + b))
+        else:
+            tl.store(rvalid + b * P + p % P, 1)
+    tl.store(pos + b, p + 1)
 
 
 def hybrid_step_triton(
@@ -80,24 +125,32 @@ def hybrid_step_triton(
     *, window: int, scale: float, softcap: float | None = None, valid: Tensor | None = None,
     state: dict[str, Tensor], out: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Drop-in for `hybrid_step_ref` (same arguments and state layout)."""
+    """`hybrid_step_ref` updating `state` in place (same arguments; returns y and `state` itself).
+    Pass a preallocated `out` [B,H,V] to write y there."""
     b, h, d = q.shape
     hk, vd, f = k.shape[1], v.shape[-1], fk.shape[-1]
-    ext = extend_window(state, k[:, None], v[:, None], fk[:, None], None if g is None else g[:, None],
-                        None if valid is None else valid[:, None])  # [B,W,...]
-    ext_g = ext.get("g")
-    mem = state["S"].float().contiguous()
-    new_mem = torch.empty_like(mem)
+    p = window - 1
+    if state["k"].shape[1] != p or ("g" in state) != (g is not None):
+        raise LinearizeError(f"state does not fit window={window}, gated={g is not None} (ring of {state['k'].shape[1]} slots)")
+    if not all(t.is_contiguous() for t in state.values()):
+        raise LinearizeError("the decode step updates its state in place and needs contiguous state tensors")
     y = torch.empty(b, h, vd, dtype=v.dtype, device=v.device) if out is None else out
-    bv = min(triton.next_power_of_2(vd), 64)
-    gsum = ext_g.sum(1).contiguous() if ext_g is not None else mem  # placeholder pointers without decay
-    g0 = ext_g[:, 0].contiguous() if ext_g is not None else mem
-    _hybrid_step_kernel[(b * hk, triton.cdiv(vd, bv))](
-        q.contiguous(), fq.contiguous(), mix.float().contiguous(), ext["k"].contiguous(), ext["v"].contiguous(),
-        ext["valid"].to(torch.int8).contiguous(), ext["fk"][:, 0].contiguous(), ext["v"][:, 0].contiguous(),
-        gsum, g0, mem, new_mem, y, float(scale), float(softcap or 1.0),
-        h, hk, window, d, f, vd,
-        triton.next_power_of_2(window), triton.next_power_of_2(d), triton.next_power_of_2(f), bv,
-        ext_g is not None, bool(softcap), EPS,
+    # placeholders stand in for pointers that are never read: no ring (W = 1), no decay, no validity
+    ring = {name: state[name] if p else state["S"] for name in ("k", "v", "fk", "g", "valid") if name in state}
+    rvalid = ring["valid"].view(torch.uint8)
+    new_valid = valid.contiguous().view(torch.uint8) if valid is not None else rvalid
+    rg = ring.get("g", ring["fk"])
+    bf = triton.next_power_of_2(f)
+    bv = min(triton.next_power_of_2(vd), max(16, 8192 // bf))  # keep the [BF, BV] memory tile in registers
+    _hybrid_step_kernel[(b * hk,)](
+        q.contiguous(), k.contiguous(), v.contiguous(), fq.contiguous(), fk.contiguous(),
+        g.contiguous() if g is not None else fk, new_valid, mix.float().contiguous(),
+        state["S"], ring["k"], ring["v"], ring["fk"], rg, rvalid, state["pos"],
+        y, float(scale), float(softcap or 1.0),
+        h, hk, p, d, f, vd,
+        triton.next_power_of_2(window), triton.next_power_of_2(d), bf, bv,
+        g is not None, valid is not None, bool(softcap), EPS,
+        num_warps=4 if bf * bv + triton.next_power_of_2(window) * (triton.next_power_of_2(d) + bv) <= 8192 else 8,
     )
-    return y, shift_window(ext, new_mem, 1)
+    _ring_advance_kernel[(b,)](new_valid, rvalid, state["pos"], p, valid is not None)
+    return y, state

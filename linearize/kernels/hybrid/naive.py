@@ -12,7 +12,10 @@ exp(G_i - G_j), G the running sum of log-decays. With W >= sequence length the l
 empty and y is exactly softmax attention. Layout [B, T, H, D]; maths in fp32.
 
 The recurrent state after t tokens: `S` [B,Hk,F,V+1], the linear memory of every token that left
-the window (last column: the normalizer), and the last W-1 tokens (`k`, `v`, `fk`, `g`, `valid`).
+the window (last column: the normalizer), and the last W-1 tokens (`k`, `v`, `fk`, `g`, `valid`) in a
+ring buffer: slot `pos % (W-1)` (`pos` [B], a device tensor) holds the oldest token. A decode step
+writes its token into that slot and advances `pos`, so every state tensor keeps its address (CUDA
+graphs); the parallel form reads the ring back in token order and leaves it in order (pos 0).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ def empty_state(
     batch: int, window: int, num_kv_heads: int, head_dim: int, value_dim: int,
     feature_dim: int, gated: bool, device: torch.device,
 ) -> dict[str, Tensor]:
-    """State before the first token: empty memory and W-1 invalid (padding) window slots."""
+    """State before the first token: empty memory, W-1 invalid (padding) window slots, ring position 0."""
     p = window - 1
     z = dict(dtype=torch.float32, device=device)
     state = {
@@ -40,6 +43,7 @@ def empty_state(
         "v": torch.zeros(batch, p, num_kv_heads, value_dim, **z),
         "fk": torch.zeros(batch, p, num_kv_heads, feature_dim, **z),
         "valid": torch.zeros(batch, p, dtype=torch.bool, device=device),
+        "pos": torch.zeros(batch, dtype=torch.long, device=device),
     }
     if gated:
         state["g"] = torch.zeros(batch, p, num_kv_heads, feature_dim, **z)
@@ -112,6 +116,7 @@ def hybrid_attn_ref(
     hk, vd, f = k.shape[2], v.shape[-1], fk.shape[-1]
     if state is None:
         state = empty_state(b, window, hk, d, vd, f, g is not None, q.device)
+    state = token_order(state)
     ext = extend_window(state, k, v, fk, g, valid)
     ext_k, ext_v, ext_fk, ext_valid, ext_g = ext["k"], ext["v"], ext["fk"], ext["valid"], ext.get("g")
 
@@ -131,6 +136,18 @@ def hybrid_attn_ref(
     )
     y = _combine(num_w, den_w, o_l[..., :vd], o_l[..., vd], mix)
     return y.to(v.dtype), shift_window(ext, mem, t)
+
+
+def token_order(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The state with its window ring read out oldest token first (pos 0): what the parallel form
+    continues from, e.g. a chunked prefill after decode steps. Gathers on the device (no sync)."""
+    b, p = state["valid"].shape
+    idx = (torch.arange(p, device=state["pos"].device) + state["pos"][:, None]) % max(p, 1)  # [B,P]: slot of the i-th oldest
+    out = {"S": state["S"], "pos": torch.zeros_like(state["pos"])}
+    for name, t in state.items():
+        if name not in out:
+            out[name] = t.gather(1, idx.view(b, p, *[1] * (t.dim() - 2)).expand_as(t))
+    return out
 
 
 def extend_window(
@@ -153,8 +170,9 @@ def extend_window(
 
 
 def shift_window(ext: dict[str, Tensor], memory: Tensor, num_tokens: int) -> dict[str, Tensor]:
-    """The state after `num_tokens` new tokens: the new memory and the last W-1 window tokens."""
-    return {"S": memory, **{name: t[:, num_tokens:] for name, t in ext.items()}}
+    """The state after `num_tokens` new tokens: the new memory and the last W-1 window tokens, in order."""
+    pos = torch.zeros(memory.shape[0], dtype=torch.long, device=memory.device)
+    return {"S": memory, **{name: t[:, num_tokens:] for name, t in ext.items()}, "pos": pos}
 
 
 def hybrid_step_ref(
@@ -162,11 +180,17 @@ def hybrid_step_ref(
     *, window: int, scale: float, softcap: float | None = None, valid: Tensor | None = None,
     state: dict[str, Tensor],
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Recurrent form, one token: q [B,H,D], k/v [B,Hk,*], fq [B,H,F], fk/g [B,Hk,F], valid [B]."""
+    """Recurrent form, one token: q [B,H,D], k/v [B,Hk,*], fq [B,H,F], fk/g [B,Hk,F], valid [B].
+
+    The window is the W-1 ring slots plus this token. The oldest token (ring slot pos % (W-1); with
+    W = 1, this token) enters the memory after the read, and this token takes its slot. Returns y and
+    a new state; `state` is left unchanged (the kernels update it in place instead).
+    """
     b, h, d = q.shape
     hk, vd, f = k.shape[1], v.shape[-1], fk.shape[-1]
+    p = window - 1
     ext = extend_window(state, k[:, None], v[:, None], fk[:, None], None if g is None else g[:, None],
-                        None if valid is None else valid[:, None])  # [B,W,...]
+                        None if valid is None else valid[:, None])  # [B,W,...]: ring slots, then this token
     ext_g = ext.get("g")
 
     qg = q.float().reshape(b, 1, hk, h // hk, d)
@@ -180,10 +204,16 @@ def hybrid_step_ref(
     o_l = torch.einsum("bhgf,bhfv->bhgv", fqg, state["S"]).reshape(b, h, vd + 1)
     y = _combine(num_w, den_w, o_l[..., :vd], o_l[..., vd], mix)
 
-    # The oldest window token leaves the window and enters the linear memory.
-    v1 = torch.cat([ext["v"][:, 0], ext["v"].new_ones(b, hk, 1)], -1)
+    # The oldest window token leaves the window and enters the linear memory; this token takes its slot.
+    rows = torch.arange(b, device=q.device)
+    slot = state["pos"] % p if p else torch.zeros_like(state["pos"])  # index into ext
+    v1 = torch.cat([ext["v"][rows, slot], ext["v"].new_ones(b, hk, 1)], -1)
     mem = state["S"]
     if ext_g is not None:
-        mem = mem * ext_g[:, 0].exp()[..., None]
-    mem = mem + ext["fk"][:, 0][..., None] * v1[:, :, None, :]
-    return y.to(v.dtype), shift_window(ext, mem, 1)
+        mem = mem * ext_g[rows, slot].exp()[..., None]
+    mem = mem + ext["fk"][rows, slot][..., None] * v1[:, :, None, :]
+    hit = torch.arange(p, device=q.device) == slot[:, None]  # [B,P]
+    new = {"S": mem, "pos": state["pos"] + 1}
+    for name, t in ext.items():
+        new[name] = torch.where(hit.view(b, p, *[1] * (t.dim() - 2)), t[:, p:], t[:, :p])
+    return y.to(v.dtype), new

@@ -1,0 +1,150 @@
+"""Decoding with one step of the whole model captured as a CUDA graph and replayed per token.
+
+A fully converted model decodes from fixed-size states that the kernels update in place, so one
+step (embedding, every layer, head, next-token choice, position advance) can be recorded once with
+`torch.cuda.graphs` and replayed without Python or launch overhead. The token and the rotary
+positions live in static tensors that the step itself advances, so each replay sees the next
+position. On CPU (or with graph=False) the same step runs eagerly.
+
+    tokens = linearize.generate_graphed(model, input_ids, max_new_tokens=64)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .cache import StateLayer
+from .convert import is_converted
+from .errors import LinearizeError
+from .plan import SOFTMAX
+
+Sampler = Callable[[Tensor], Tensor]  # logits [B, V] -> token ids [B]; runs inside the captured step
+
+
+def greedy(logits: Tensor) -> Tensor:
+    """The most likely token of each row."""
+    return logits.argmax(-1)
+
+
+class GraphedDecoder:
+    """Prefills a prompt eagerly, then decodes one token per `step()` from static buffers.
+
+    `tokens` [B,1] holds the last generated token (the next step's input), `logits` [B,V] the logits
+    that chose it; both are overwritten by every step. `sample` must be capturable (no host syncs).
+    """
+
+    def __init__(
+        self, model: nn.Module, input_ids: Tensor, *, attention_mask: Tensor | None = None,
+        sample: Sampler = greedy, prefill_chunk: int | None = None, graph: bool | None = None,
+    ):
+        check_decodable(model)
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise LinearizeError(f"input_ids must be [batch, tokens] with at least one token, got shape {tuple(input_ids.shape)}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise LinearizeError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
+        use_graph = input_ids.is_cuda if graph is None else graph
+        if use_graph and not input_ids.is_cuda:
+            raise LinearizeError("graph=True needs the model and input_ids on a CUDA device")
+        self.model, self.sample = model, sample
+        self.cache = model.new_cache()
+        self._layers = [layer for layer in self.cache.layers if isinstance(layer, StateLayer)]
+        b, t = input_ids.shape
+        if attention_mask is None:  # left padding: positions count from each row's first real token
+            positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        else:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        chunk = prefill_chunk or t
+        with torch.no_grad():
+            for s in range(0, t, chunk):
+                mask = None if attention_mask is None else attention_mask[:, : s + chunk]
+                logits = self._forward(input_ids[:, s : s + chunk], positions[:, s : s + chunk], mask)
+            self.logits = logits
+            self.tokens = sample(logits)[:, None]
+        self.positions = positions[:, -1:] + 1
+        self.seen = t
+        self.graph = None
+        if use_graph:
+            self._capture()
+
+    def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None = None) -> Tensor:
+        kw = {self.model._cache_kwarg: self.cache}
+        out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, logits_to_keep=1, **kw)
+        return out.logits[:, -1]
+
+    def _step(self) -> None:
+        """One token from the static buffers, advancing them in place: what the graph records."""
+        self.logits = self._forward(self.tokens, self.positions)
+        self.tokens.copy_(self.sample(self.logits)[:, None])
+        self.positions.add_(1)
+
+    def _static_tensors(self) -> list[Tensor]:
+        return [self.tokens, self.positions] + [t for layer in self._layers for t in layer.state.values()]
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (kernel compilation, cuBLAS set-up), restore the state, record one step."""
+        static, prefill_logits = self._static_tensors(), self.logits
+        saved = [t.clone() for t in static]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        if [t.data_ptr() for t in self._static_tensors()] != [t.data_ptr() for t in static]:
+            raise LinearizeError("a decode step replaced its state tensors instead of updating them in place; it cannot be captured")
+        for t, s in zip(static, saved):
+            t.copy_(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self._step()
+        self.logits.copy_(prefill_logits)  # the graph's output buffer: nothing ran in it yet
+        self._sync_seen()
+
+    def _sync_seen(self) -> None:
+        for layer in self._layers:  # the token count HF reads from the cache (a replay runs no Python)
+            layer.seen = self.seen
+
+    def step(self) -> Tensor:
+        """Decode one token; returns the static `tokens` buffer [B,1] now holding it."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            with torch.no_grad():
+                self._step()
+        self.seen += 1
+        self._sync_seen()
+        return self.tokens
+
+
+def check_decodable(model: nn.Module) -> None:
+    """Raise unless every layer of `model` is converted (a fixed-size state a graph can hold)."""
+    if not is_converted(model):
+        raise LinearizeError("graphed decoding needs a model converted with linearize.convert")
+    softmax = [i for i, spec in enumerate(model.layer_plan) if spec.kind == SOFTMAX]
+    if softmax:
+        raise LinearizeError(
+            f"graphed decoding needs every layer converted, but layers {softmax} keep softmax attention: their "
+            "key/value cache grows with every token, and there is no static key/value cache for a captured graph "
+            "yet. Convert those layers too, or use model.generate()."
+        )
+
+
+def generate_graphed(
+    model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attention_mask: Tensor | None = None,
+    sample: Sampler = greedy, prefill_chunk: int | None = None, graph: bool | None = None,
+) -> Tensor:
+    """The prompt followed by exactly `max_new_tokens` tokens, [B, T + max_new_tokens] (no stop at EOS).
+
+    The decode step is a replayed CUDA graph on CUDA (graph=None), eager elsewhere; `prefill_chunk`
+    prefills long prompts in chunks of that many tokens.
+    """
+    if max_new_tokens < 1:
+        raise LinearizeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    decoder = GraphedDecoder(model, input_ids, attention_mask=attention_mask, sample=sample, prefill_chunk=prefill_chunk, graph=graph)
+    out = [input_ids, decoder.tokens.clone()]
+    for _ in range(max_new_tokens - 1):
+        out.append(decoder.step().clone())
+    return torch.cat(out, 1)

@@ -1,0 +1,153 @@
+"""Graphed decoding: the static decode step against model.generate, cache states that keep their
+addresses, refusals, the decode benchmark's smoke mode, and (on a GPU) CUDA-graph replay."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import linearize
+from linearize import GraphedDecoder, LinearizeError, generate_graphed
+
+from conftest import perturb_new_params, rel_err, tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+PLANS = {
+    "hedgehog": "*:hedgehog",
+    "lolcats": "*:lolcats(window=4)",
+    "gla": "*:gla",
+    "gla-identity": "*:gla(feature_map=identity)",
+    "lizard": "*:lizard(window=3)",
+    "lolcats-w1": "*:lolcats(window=1)",
+}
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_model("llama")
+
+
+def converted(base, plan):
+    model = linearize.convert(copy.deepcopy(base), plan)
+    perturb_new_params(model)
+    model.generation_config.eos_token_id = None  # generate_graphed does not stop at EOS either
+    return model
+
+
+def prompt(b=1, t=7, device="cpu"):
+    return torch.randint(3, 128, (b, t), generator=torch.Generator().manual_seed(1)).to(device)
+
+
+@pytest.mark.parametrize("name", PLANS)
+def test_static_decode_step_matches_generate(base, name):
+    model, ids = converted(base, PLANS[name]), prompt()
+    decoder = GraphedDecoder(model, ids)
+    tokens = [decoder.tokens.clone()] + [decoder.step().clone() for _ in range(11)]
+    assert decoder.graph is None  # CPU: the same step, eagerly
+    assert int(decoder.positions) == 7 + 11 and decoder.cache.get_seq_length() == 7 + 11
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(torch.cat([ids, *tokens], 1), expected)
+    assert torch.equal(generate_graphed(model, ids, 12), expected)
+
+
+@pytest.mark.parametrize("name", ["lolcats", "lizard", "gla"])
+def test_left_padded_batch_with_chunked_prefill_matches_generate(base, name):
+    model = converted(base, PLANS[name])
+    ids = prompt(2, 9)
+    ids[1, :4] = 0
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    ours = generate_graphed(model, ids, 8, attention_mask=mask, prefill_chunk=4)
+    assert torch.equal(ours, model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0))
+
+
+@pytest.mark.parametrize("name", ["hedgehog", "lolcats", "gla", "lizard"])
+def test_cache_states_keep_their_addresses_through_decode_and_prefill(base, name):
+    """Decode steps update every state tensor in place and a later prefill (from a rotated ring) copies
+    into them, so a captured graph stays valid; the logits still equal one pass over the sequence."""
+    model, ids = converted(base, PLANS[name]), prompt(2, 16)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = model.new_cache()
+        run = lambda a, b: model(ids[:, a:b], past_key_values=cache, use_cache=True).logits  # noqa: E731
+        logits = [run(0, 5)]
+        ptrs = [t.data_ptr() for layer in cache.layers for t in layer.state.values()]
+        logits += [run(i, i + 1) for i in range(5, 9)] + [run(9, 13)] + [run(i, i + 1) for i in range(13, 16)]
+    assert [t.data_ptr() for layer in cache.layers for t in layer.state.values()] == ptrs
+    assert rel_err(torch.cat(logits, 1), full) < 1e-4
+
+
+def test_graphed_decoding_refuses_softmax_layers_and_bad_input(base):
+    ids = prompt()
+    with pytest.raises(LinearizeError, match=r"layers \[1\] keep softmax attention"):
+        generate_graphed(converted(base, "0:lolcats,1:softmax,2:gla"), ids, 3)
+    with pytest.raises(LinearizeError, match="converted with linearize.convert"):
+        generate_graphed(base, ids, 3)
+    model = converted(base, "*:gla")
+    with pytest.raises(LinearizeError, match="max_new_tokens must be >= 1"):
+        generate_graphed(model, ids, 0)
+    with pytest.raises(LinearizeError, match="prefill_chunk"):
+        generate_graphed(model, ids, 2, prefill_chunk=0)
+    with pytest.raises(LinearizeError, match=r"\[batch, tokens\]"):
+        generate_graphed(model, ids[0], 2)
+    with pytest.raises(LinearizeError, match="CUDA device"):
+        generate_graphed(model, ids, 2, graph=True)
+
+
+def test_decode_benchmark_runs_in_smoke_mode(tmp_path):
+    out = tmp_path / "decode.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--smoke", "--out", str(out)],
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert {"command", "date", "device", "versions", "records"} <= set(data)
+    records = data["records"]
+    assert {(r["op"], r["impl"]) for r in records} >= {("smollm2_decode_lolcats", "ours"), ("smollm2_decode_teacher", "hf_generate")}
+    assert all(r["pass"] == "decode" and r["ms"] > 0 and isinstance(r["T"], int) for r in records)
+    assert "| op | impl | T |" in run.stdout
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+@cuda
+@pytest.mark.parametrize("model_type,name", [("llama", name) for name in PLANS] + [("gemma2", "lizard"), ("qwen3", "lolcats")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_replay_equals_eager_decoding(model_type, name, dtype):
+    model = converted(tiny_model(model_type), PLANS[name]).to("cuda", dtype)
+    ids = prompt(device="cuda")
+
+    def decode(graph):
+        decoder = GraphedDecoder(model, ids, graph=graph)
+        tokens, logits = [decoder.tokens.clone()], [decoder.logits.clone()]
+        for _ in range(24):  # past every window: the ring wraps around on replay
+            tokens.append(decoder.step().clone())
+            logits.append(decoder.logits.clone())
+        return decoder, torch.cat(tokens, 1), torch.stack(logits, 1)
+
+    graphed, tokens, logits = decode(True)
+    eager, eager_tokens, eager_logits = decode(False)
+    assert graphed.graph is not None and eager.graph is None
+    assert int(graphed.positions[0]) == 7 + 24 and graphed.cache.get_seq_length() == 7 + 24
+    assert torch.equal(tokens, eager_tokens)
+    assert rel_err(logits, eager_logits) < (1e-5 if dtype == torch.float32 else 1e-2)
+    if dtype == torch.float32:  # bf16 logits of a random model have near-ties
+        assert torch.equal(torch.cat([ids, tokens], 1), model.generate(ids, max_new_tokens=25, do_sample=False))
+
+
+@cuda
+def test_cuda_graph_left_padded_batch_with_chunked_prefill_matches_generate(base):
+    model = converted(base, PLANS["lizard"]).cuda()
+    ids = prompt(2, 9, device="cuda")
+    ids[1, :4] = 0
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    ours = generate_graphed(model, ids, 16, attention_mask=mask, prefill_chunk=4)
+    assert torch.equal(ours, model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0))
