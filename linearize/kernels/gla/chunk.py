@@ -18,7 +18,7 @@ the state leaving each chunk (dh = exp(b_last) dh + (q exp(bq))^T dO); `_dv_kern
 dv = (k exp(b_last - b)) dh + A^T dO; `_dqk_kernel` gives dq = exp(bq) dO h^T + dA k and
 dk = exp(b_last - b) v dh^T + dA^T q with dA = tril(dO v^T) (per channel: `_dA_kernel` stores dA and
 `_intra_grad_kernel` adds its terms in sub-blocks); the decay's gradient is a reverse cumulative sum
-of q dq - k dk (see `_decay_grad`). GQA: query heads of a group read and accumulate into their KV
+of q dq - k dk (`_decay_grad_kernel`, walking the chunks backward). GQA: query heads of a group read and accumulate into their KV
 head's k, v, states and gradients; k and v are never repeated. Exclusive scans (o_i reads the state
 before token i) shift bq by one token and make the diagonal strict. Packed sequences (cu_seqlens):
 a table maps each program to its (sequence, chunk); no chunk crosses a sequence boundary.
@@ -452,6 +452,45 @@ def _intra_grad_kernel(
         tl.store(ptr, tl.load(ptr, mask=m2, other=0.0) + dk_acc, mask=m2)
 
 
+@triton.jit
+def _decay_grad_kernel(
+    q, k, dq, dk, fin, dg, cu, T,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, KG: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, EXCLUSIVE: tl.constexpr, HAS_FIN: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    # dg_t = sum_{u>=t} (sum_heads q_u dq_u - k_u dk_u) + fin (q's term from u > t when exclusive):
+    # one program per (sequence, KV head, block of channels) walks its chunks backward with a carry
+    ik, nh = tl.program_id(0), tl.program_id(1)
+    i_n, hk = nh // HK, nh % HK
+    G: tl.constexpr = H // HK
+    bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
+    rc, rk = tl.arange(0, C), ik * BK + tl.arange(0, BK)
+    mk = rk < K
+    if HAS_FIN:  # the final state's term sum_v S_T dS_T, one value per channel (or per head)
+        carry = tl.load(fin + nh * KG + (rk if KG > 1 else rk * 0), mask=mk, other=0.0)
+    else:
+        carry = tl.zeros([BK], dtype=tl.float32)
+    nt = tl.cdiv(eos - bos, C)
+    for n in range(nt):
+        tok = bos + (nt - 1 - n) * C + rc
+        mt = tok < eos
+        r = tl.zeros([C, BK], dtype=tl.float32)
+        for j in range(G):
+            r += _load(q, tok, mt, H, hk * G + j, K, rk, mk).to(tl.float32) * _load(dq, tok, mt, H, hk * G + j, K, rk, mk)
+        x = r - _load(k, tok, mt, HK, hk, K, rk, mk).to(tl.float32) * _load(dk, tok, mt, HK, hk, K, rk, mk)
+        if KG == 1:  # one decay per head: its gradient sums over the channels
+            x = tl.sum(x, axis=1)[:, None] + tl.zeros([C, BK], dtype=tl.float32)
+            r = tl.sum(r, axis=1)[:, None] + tl.zeros([C, BK], dtype=tl.float32)
+        out = tl.cumsum(x, axis=0, reverse=True) + carry[None, :]
+        carry += tl.sum(x, axis=0)
+        if EXCLUSIVE:
+            out -= r
+        if KG == 1:
+            tl.store(dg + tok * HK + hk + rc * 0, tl.max(out, axis=1), mask=mt)  # every column holds the same value
+        else:
+            _store(dg, out, tok, mt, HK, hk, K, rk, mk)
+
+
 def _chunk_table(cu_seqlens: Tensor | None, batch: int, t: int, c: int) -> tuple[Tensor | None, Tensor | None, int, int]:
     """(chunk -> (sequence, chunk) table, first chunk of each sequence, chunks per sequence, total chunks).
 
@@ -539,29 +578,21 @@ def _forward(L: _Launch, q, k, v, b, initial_state, exclusive, out=None):
     return o, s_out, h, A
 
 
-def _decay_grad(L: _Launch, q, k, dq, dk, b, final_state, dfinal, exclusive) -> Tensor:
+def _decay_grad(L: _Launch, q, k, dq, dk, final_state, dfinal, exclusive, dtype) -> Tensor:
     """dL/dg from dq, dk (fp32): g_t enters every cumulative decay from t on, so
     dg_t = sum_{u>=t} (q_u dq_u - k_u dk_u) + sum_v S_T dS_T (q's term one token later when exclusive)."""
-    r = (q.float() * dq).view(L.B, L.T, L.HK, L.H // L.HK, L.K).sum(3)
-    kk = k.float() * dk
-    x = r - kk
-    if L.gate == 1:
-        x, r = x.sum(-1), r.sum(-1)
-    x = x.double()
-    rev = x.flip(1).cumsum(1).flip(1)  # sum over u >= t within the row
-    if L.varlen:  # restart at every sequence: subtract what the later sequences added
-        ends = torch.repeat_interleave(L.cu[1:].long(), (L.cu[1:] - L.cu[:-1]).long())
-        rev = rev - torch.nn.functional.pad(rev, (0, 0) * (rev.dim() - 2) + (0, 1))[:, ends]
-    dg = rev - r.double() if exclusive else rev
+    fin = None
     if dfinal is not None:
         fin = (final_state * dfinal.float()).sum(-1)  # [N, Hk, K]
-        fin = fin.sum(-1) if L.gate == 1 else fin
-        if L.varlen:
-            seq = torch.repeat_interleave(torch.arange(L.N, device=q.device), (L.cu[1:] - L.cu[:-1]).long())
-            dg = dg + fin[seq][None].double()
-        else:
-            dg = dg + fin[:, None].double()
-    return dg.float()
+        fin = (fin.sum(-1) if L.gate == 1 else fin).contiguous()
+    dg = torch.empty(q.shape[:3][:2] + (L.HK,) + ((L.K,) if L.gate == 2 else ()), dtype=dtype, device=q.device)
+    cu, _ = L.seq_args()
+    bk = L.BK if L.gate == 2 else max(16, triton.next_power_of_2(L.K))  # per head: all channels at once
+    _decay_grad_kernel[(triton.cdiv(L.K, bk), L.N * L.HK)](
+        q, k, dq, dk, fin if fin is not None else dq, dg, cu, L.T, L.H, L.HK, L.K, L.KG, L.C, bk, exclusive,
+        fin is not None, L.varlen,
+    )
+    return dg
 
 
 class ChunkGLAFunction(torch.autograd.Function):
@@ -612,7 +643,7 @@ class ChunkGLAFunction(torch.autograd.Function):
                 q, k, b, dA, dq, dk, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.C, L.BKS, SUB, exclusive, L.varlen,
             )
         if L.gate:
-            dg = _decay_grad(L, q, k, dq, dk, b, s_out, dstate, exclusive).to(ctx.g_dtype)
+            dg = _decay_grad(L, q, k, dq, dk, s_out, dstate, exclusive, ctx.g_dtype)
         ds0 = ds0.to(s0.dtype) if s0 is not None else None
         return dq.to(q.dtype), dk.to(k.dtype), dv, dg, ds0, None, None, None
 
