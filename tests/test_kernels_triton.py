@@ -262,3 +262,26 @@ def test_hybrid_on_the_window_kernel_matches_reference_with_gradients(t, window,
     assert rel_err(y, y_ref) < tol and rel_err(st["S"], st_ref["S"]) < tol
     assert all(_window_err(a, r) < tol for a, r in zip(grads, refs))
 
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the dispatch picks the kernels on CUDA only")
+@pytest.mark.parametrize("gated", [False, True])
+def test_hybrid_dispatch_on_cuda_matches_reference_at_model_shapes(gated):
+    from linearize import kernels
+
+    b, t, h, hk, d, f, window = 2, 300, 8, 4, 128, 64, 64  # head dim 128: the 8-warp configuration
+    leaf = lambda *s: torch.randn(*s, device=DEVICE).to(torch.bfloat16).requires_grad_()  # noqa: E731
+    q, k, v, fq, fk = leaf(b, t, h, d), leaf(b, t, hk, d), leaf(b, t, hk, d), leaf(b, t, h, f), leaf(b, t, hk, f)
+    g = F.logsigmoid(torch.randn(b, t, hk, f, device=DEVICE) + 4) if gated else None
+    mix = torch.rand(h, device=DEVICE).requires_grad_()
+    valid = torch.ones(b, t, dtype=torch.bool, device=DEVICE)
+    valid[1, :100] = False
+    args = lambda: (q, k, v, fq.softmax(-1), fk.softmax(-1), g, mix)  # noqa: E731
+    kw = dict(window=window, scale=d**-0.5, softcap=50.0, valid=valid)
+    y, _ = kernels.hybrid_attn(*args(), **kw)
+    y_ref, _ = hybrid_attn_ref(*(x.float() if x is not None and x.is_floating_point() else x for x in args()), **kw)
+    dy = torch.randn_like(y_ref)
+    inputs = [q, k, v, fq, fk, mix]
+    grads = torch.autograd.grad((y.float() * dy).sum(), inputs)
+    refs = torch.autograd.grad((y_ref * dy).sum(), inputs)
+    assert y.dtype == torch.bfloat16 and rel_err(y, y_ref) < 1e-2
+    assert all(_window_err(a, r) < 2e-2 for a, r in zip(grads, refs))
