@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 import linearize
+from linearize import kernels
 from linearize.kernels.gla.naive import chunk_gla_ref
+from linearize.kernels.hybrid.naive import hybrid_attn_ref
 
 
 def bench(fn: Callable[[], object], cuda: bool, reps: int = 20) -> float:
@@ -89,6 +91,24 @@ def main() -> None:
             record("linear_attn", "fla", t, "fwdbwd", lambda: torch.autograd.backward(fla_linear(*grads, normalize=False)[0], do))
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
         record("softmax_attn", "sdpa", t, "fwd", lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True))
+
+        # softmax attention with gradients; the lolcats hybrid (window 64 + linear part on feature dim 128)
+        # as the layers call it, kernels.hybrid_attn (window kernel + linear scan + combine), against the
+        # reference and against the window in PyTorch with the Triton scan (the path before the window kernel)
+        qg, kg, vg = (x.transpose(1, 2) for x in grads)
+        record("softmax_attn", "sdpa", t, "fwdbwd",
+               lambda: torch.autograd.backward(F.scaled_dot_product_attention(qg, kg, vg, is_causal=True), do.transpose(1, 2)))
+        fq, fk = (torch.rand(b, t, h, 128, device=device, dtype=dtype) for _ in range(2))
+        mix = torch.full((h,), 0.5, device=device)
+        hybrid_kw = dict(window=64, scale=d**-0.5)
+        record("lolcats_hybrid", "reference", t, "fwd", lambda: hybrid_attn_ref(q, k, v, fq, fk, None, mix, **hybrid_kw))
+        if cuda:
+            hybrid_leaves = [x.clone().requires_grad_() for x in (q, k, v, fq, fk, mix)]
+            torch_window = lambda *a: hybrid_attn_ref(*a, scan=kernels.chunk_gla, **hybrid_kw)  # noqa: E731
+            for impl, hybrid in (("ours", lambda *a: kernels.hybrid_attn(*a, **hybrid_kw)), ("torch_window", torch_window)):
+                record("lolcats_hybrid", impl, t, "fwd", lambda: hybrid(q, k, v, fq, fk, None, mix))
+                record("lolcats_hybrid", impl, t, "fwdbwd",
+                       lambda: torch.autograd.backward(hybrid(*hybrid_leaves[:5], None, hybrid_leaves[5])[0], do))
 
     out = {
         "command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
