@@ -189,10 +189,10 @@ def _window_err(got, ref):
     "window,t,d,vd,dtype,softcap,pad",
     [
         (1, 9, 16, 16, torch.float32, None, False),
-        (5, 70, 16, 24, torch.bfloat16, 30.0, True),  # T across two query blocks of 64
+        (5, 70, 16, 24, torch.bfloat16, 30.0, True),  # T across three query blocks of 32
         (64, 70, 64, 64, torch.float32, None, True),
         (64, 1, 16, 16, torch.bfloat16, None, True),
-        (128, 9, 16, 40, torch.float32, 20.0, True),  # span of 191 keys, 3 chunks
+        (128, 9, 16, 40, torch.float32, 20.0, True),  # span of 159 keys, 5 chunks
         (17, 33, 64, 16, torch.float32, None, False),
     ],
 )
