@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 import linearize
+from linearize import kernels
 from linearize.kernels.gla.naive import chunk_gla_ref
+from linearize.kernels.hybrid.naive import hybrid_attn_ref
 
 
 def bench(fn: Callable[[], object], cuda: bool, reps: int = 20) -> float:
@@ -63,16 +65,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, references only (checks the script)")
+    ap.add_argument("--ops", nargs="*", help="time only these ops (linear_attn, simple_gla, gla, lolcats_hybrid, softmax_attn)")
+    ap.add_argument("--impls", nargs="*", help="time only these implementations (ours, fla, sdpa, reference, torch_window)")
+    ap.add_argument("--lengths", nargs="*", type=int, help="sequence lengths (default 2048 8192 32768 on a GPU)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     h, d, tokens = (32, 128, 16384) if cuda else (2, 16, 256)
-    lengths = [2048, 8192, 32768] if cuda else [64, 128]
+    lengths = args.lengths or ([2048, 8192, 32768] if cuda else [64, 128])
     bw = copy_bandwidth(device)
     records = []
 
     def record(op: str, impl: str, t: int, pas: str, fn: Callable[[], object]) -> None:
+        if (args.ops and op not in args.ops) or (args.impls and impl not in args.impls):
+            return
         try:
             ms = bench(fn, cuda)
         except Exception as e:  # an implementation that cannot run this shape is reported, not fatal
@@ -105,7 +112,8 @@ def main() -> None:
         }
         for op, g in decays.items():
             nbytes = 4 * q.numel() * q.element_size() + (0 if g is None else g.numel() * g.element_size())
-            records.append({"op": op, "impl": "floor", "T": t, "pass": "fwd", "ms": round(nbytes / bw, 4)})
+            if not args.ops or op in args.ops:
+                records.append({"op": op, "impl": "floor", "T": t, "pass": "fwd", "ms": round(nbytes / bw, 4)})
             impls = {"ours": lambda q, k, v, g: ours(q, k, v, g)} if cuda else {}
             if cuda and peers[op] is not None:
                 impls["fla"] = peers[op]
@@ -119,6 +127,21 @@ def main() -> None:
         lt = [x.clone().requires_grad_() for x in (qt, kt, vt)]
         record("softmax_attn", "sdpa", t, "fwdbwd",
                lambda: torch.autograd.backward(F.scaled_dot_product_attention(*lt, is_causal=True), do.transpose(1, 2)))
+
+        # the lolcats hybrid (window 64 + linear part on feature dim 128)
+        # as the layers call it, kernels.hybrid_attn (window kernel + linear scan + combine), against the
+        # reference and against the window in PyTorch with the Triton scan (the path before the window kernel)
+        fq, fk = (torch.rand(b, t, h, 128, device=device, dtype=dtype) for _ in range(2))
+        mix = torch.full((h,), 0.5, device=device)
+        hybrid_kw = dict(window=64, scale=d**-0.5)
+        record("lolcats_hybrid", "reference", t, "fwd", lambda: hybrid_attn_ref(q, k, v, fq, fk, None, mix, **hybrid_kw))
+        if cuda:
+            hybrid_leaves = [x.clone().requires_grad_() for x in (q, k, v, fq, fk, mix)]
+            torch_window = lambda *a: hybrid_attn_ref(*a, scan=kernels.chunk_gla, **hybrid_kw)  # noqa: E731
+            for impl, hybrid in (("ours", lambda *a: kernels.hybrid_attn(*a, **hybrid_kw)), ("torch_window", torch_window)):
+                record("lolcats_hybrid", impl, t, "fwd", lambda: hybrid(q, k, v, fq, fk, None, mix))
+                record("lolcats_hybrid", impl, t, "fwdbwd",
+                       lambda: torch.autograd.backward(hybrid(*hybrid_leaves[:5], None, hybrid_leaves[5])[0], do))
 
     out = {
         "command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),

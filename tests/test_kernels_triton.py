@@ -191,3 +191,127 @@ def test_hybrid_on_the_triton_scan_matches_reference_with_gradients(gated, t, wi
     tol = 1e-5 if DEVICE == "cpu" else 3e-3
     assert rel_err(y, y_ref) < tol and rel_err(st["S"], st_ref["S"]) < tol
     assert all(rel_err(a, r) < tol for a, r in zip(grads, refs))
+
+
+window_ops = pytest.importorskip("linearize.kernels.hybrid.window")
+from linearize.kernels.hybrid.naive import window_combine_ref, window_softmax_ref  # noqa: E402
+
+
+def _window_inputs(b, t, h, hk, d, vd, window, dtype, pad):
+    """q and the ext tokens (W-1 context, then T new) as leaves; with `pad`, invalid slots incl. rows
+    that see no valid key (the first W+2 ext tokens of batch 0) and scattered ones."""
+    leaf = lambda *s: torch.randn(*s, device=DEVICE).to(dtype).requires_grad_()  # noqa: E731
+    n = window - 1 + t
+    q, ek, ev = leaf(b, t, h, d), leaf(b, n, hk, d), leaf(b, n, hk, vd)
+    valid = torch.ones(b, n, dtype=torch.bool, device=DEVICE)
+    if pad:
+        valid[0, : window + 2] = False
+        valid[-1, 3::4] = False
+    return q, ek, ev, valid
+
+
+def _window_err(got, ref):
+    # relative to the reference's norm, or to 1 where it vanishes (W = 1: no gradient for q and k)
+    return ((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1.0)).item()
+
+
+@pytest.mark.parametrize(
+    "window,t,d,vd,dtype,softcap,pad",
+    [
+        (1, 9, 16, 16, torch.float32, None, False),
+        (5, 70, 16, 24, torch.bfloat16, 30.0, True),  # T across three query blocks of 32
+        (64, 70, 64, 64, torch.float32, None, True),
+        (64, 1, 16, 16, torch.bfloat16, None, True),
+        (128, 9, 16, 40, torch.float32, 20.0, True),  # span of 159 keys, 5 chunks
+        (17, 33, 64, 16, torch.float32, None, False),
+    ],
+)
+def test_window_softmax_kernel_matches_reference_with_gradients(window, t, d, vd, dtype, softcap, pad):
+    b, h, hk = 2, 6, 2
+    q, ek, ev, valid = _window_inputs(b, t, h, hk, d, vd, window, dtype, pad)
+    num, den = window_ops.window_softmax(q, ek, ev, valid, window, d**-0.5, softcap)
+    dnum, dden = torch.randn_like(num), torch.randn_like(den)
+    grads = torch.autograd.grad((num * dnum).sum() + (den * dden).sum(), [q, ek, ev])
+    num_ref, den_ref = window_softmax_ref(q.float(), ek.float(), ev.float(), valid, window, d**-0.5, softcap)
+    refs = torch.autograd.grad((num_ref * dnum).sum() + (den_ref * dden).sum(), [q, ek, ev])
+    fp32_cpu = dtype == torch.float32 and DEVICE == "cpu"
+    tol = 1e-5 if fp32_cpu else (3e-3 if dtype == torch.float32 else 1e-2)  # GPU: TF32 products
+    assert num.dtype == den.dtype == torch.float32 and not torch.isnan(num).any() and not torch.isnan(den).any()
+    assert rel_err(num, num_ref) < tol and rel_err(den, den_ref) < tol
+    if pad:  # rows that see no valid key: 0, like the reference
+        assert num[0, : min(t, 3)].abs().max() == 0 and den[0, : min(t, 3)].abs().max() == 0
+    gtol = 1e-5 if fp32_cpu else (5e-3 if dtype == torch.float32 else 2e-2)  # bf16: rounding of the gradients
+    for got, ref in zip(grads, refs):
+        assert got.dtype == dtype and not torch.isnan(got).any()
+        assert _window_err(got, ref) < gtol
+
+
+@pytest.mark.parametrize("dtype,softcap", [(torch.float32, None), (torch.bfloat16, 30.0)])
+def test_window_combine_kernel_matches_reference_with_gradients(dtype, softcap):
+    b, t, h, hk, d, vd, window = 2, 21, 6, 2, 16, 24, 8
+    q, ek, ev, valid = _window_inputs(b, t, h, hk, d, vd, window, dtype, pad=True)
+    lin = torch.cat([torch.randn(b, t, h, vd, device=DEVICE), torch.rand(b, t, h, 1, device=DEVICE) * 5], -1).requires_grad_()
+    mix = torch.rand(h, device=DEVICE).requires_grad_()
+    inputs, kw = [q, ek, ev, lin, mix], dict(window=window, scale=d**-0.5, softcap=softcap, dtype=dtype)
+    out = window_ops.window_combine(q, ek, ev, valid, lin, mix, **kw)
+    dy = torch.randn_like(out, dtype=torch.float32)
+    grads = torch.autograd.grad((out.float() * dy).sum(), inputs)
+    ref = window_combine_ref(q.float(), ek.float(), ev.float(), valid, lin, mix, **kw)
+    refs = torch.autograd.grad((ref.float() * dy).sum(), inputs)
+    fp32_cpu = dtype == torch.float32 and DEVICE == "cpu"
+    assert out.dtype == dtype and not torch.isnan(out).any()
+    assert rel_err(out, ref) < (1e-5 if fp32_cpu else (3e-3 if dtype == torch.float32 else 1e-2))
+    for got, r in zip(grads, refs):
+        assert got.dtype == r.dtype and not torch.isnan(got).any()
+        assert _window_err(got, r) < (1e-5 if fp32_cpu else (5e-3 if dtype == torch.float32 else 2e-2))
+
+
+@pytest.mark.parametrize("t,window,softcap", [(40, 9, None), (13, 4, 30.0)])  # both parts non-empty
+def test_hybrid_on_the_window_kernel_matches_reference_with_gradients(t, window, softcap):
+    b, h, hk, d, f = 2, 6, 2, 16, 32
+    leaf = lambda *s: torch.randn(*s, device=DEVICE).requires_grad_()  # noqa: E731
+    q, k, v = leaf(b, t, h, d), leaf(b, t, hk, d), leaf(b, t, hk, d)
+    fq, fk = leaf(b, t, h, f), leaf(b, t, hk, f)
+    mix = torch.rand(h, device=DEVICE).requires_grad_()
+    valid = torch.ones(b, t, dtype=torch.bool, device=DEVICE)
+    cut = t // 2
+    valid[1, : cut - 1] = False  # left padding, into the W-1 window tokens of the state
+    kw = dict(window=window, scale=0.25, softcap=softcap, chunk_size=16)
+    # a first segment gives the state (the W-1 window tokens, through which the gradients reach its
+    # k and v); the second continues from it on the kernels and on the references
+    args = lambda a, z: [x[:, a:z] for x in (q, k, v)] + [fq[:, a:z].softmax(-1), fk[:, a:z].softmax(-1), None, mix]  # noqa: E731
+    _, state = hybrid_attn_ref(*args(0, cut), valid=valid[:, :cut], **kw)
+    kernels = dict(scan=chunk_ops.chunk_gla_triton, combine=window_ops.window_combine)
+    y, st = hybrid_attn_ref(*args(cut, t), valid=valid[:, cut:], state=state, **kernels, **kw)
+    y_ref, st_ref = hybrid_attn_ref(*args(cut, t), valid=valid[:, cut:], state=state, **kw)
+    dy = torch.randn_like(y)
+    inputs = [q, k, v, fq, fk, mix]
+    grads = torch.autograd.grad((y * dy).sum(), inputs, retain_graph=True)  # the state's graph is shared
+    refs = torch.autograd.grad((y_ref * dy).sum(), inputs)
+    tol = 1e-5 if DEVICE == "cpu" else 5e-3
+    assert rel_err(y, y_ref) < tol and rel_err(st["S"], st_ref["S"]) < tol
+    assert all(_window_err(a, r) < tol for a, r in zip(grads, refs))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the dispatch picks the kernels on CUDA only")
+@pytest.mark.parametrize("gated", [False, True])
+def test_hybrid_dispatch_on_cuda_matches_reference_at_model_shapes(gated):
+    from linearize import kernels
+
+    b, t, h, hk, d, f, window = 2, 300, 8, 4, 128, 64, 64  # head dim 128: the 8-warp configuration
+    leaf = lambda *s: torch.randn(*s, device=DEVICE).to(torch.bfloat16).requires_grad_()  # noqa: E731
+    q, k, v, fq, fk = leaf(b, t, h, d), leaf(b, t, hk, d), leaf(b, t, hk, d), leaf(b, t, h, f), leaf(b, t, hk, f)
+    g = F.logsigmoid(torch.randn(b, t, hk, f, device=DEVICE) + 4) if gated else None
+    mix = torch.rand(h, device=DEVICE).requires_grad_()
+    valid = torch.ones(b, t, dtype=torch.bool, device=DEVICE)
+    valid[1, :100] = False
+    args = lambda: (q, k, v, fq.softmax(-1), fk.softmax(-1), g, mix)  # noqa: E731
+    kw = dict(window=window, scale=d**-0.5, softcap=50.0, valid=valid)
+    y, _ = kernels.hybrid_attn(*args(), **kw)
+    y_ref, _ = hybrid_attn_ref(*(x.float() if x is not None and x.is_floating_point() else x for x in args()), **kw)
+    dy = torch.randn_like(y_ref)
+    inputs = [q, k, v, fq, fk, mix]
+    grads = torch.autograd.grad((y.float() * dy).sum(), inputs)
+    refs = torch.autograd.grad((y_ref * dy).sum(), inputs)
+    assert y.dtype == torch.bfloat16 and rel_err(y, y_ref) < 1e-2
+    assert all(_window_err(a, r) < 2e-2 for a, r in zip(grads, refs))

@@ -17,13 +17,15 @@ from .gla import chunk_gla_ref, gla_step_ref
 from .hybrid import EPS, empty_state
 from .hybrid import hybrid_attn_ref
 from .hybrid import hybrid_step_ref
+from .hybrid import window_combine_ref
 
 try:  # Triton is Linux-only; without it everything runs on the references
     from .gla.chunk import chunk_gla_triton
     from .gla.fused_recurrent import gla_step_triton
     from .hybrid.fused_recurrent import hybrid_step_triton
+    from .hybrid.window import window_combine
 except ImportError:  # pragma: no cover - depends on the platform
-    chunk_gla_triton = gla_step_triton = hybrid_step_triton = None
+    chunk_gla_triton = gla_step_triton = hybrid_step_triton = window_combine = None
 
 
 def use_triton(x: Tensor) -> bool:
@@ -43,8 +45,9 @@ def chunk_gla(
 
 def hybrid_attn(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None, mix: Tensor, **kw):
     """Window + linear hybrid over a sequence (see `hybrid_attn_ref`); its linear part goes through
-    `chunk_gla`, so the Triton scan serves it on CUDA."""
-    return hybrid_attn_ref(q, k, v, fq, fk, g, mix, scan=chunk_gla, **kw)
+    `chunk_gla` and, on CUDA, the window part and the combine run in one kernel (`window_combine`)."""
+    combine = window_combine if use_triton(q) else window_combine_ref
+    return hybrid_attn_ref(q, k, v, fq, fk, g, mix, scan=chunk_gla, combine=combine, **kw)
 
 
 def gla_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, state: Tensor) -> tuple[Tensor, Tensor]:

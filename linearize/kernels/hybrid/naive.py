@@ -100,17 +100,29 @@ def _combine(num_w: Tensor, den_w: Tensor, num_l: Tensor, den_l: Tensor, mix: Te
     return (m[..., None] * num_w + (1 - m)[..., None] * num_l) / den[..., None]
 
 
+def window_combine_ref(
+    q: Tensor, ext_k: Tensor, ext_v: Tensor, ext_valid: Tensor, lin: Tensor, mix: Tensor, window: int,
+    scale: float, softcap: float | None = None, dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The hybrid's output y [B,T,H,V] in `dtype`: the window softmax (`window_softmax_ref`) and the
+    linear part lin = [num_l | den_l] [B,T,H,V+1] under one normalizer, weighted by mix [H]."""
+    num_w, den_w = window_softmax_ref(q, ext_k, ext_v, ext_valid, window, scale, softcap)
+    return _combine(num_w, den_w, lin[..., :-1], lin[..., -1], mix).to(dtype)
+
+
 def hybrid_attn_ref(
     q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None, mix: Tensor,
     *, window: int, scale: float, softcap: float | None = None, valid: Tensor | None = None,
     state: dict[str, Tensor] | None = None, chunk_size: int = 64, scan: Callable[..., tuple[Tensor, Tensor]] = chunk_gla_ref,
+    combine: Callable[..., Tensor] = window_combine_ref,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Parallel form over T new tokens, continuing from `state` (None: start of the sequence).
 
     q [B,T,H,D] and k [B,T,Hk,D] after rotary; v [B,T,Hk,V]; fq [B,T,H,F], fk [B,T,Hk,F];
     g [B,T,Hk,F] log-decay or None; mix [H]; valid [B,T] (False marks padding) or None.
     Returns y [B,T,H,V] (dtype of v) and the state after the T tokens. `scan` computes the linear
-    part (signature of `chunk_gla_ref`); a kernel can stand in for the reference there.
+    part (signature of `chunk_gla_ref`) and `combine` the window part and the output (signature of
+    `window_combine_ref`); kernels can stand in for the references there.
     """
     b, t, h, d = q.shape
     hk, vd, f = k.shape[2], v.shape[-1], fk.shape[-1]
@@ -119,8 +131,6 @@ def hybrid_attn_ref(
     state = token_order(state)
     ext = extend_window(state, k, v, fk, g, valid)
     ext_k, ext_v, ext_fk, ext_valid, ext_g = ext["k"], ext["v"], ext["fk"], ext["valid"], ext.get("g")
-
-    num_w, den_w = window_softmax_ref(q, ext_k, ext_v, ext_valid, window, scale, softcap, chunk_size)
 
     # Linear part: query t reads the memory after ext token t-1 (every key up to t-W), which the
     # exclusive scan gives; its decay from there to t covers the W ext tokens [t, t+W-1].
@@ -134,8 +144,8 @@ def hybrid_attn_ref(
         fq, ext_fk[:, :t], v1, None if ext_g is None else ext_g[:, :t],
         initial_state=state["S"], exclusive=True, chunk_size=chunk_size,
     )
-    y = _combine(num_w, den_w, o_l[..., :vd], o_l[..., vd], mix)
-    return y.to(v.dtype), shift_window(ext, mem, t)
+    y = combine(q, ext_k, ext_v, ext_valid, o_l, mix, window, scale, softcap, dtype=v.dtype)
+    return y, shift_window(ext, mem, t)
 
 
 def token_order(state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -1,0 +1,338 @@
+"""Triton sliding-window softmax of the hybrid kinds (`lolcats`, `lizard`), forward and backward,
+alone (`window_softmax`, same maths as `window_softmax_ref`) or fused with the combine against the
+linear part (`window_combine`, same maths as `window_combine_ref`).
+
+Query t sees the ext tokens [t, t+W-1] (W-1 context tokens, then the T new ones) with
+a_tj = exp(s_tj - m_t), m_t = max over its visible keys (LoLCATs' shift, not cancelled: the linear
+part is unshifted, so the max carries gradient); num_t = sum_j a_tj v_j, den_t = sum_j a_tj, and
+rows with no visible key give 0 (m_t = 0). Layout [B, T, H, D]; maths in fp32.
+
+Forward: one program per (query head, block of BM queries) walks its block's key span, ext tokens
+[t0, t0+BM+W-1), in chunks of BN keys with a running max (the sums are rescaled when it grows, so
+they end shifted by the exact row max; no tile of the whole span). It saves m_t and the key holding
+it. Fused, it also reads the linear part lin = [num_l | den_l] and writes the hybrid's output
+y = (mix num + (1-mix) num_l) / (mix den + (1-mix) den_l + EPS) instead of num and den.
+Backward, without atomics, with dnum_t, dden_t the gradients of num_t, den_t (fused: dnum = mix/N dy,
+dden = -mix/N dy.y, N the shared normalizer), dP_tj = dnum_t.v_j + dden_t,
+delta_t = sum_j a_tj dP_tj (= dnum_t.num_t + dden_t den_t) and
+dS_tj = a_tj dP_tj - [j = argmax_t] delta_t (the max's gradient, -delta_t, goes to the key holding it):
+ - query-centric pass, the forward's programs: a first walk over the span sums delta (fused, it also
+   recomputes num and den, for y, the linear part's gradient and each row's share of mix's
+   gradient); a second walk gives dq = scale sum_j dS_tj k_j. delta is summed from the very products
+   it is then subtracted from (not taken as dnum.num + dden den), so their rounding (TF32 on a GPU)
+   cancels too: each row's dS sums to 0 as it must (exactly 0 for a row with one visible key),
+   where a peaked row would otherwise keep a ~1e-3 error of its largest term;
+ - key-centric pass: one program per (KV head, block of BM keys) walks the queries that see them,
+   [j0-W+1, j0+BM-1], in chunks of BN, for each query head of the group: dv_j = sum_t a_tj dnum_t,
+   dk_j = scale sum_t dS_tj q_t, with dP formed as in the query pass.
+GQA: a query head reads its KV head's rows (no repeated k/v); the key pass sums the group.
+Softcap: s = c tanh(x / c) (tanh from exp), gradient factor 1 - (s/c)^2.
+On a GPU, fp32 products run in TF32 (Triton's default): relative error ~1e-3 against fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .naive import EPS
+
+
+@triton.jit
+def _rows(ptr, row, mrow, STRIDE: tl.constexpr, rc, mc):
+    """fp32 tile of the rows `row` (row index of a [..., STRIDE] tensor), columns rc; zeros outside the masks."""
+    return tl.load(ptr + row.to(tl.int64)[:, None] * STRIDE + rc[None, :], mask=mrow[:, None] & mc[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(ptr, val, row, mrow, STRIDE: tl.constexpr, rc, mc):
+    tl.store(ptr + row.to(tl.int64)[:, None] * STRIDE + rc[None, :], val.to(ptr.dtype.element_ty), mask=mrow[:, None] & mc[None, :])
+
+
+@triton.jit
+def _scores(a, b, scale, cap, HAS_CAP: tl.constexpr):
+    """scale * a b^T, soft-capped to cap * tanh(. / cap) (tanh from exp of a non-positive number)."""
+    s = tl.dot(a, tl.trans(b)) * scale
+    if HAS_CAP:
+        e = tl.exp(-2.0 * tl.abs(s) / cap)
+        s = tl.where(s >= 0, cap, -cap) * (1.0 - e) / (1.0 + e)
+    return s
+
+
+@triton.jit
+def _keys(k, v, valid, b, j, L, HK: tl.constexpr, hk, D: tl.constexpr, V: tl.constexpr, rd, md, rv, mv):
+    """Ext tokens j of KV head hk: keys, values and whether each exists and is valid."""
+    mj = (j >= 0) & (j < L)
+    row = (b * L + j) * HK + hk
+    ok = tl.load(valid + b * L + j, mask=mj, other=0) != 0
+    return _rows(k, row, mj, D, rd, md), _rows(v, row, mj, V, rv, mv), ok
+
+
+@triton.jit
+def _query_block(H: tl.constexpr, HK: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, T):
+    """Program (batch x query head, block of BM queries): batch, head, KV head, query rows and masks."""
+    bh, n = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    rm = tl.arange(0, BM)
+    t = n * BM + rm
+    return b, h, h // (H // HK), n * BM, rm, (b * T + t) * H + h, t < T, tl.arange(0, BD), tl.arange(0, BV)
+
+
+@triton.jit
+def _window_fwd_kernel(
+    q, k, v, valid, lin, mix, out, den, rmax, rarg, T, L, scale, cap,
+    H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, NC: tl.constexpr,
+    HAS_CAP: tl.constexpr, MIX: tl.constexpr, EPS_: tl.constexpr,
+):
+    # out: num (den beside it), or y when fused
+    b, h, hk, t0, rm, row, mt, rd, rv = _query_block(H, HK, BM, BD, BV, T)
+    md, mv = rd < D, rv < V
+    qt = _rows(q, row, mt, D, rd, md)
+    m = tl.full([BM], float("-inf"), tl.float32)
+    arg = tl.full([BM], -1, tl.int32)  # ext index of the key holding the max; -1: no visible key
+    den_w = tl.zeros([BM], dtype=tl.float32)
+    num_w = tl.zeros([BM, BV], dtype=tl.float32)
+    for c in range(NC):
+        rel = c * BN + tl.arange(0, BN)  # key offset from t0: query row i sees offsets [i, i+W-1]
+        j = t0 + rel
+        kt, vt, ok = _keys(k, v, valid, b, j, L, HK, hk, D, V, rd, md, rv, mv)
+        see = (rel[None, :] >= rm[:, None]) & (rel[None, :] < rm[:, None] + W) & ok[None, :]
+        s = tl.where(see, _scores(qt, kt, scale, cap, HAS_CAP), float("-inf"))
+        mc = tl.max(s, axis=1)
+        first = tl.min(tl.where(s == mc[:, None], j[None, :], 2147483647), axis=1)
+        arg = tl.where(mc > m, first, arg)
+        m_new = tl.maximum(m, mc)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        alpha = tl.exp(m - shift)
+        p = tl.exp(s - shift[:, None])
+        den_w = den_w * alpha + tl.sum(p, axis=1)
+        num_w = num_w * alpha[:, None] + tl.dot(p, vt)
+        m = m_new
+    tl.store(rmax + row, tl.where(m == float("-inf"), 0.0, m), mask=mt)
+    tl.store(rarg + row, arg, mask=mt)
+    if MIX:
+        a = tl.load(mix + h)
+        den_l = tl.load(lin + row.to(tl.int64) * (V + 1) + V, mask=mt, other=0.0).to(tl.float32)
+        norm = a * den_w + (1 - a) * den_l + EPS_
+        _store_rows(out, (a * num_w + (1 - a) * _rows(lin, row, mt, V + 1, rv, mv)) / norm[:, None], row, mt, V, rv, mv)
+    else:
+        _store_rows(out, num_w, row, mt, V, rv, mv)
+        tl.store(den + row, den_w, mask=mt)
+
+
+@triton.jit
+def _window_dq_kernel(
+    q, k, v, valid, lin, mix, do, dd, cw, rmax, rarg, delta, dq, dlin, dmix, T, L, scale, cap,
+    H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, NC: tl.constexpr,
+    HAS_CAP: tl.constexpr, MIX: tl.constexpr, EPS_: tl.constexpr,
+):
+    # do: dnum, or dy when fused (then dnum = cw dy). dd: dden, an input, or written here when fused.
+    b, h, hk, t0, rm, row, mt, rd, rv = _query_block(H, HK, BM, BD, BV, T)
+    md, mv = rd < D, rv < V
+    qt = _rows(q, row, mt, D, rd, md)
+    m = tl.load(rmax + row, mask=mt, other=0.0)
+    arg = tl.load(rarg + row, mask=mt, other=-1)
+    dot_ = _rows(do, row, mt, V, rv, mv)
+    # first walk: e = sum_j a_tj (do_t . v_j), den (and num, fused) again
+    e = tl.zeros([BM], dtype=tl.float32)
+    den_w = tl.zeros([BM], dtype=tl.float32)
+    if MIX:
+        num_w = tl.zeros([BM, BV], dtype=tl.float32)
+    for c in range(NC):
+        rel = c * BN + tl.arange(0, BN)
+        kt, vt, ok = _keys(k, v, valid, b, t0 + rel, L, HK, hk, D, V, rd, md, rv, mv)
+        see = (rel[None, :] >= rm[:, None]) & (rel[None, :] < rm[:, None] + W) & ok[None, :]
+        p = tl.exp(tl.where(see, _scores(qt, kt, scale, cap, HAS_CAP) - m[:, None], float("-inf")))
+        e += tl.sum(p * tl.dot(dot_, tl.trans(vt)), axis=1)
+        den_w += tl.sum(p, axis=1)
+        if MIX:
+            num_w += tl.dot(p, vt)
+    if MIX:
+        a = tl.load(mix + h)
+        num_l = _rows(lin, row, mt, V + 1, rv, mv)
+        den_l = tl.load(lin + row.to(tl.int64) * (V + 1) + V, mask=mt, other=0.0).to(tl.float32)
+        norm = a * den_w + (1 - a) * den_l + EPS_
+        dyy = tl.sum(dot_ * (a * num_w + (1 - a) * num_l), axis=1) / norm  # dy . y
+        c_lin = (1 - a) / norm
+        _store_rows(dlin, dot_ * c_lin[:, None], row, mt, V + 1, rv, mv)
+        tl.store(dlin + row.to(tl.int64) * (V + 1) + V, -c_lin * dyy, mask=mt)
+        tl.store(dmix + row, (tl.sum(dot_ * (num_w - num_l), axis=1) - dyy * (den_w - den_l)) / norm, mask=mt)
+        c_win = a / norm
+        dden = -c_win * dyy
+        tl.store(dd + row, dden, mask=mt)
+        tl.store(cw + row, c_win, mask=mt)
+        e = e * c_win
+    else:
+        dden = tl.load(dd + row, mask=mt, other=0.0)
+    # delta = sum_j a_tj dP_tj from the very products it cancels in dS (so the rounding of the
+    # products, TF32 on a GPU, cancels too: a row with one visible key gets dS = 0)
+    dlt = e + dden * den_w
+    tl.store(delta + row, dlt, mask=mt)
+    dqt = tl.zeros([BM, BD], dtype=tl.float32)
+    for c in range(NC):  # second walk: dq
+        rel = c * BN + tl.arange(0, BN)
+        j = t0 + rel
+        kt, vt, ok = _keys(k, v, valid, b, j, L, HK, hk, D, V, rd, md, rv, mv)
+        see = (rel[None, :] >= rm[:, None]) & (rel[None, :] < rm[:, None] + W) & ok[None, :]
+        s = _scores(qt, kt, scale, cap, HAS_CAP)
+        dp = tl.dot(dot_, tl.trans(vt))
+        if MIX:
+            dp = dp * c_win[:, None]
+        ds = tl.exp(tl.where(see, s - m[:, None], float("-inf"))) * (dp + dden[:, None])
+        ds -= tl.where(j[None, :] == arg[:, None], dlt[:, None], 0.0)  # the max's gradient on its key
+        if HAS_CAP:
+            ds = ds * (1.0 - (s / cap) * (s / cap))
+        dqt += tl.dot(ds, kt)
+    _store_rows(dq, dqt * scale, row, mt, D, rd, md)
+
+
+@triton.jit
+def _window_dkv_kernel(
+    q, k, v, valid, do, dd, cw, rmax, rarg, delta, dk, dv, T, L, scale, cap,
+    H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, NC: tl.constexpr,
+    HAS_CAP: tl.constexpr, MIX: tl.constexpr,
+):
+    # the forward's loop transposed: BM keys, the BM+W-1 queries that see them in chunks of BN
+    bh, n = tl.program_id(0), tl.program_id(1)
+    b, hk = bh // HK, bh % HK
+    G: tl.constexpr = H // HK
+    rk, rd, rv = tl.arange(0, BM), tl.arange(0, BD), tl.arange(0, BV)
+    md, mv = rd < D, rv < V
+    j = n * BM + rk
+    kt, vt, ok = _keys(k, v, valid, b, j, L, HK, hk, D, V, rd, md, rv, mv)
+    dkt = tl.zeros([BM, BD], dtype=tl.float32)
+    dvt = tl.zeros([BM, BV], dtype=tl.float32)
+    for g in range(G):
+        h = hk * G + g
+        for c in range(NC):
+            rel = c * BN + tl.arange(0, BN)  # query offset from j0-W+1: key row r is seen by offsets [r, r+W-1]
+            t = n * BM - (W - 1) + rel
+            mt = (t >= 0) & (t < T)
+            row = (b * T + t) * H + h
+            qt = _rows(q, row, mt, D, rd, md)
+            dot_ = _rows(do, row, mt, V, rv, mv)
+            m = tl.load(rmax + row, mask=mt, other=0.0)
+            arg = tl.load(rarg + row, mask=mt, other=-1)
+            dlt = tl.load(delta + row, mask=mt, other=0.0)
+            dden = tl.load(dd + row, mask=mt, other=0.0)
+            see = (rel[None, :] >= rk[:, None]) & (rel[None, :] < rk[:, None] + W) & ok[:, None] & mt[None, :]
+            s = _scores(kt, qt, scale, cap, HAS_CAP)  # [keys, queries]
+            p = tl.exp(tl.where(see, s - m[None, :], float("-inf")))
+            dp = tl.dot(vt, tl.trans(dot_))  # scaled after the product, as in the dq pass
+            if MIX:
+                cwt = tl.load(cw + row, mask=mt, other=0.0)
+                dp = dp * cwt[None, :]
+                dvt += tl.dot(p * cwt[None, :], dot_)
+            else:
+                dvt += tl.dot(p, dot_)
+            ds = p * (dp + dden[None, :]) - tl.where(j[:, None] == arg[None, :], dlt[None, :], 0.0)
+            if HAS_CAP:
+                ds = ds * (1.0 - (s / cap) * (s / cap))
+            dkt += tl.dot(ds, qt)
+    mj = (j >= 0) & (j < L)
+    _store_rows(dk, dkt * scale, (b * L + j) * HK + hk, mj, D, rd, md)
+    _store_rows(dv, dvt, (b * L + j) * HK + hk, mj, V, rv, mv)
+
+
+def _config(window: int, kd: int, vd: int) -> dict[str, int]:
+    """Block sizes: BM queries (or keys) per program, key (or query) chunks of BN, padded head dims.
+
+    Chosen by compiling for sm_90 (no spills, under 140 KB of shared memory at head dims up to 128):
+    fp32 tiles of [64, 128] spill, and 3 pipeline stages of them overflow the shared memory."""
+    bd, bv = max(16, triton.next_power_of_2(kd)), max(16, triton.next_power_of_2(vd))
+    bm = 32 if max(bd, bv) <= 128 else 16
+    bn = min(32, max(16, triton.next_power_of_2(window)))
+    return dict(
+        BM=bm, BN=bn, BD=bd, BV=bv, NC=triton.cdiv(bm + window - 1, bn), num_warps=8 if max(bd, bv) >= 64 else 4, num_stages=2,
+    )
+
+
+class WindowSoftmaxFunction(torch.autograd.Function):
+    """The window softmax (lin, mix None: returns num, den) or the fused hybrid output (returns y)
+    on the Triton kernels; gradients for q, ext_k, ext_v and, fused, lin and mix."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, valid, lin, mix, window: int, scale: float, softcap: float | None, dtype: torch.dtype):
+        b, t, h, kd = q.shape
+        hk, vd, length = k.shape[2], v.shape[-1], k.shape[1]
+        cfg = _config(window, kd, vd)
+        fused = lin is not None
+        q, k, v, valid = q.contiguous(), k.contiguous(), v.contiguous(), valid.to(torch.int8).contiguous()
+        ctx.mix_dtype = None if mix is None else mix.dtype
+        if fused:
+            lin, mix = lin.contiguous(), mix.float().contiguous()
+        out = torch.empty(b, t, h, vd, dtype=dtype, device=q.device)  # y, or num
+        den = out if fused else torch.empty(b, t, h, dtype=torch.float32, device=q.device)
+        rmax = torch.empty(b, t, h, dtype=torch.float32, device=q.device)
+        rarg = torch.empty(b, t, h, dtype=torch.int32, device=q.device)
+        _window_fwd_kernel[(b * h, triton.cdiv(t, cfg["BM"]))](
+            q, k, v, valid, lin if fused else q, mix if fused else q, out, den, rmax, rarg, t, length,
+            scale, softcap or 1.0, h, hk, kd, vd, window, **cfg, HAS_CAP=bool(softcap), MIX=fused, EPS_=EPS,
+        )
+        ctx.save_for_backward(q, k, v, valid, lin, mix, rmax, rarg)
+        ctx.window, ctx.scale, ctx.softcap = window, scale, softcap
+        return out if fused else (out, den)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        q, k, v, valid, lin, mix, rmax, rarg = ctx.saved_tensors
+        b, t, h, kd = q.shape
+        hk, vd, length = k.shape[2], v.shape[-1], k.shape[1]
+        cfg = _config(ctx.window, kd, vd)
+        fused = lin is not None
+        delta = torch.empty_like(rmax)
+        do = grads[0].contiguous()
+        if fused:
+            dd, cw, dlin, dmix = torch.empty_like(rmax), torch.empty_like(rmax), torch.empty_like(lin), torch.empty_like(rmax)
+        else:  # dd is the gradient of den; cw, dlin, dmix unused
+            dd = grads[1].float().contiguous()
+            cw = dlin = dmix = delta
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        shared = dict(HAS_CAP=bool(ctx.softcap), MIX=fused)
+        common = (t, length, ctx.scale, ctx.softcap or 1.0, h, hk, kd, vd, ctx.window)
+        _window_dq_kernel[(b * h, triton.cdiv(t, cfg["BM"]))](
+            q, k, v, valid, lin if fused else q, mix if fused else q, do, dd, cw, rmax, rarg, delta, dq, dlin, dmix,
+            *common, **cfg, **shared, EPS_=EPS,
+        )
+        _window_dkv_kernel[(b * hk, triton.cdiv(length, cfg["BM"]))](
+            q, k, v, valid, do, dd, cw, rmax, rarg, delta, dk, dv, *common, **cfg, **shared,
+        )
+        if not fused:
+            return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, dlin, dmix.sum((0, 1)).to(ctx.mix_dtype), None, None, None, None
+
+
+def _check(q: Tensor, ext_k: Tensor, ext_v: Tensor, ext_valid: Tensor, window: int) -> None:
+    b, t, h, _ = q.shape
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if h % ext_k.shape[2]:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({ext_k.shape[2]})")
+    if ext_k.shape[:2] != (b, window - 1 + t) or ext_v.shape[:3] != ext_k.shape[:3] or ext_valid.shape != ext_k.shape[:2]:
+        raise ValueError(f"ext_k, ext_v, ext_valid must hold W-1+T = {window - 1 + t} tokens of batch {b}")
+
+
+def window_softmax(
+    q: Tensor, ext_k: Tensor, ext_v: Tensor, ext_valid: Tensor, window: int, scale: float, softcap: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Differentiable banded softmax numerator [B,T,H,V] and normalizer [B,T,H] (fp32) on the
+    Triton kernels: `window_softmax_ref`'s maths, for q [B,T,H,D] and ext_* [B,W-1+T,Hk,*]."""
+    _check(q, ext_k, ext_v, ext_valid, window)
+    return WindowSoftmaxFunction.apply(q, ext_k, ext_v, ext_valid, None, None, window, scale, softcap, torch.float32)
+
+
+def window_combine(
+    q: Tensor, ext_k: Tensor, ext_v: Tensor, ext_valid: Tensor, lin: Tensor, mix: Tensor, window: int, scale: float,
+    softcap: float | None = None, dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Differentiable hybrid output y [B,T,H,V] in `dtype` from the window softmax and the linear
+    part lin = [num_l | den_l] [B,T,H,V+1], in one pass (`window_combine_ref`'s maths)."""
+    _check(q, ext_k, ext_v, ext_valid, window)
+    if lin.shape != (*q.shape[:3], ext_v.shape[-1] + 1) or mix.shape != (q.shape[2],):
+        raise ValueError(f"lin must be [B,T,H,V+1] = {(*q.shape[:3], ext_v.shape[-1] + 1)} and mix [H]")
+    return WindowSoftmaxFunction.apply(q, ext_k, ext_v, ext_valid, lin, mix, window, scale, softcap, dtype)
