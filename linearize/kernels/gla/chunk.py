@@ -65,6 +65,19 @@ def _bounds(i_n, cu, T, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _chunk_rows(pid, cidx, cu, T, NT, C: tl.constexpr, EXCLUSIVE: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Chunk program `pid`: its first and last token, its C rows (tokens, in-sequence mask) and which
+    row sees which (causal; strictly when exclusive)."""
+    i_n, i_t = _chunk_of(pid, cidx, NT, IS_VARLEN)
+    bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
+    rc = tl.arange(0, C)
+    first = bos + i_t * C
+    tok = first + rc
+    sees = (rc[:, None] > rc[None, :]) if EXCLUSIVE else (rc[:, None] >= rc[None, :])
+    return first, tl.minimum(first + C, eos) - 1, tok, tok < eos, rc, sees
+
+
+@triton.jit
 def _load(ptr, tok, mt, NH: tl.constexpr, head, D: tl.constexpr, rd, md):
     """Rows `tok` of head `head` of a [tokens, NH, D] tensor (zeros outside the masks)."""
     return tl.load(ptr + (tok[:, None] * NH + head) * D + rd[None, :], mask=mt[:, None] & md[None, :], other=0.0)
@@ -192,14 +205,9 @@ def _output_kernel(
 ):
     iv, pid, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     hk = head // (H // HK)
-    i_n, i_t = _chunk_of(pid, cidx, NT, IS_VARLEN)
-    bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
-    rc, rv = tl.arange(0, C), iv * BV + tl.arange(0, BV)
+    first, last, tok, mt, rc, sees = _chunk_rows(pid, cidx, cu, T, NT, C, EXCLUSIVE, IS_VARLEN)
+    rv = iv * BV + tl.arange(0, BV)
     mv = rv < V
-    tok = bos + i_t * C + rc
-    mt = tok < eos
-    last = tl.minimum(bos + i_t * C + C, eos) - 1
-    sees = (rc[:, None] > rc[None, :]) if EXCLUSIVE else (rc[:, None] >= rc[None, :])
     acc = tl.zeros([C, BV], dtype=tl.float32)
     a = tl.zeros([C, C], dtype=tl.float32)
     h_base = h + (pid.to(tl.int64) * HK + hk) * K * V
@@ -209,13 +217,13 @@ def _output_kernel(
         qc = _load(q, tok, mt, H, head, K, rk, mk)
         hc = tl.load(h_base + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         if GATE == 2:
-            _, bq, _ = _decays(b, tok, mt, hk, rk, mk, bos + i_t * C, last, EXCLUSIVE, HK, KG, 2)
+            _, bq, _ = _decays(b, tok, mt, hk, rk, mk, first, last, EXCLUSIVE, HK, KG, 2)
             acc += _dot((qc * tl.exp(bq)).to(hc.dtype), hc)
         else:
             acc += _dot(qc.to(hc.dtype), hc)
             a += _dot(qc, tl.trans(_load(k, tok, mt, HK, hk, K, rk, mk)))
     if GATE == 1:
-        bk, bq, _ = _decays(b, tok, mt, hk, rc, mt, bos + i_t * C, last, EXCLUSIVE, HK, KG, 1)
+        bk, bq, _ = _decays(b, tok, mt, hk, rc, mt, first, last, EXCLUSIVE, HK, KG, 1)
         acc *= tl.exp(bq)[:, None]
         a *= tl.exp(tl.where(sees, tl.minimum(bq[:, None] - bk[None, :], 0.0), float("-inf")))
     if GATE == 2:
@@ -275,14 +283,9 @@ def _dv_kernel(
 ):
     iv, pid, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = H // HK
-    i_n, i_t = _chunk_of(pid, cidx, NT, IS_VARLEN)
-    bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
-    rc, rv = tl.arange(0, C), iv * BV + tl.arange(0, BV)
+    first, last, tok, mt, rc, sees = _chunk_rows(pid, cidx, cu, T, NT, C, EXCLUSIVE, IS_VARLEN)
+    rv = iv * BV + tl.arange(0, BV)
     mv = rv < V
-    tok = bos + i_t * C + rc
-    mt = tok < eos
-    last = tl.minimum(bos + i_t * C + C, eos) - 1
-    sees = (rc[:, None] > rc[None, :]) if EXCLUSIVE else (rc[:, None] >= rc[None, :])
     acc = tl.zeros([C, BV], dtype=tl.float32)
     dh_base = dh + (pid.to(tl.int64) * HK + hk) * K * V
     for ik in range(tl.cdiv(K, BK)):  # through the state leaving the chunk
@@ -291,11 +294,11 @@ def _dv_kernel(
         kc = _load(k, tok, mt, HK, hk, K, rk, mk)
         dhc = tl.load(dh_base + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         if GATE == 2:
-            bk, _, bl = _decays(b, tok, mt, hk, rk, mk, bos + i_t * C, last, EXCLUSIVE, HK, KG, 2)
+            bk, _, bl = _decays(b, tok, mt, hk, rk, mk, first, last, EXCLUSIVE, HK, KG, 2)
             kc = kc * tl.exp(bl[None, :] - bk)
         acc += _dot(kc.to(dhc.dtype), dhc)
     if GATE == 1:
-        bk, bq, bl = _decays(b, tok, mt, hk, rc, mt, bos + i_t * C, last, EXCLUSIVE, HK, KG, 1)
+        bk, bq, bl = _decays(b, tok, mt, hk, rc, mt, first, last, EXCLUSIVE, HK, KG, 1)
         acc *= tl.exp(bl - bk)[:, None]
     for j in range(G):  # through the outputs of the same chunk
         head = hk * G + j
@@ -323,17 +326,12 @@ def _dqk_kernel(
     # dq and dk through the states, and (no decay or per head) through the intra-chunk weights
     ik, pid, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = H // HK
-    i_n, i_t = _chunk_of(pid, cidx, NT, IS_VARLEN)
-    bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
-    rc, rk = tl.arange(0, C), ik * BK + tl.arange(0, BK)
+    first, last, tok, mt, rc, sees = _chunk_rows(pid, cidx, cu, T, NT, C, EXCLUSIVE, IS_VARLEN)
+    rk = ik * BK + tl.arange(0, BK)
     mk = rk < K
-    tok = bos + i_t * C + rc
-    mt = tok < eos
-    last = tl.minimum(bos + i_t * C + C, eos) - 1
-    sees = (rc[:, None] > rc[None, :]) if EXCLUSIVE else (rc[:, None] >= rc[None, :])
     ck = rk if GATE == 2 else rc
     if GATE != 0:
-        bk, bq, bl = _decays(b, tok, mt, hk, ck, mk if GATE == 2 else mt, bos + i_t * C, last, EXCLUSIVE, HK, KG, GATE)
+        bk, bq, bl = _decays(b, tok, mt, hk, ck, mk if GATE == 2 else mt, first, last, EXCLUSIVE, HK, KG, GATE)
     kc = _load(k, tok, mt, HK, hk, K, rk, mk)
     dkc = tl.zeros([C, BK], dtype=tl.float32)
     base = (pid.to(tl.int64) * HK + hk) * K * V
