@@ -325,3 +325,29 @@ def test_hybrid_dispatch_on_cuda_matches_reference_at_model_shapes(gated):
     refs = torch.autograd.grad((y_ref * dy).sum(), inputs)
     assert y.dtype == torch.bfloat16 and rel_err(y, y_ref) < 1e-2
     assert all(_window_err(a, r) < 2e-2 for a, r in zip(grads, refs))
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_packed_hybrid_on_the_kernels_matches_reference_with_gradients(gated):
+    """cu_seqlens: windows and linear memories stop at sequence boundaries, on the kernels as on the reference."""
+    lens, h, hk, d, f = [5, 30, 1, 12], 4, 2, 16, 32
+    cu = torch.tensor([0] + lens, device=DEVICE).cumsum(0)
+    t = sum(lens)
+    leaf = lambda *s: _tf32(torch.randn(*s, device=DEVICE)).requires_grad_()  # noqa: E731  (see _window_inputs)
+    q, k, v = leaf(1, t, h, d), leaf(1, t, hk, d), leaf(1, t, hk, d)
+    fq, fk, gl = leaf(1, t, h, f), leaf(1, t, hk, f), leaf(1, t, hk, f)
+    mix = torch.rand(h, device=DEVICE)
+    valid = torch.ones(1, t, dtype=torch.bool, device=DEVICE)
+    valid[0, 7:9] = False  # padding inside a packed sequence too
+    kw = dict(window=9, scale=0.25, chunk_size=16, valid=valid, cu_seqlens=cu)
+    args = lambda: (q, k, v, fq.softmax(-1), fk.softmax(-1), F.logsigmoid(gl + 2) if gated else None, mix)  # noqa: E731
+    y, state = hybrid_attn_ref(*args(), scan=chunk_ops.chunk_gla_triton, combine=window_ops.window_combine, **kw)
+    y_ref, _ = hybrid_attn_ref(*args(), **kw)
+    assert state is None
+    dy = torch.randn_like(y)
+    inputs = [q, k, v, fq, fk] + ([gl] if gated else [])
+    grads = torch.autograd.grad((y * dy).sum(), inputs)
+    refs = torch.autograd.grad((y_ref * dy).sum(), inputs)
+    tol = 1e-5 if DEVICE == "cpu" else 5e-3
+    assert rel_err(y, y_ref) < tol
+    assert all(_window_err(a, r) < tol for a, r in zip(grads, refs))

@@ -64,13 +64,20 @@ def _masked_exp(s: Tensor, allowed: Tensor) -> Tensor:
     return (s - m).exp()
 
 
+def visible(query_seg: Tensor, key_seg: Tensor) -> Tensor:
+    """Which keys a query may see, from segment ids (0: padding; bools are segment 1): a valid key of
+    the query's own sequence (a padding query sees every valid key, as without segments)."""
+    return (key_seg != 0) & ((query_seg == 0) | (key_seg == query_seg))
+
+
 def window_softmax_ref(
     q: Tensor, ext_k: Tensor, ext_v: Tensor, ext_valid: Tensor, window: int,
     scale: float, softcap: float | None = None, block: int = 64,
 ) -> tuple[Tensor, Tensor]:
     """Banded softmax numerator [B,T,H,V] and normalizer [B,T,H] with max-shifted scores.
 
-    ext_* hold W-1 context tokens followed by the T tokens of q; query t sees ext tokens [t, t+W-1].
+    ext_* hold W-1 context tokens followed by the T tokens of q; query t sees ext tokens [t, t+W-1]
+    that `visible` allows, ext_valid [B,W-1+T] holding validity (bool) or segment ids (packed sequences).
     Queries go in blocks of `block`, all blocks at once: block n reads the ext tokens
     [n*block, n*block + block + W - 1) (an unfold, no copy), so the work is one batch of small
     matrix products instead of a loop of launches.
@@ -87,7 +94,9 @@ def window_softmax_ref(
     i = torch.arange(block, device=q.device)[:, None]
     j = torch.arange(span, device=q.device)[None, :]
     band = (j >= i) & (j <= i + window - 1)  # query i of a block sees its tokens [i, i+W-1]
-    allowed = band[None, :, None, None, :] & blocks(ext_valid)[:, None, None, None, :]
+    seg = ext_valid.long()
+    query_seg = torch.nn.functional.pad(seg[:, window - 1 :], (0, pad)).reshape(b * nb, block)
+    allowed = band[None, :, None, None, :] & visible(query_seg[:, :, None, None, None], blocks(seg)[:, None, None, None, :])
     a = _masked_exp(_scores(qb, blocks(ext_k), scale, softcap), allowed)
     num = torch.einsum("bihgj,bjhv->bihgv", a, blocks(ext_v)).reshape(b, nb * block, h, -1)[:, :t]
     den = a.sum(-1).reshape(b, nb * block, h)[:, :t]
@@ -114,8 +123,8 @@ def hybrid_attn_ref(
     q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None, mix: Tensor,
     *, window: int, scale: float, softcap: float | None = None, valid: Tensor | None = None,
     state: dict[str, Tensor] | None = None, chunk_size: int = 64, scan: Callable[..., tuple[Tensor, Tensor]] = chunk_gla_ref,
-    combine: Callable[..., Tensor] = window_combine_ref,
-) -> tuple[Tensor, dict[str, Tensor]]:
+    combine: Callable[..., Tensor] = window_combine_ref, cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor] | None]:
     """Parallel form over T new tokens, continuing from `state` (None: start of the sequence).
 
     q [B,T,H,D] and k [B,T,Hk,D] after rotary; v [B,T,Hk,V]; fq [B,T,H,F], fk [B,T,Hk,F];
@@ -123,14 +132,25 @@ def hybrid_attn_ref(
     Returns y [B,T,H,V] (dtype of v) and the state after the T tokens. `scan` computes the linear
     part (signature of `chunk_gla_ref`) and `combine` the window part and the output (signature of
     `window_combine_ref`); kernels can stand in for the references there.
+    Packed sequences (training): B = 1, cu_seqlens [N+1] and no state; each sequence starts afresh
+    (no window or memory across a boundary) and no state is returned.
     """
     b, t, h, d = q.shape
     hk, vd, f = k.shape[2], v.shape[-1], fk.shape[-1]
+    if cu_seqlens is not None:
+        if b != 1 or state is not None:
+            raise ValueError("packed sequences (cu_seqlens) need batch size 1 and no state")
+        seg = torch.repeat_interleave(torch.arange(1, len(cu_seqlens), device=q.device), cu_seqlens.diff().to(q.device))
+        valid = seg[None] * (1 if valid is None else valid.long())  # segment ids, 0 for padding
     if state is None:
         state = empty_state(b, window, hk, d, vd, f, g is not None, q.device)
     state = token_order(state)
     ext = extend_window(state, k, v, fk, g, valid)
     ext_k, ext_v, ext_fk, ext_valid, ext_g = ext["k"], ext["v"], ext["fk"], ext["valid"], ext.get("g")
+    keys_fk, keys_g = ext_fk[:, :t], None if ext_g is None else ext_g[:, :t]
+    if cu_seqlens is not None:  # query t's linear keys are ext tokens < t: drop those of an earlier sequence
+        same = (ext_valid[:, :t] == ext_valid[:, window - 1 :]).float()[..., None, None]
+        keys_fk, keys_g = keys_fk * same, None if keys_g is None else keys_g * same
 
     # Linear part: query t reads the memory after ext token t-1 (every key up to t-W), which the
     # exclusive scan gives; its decay from there to t covers the W ext tokens [t, t+W-1].
@@ -140,12 +160,12 @@ def hybrid_attn_ref(
         win_decay = (cum[:, window : window + t] - cum[:, :t]).exp()  # [B,T,Hk,F]
         fq = (fq.reshape(b, t, hk, h // hk, f) * win_decay[:, :, :, None]).reshape(b, t, h, f)
     v1 = torch.cat([ext_v[:, :t], ext_v.new_ones(b, t, hk, 1)], -1)
+    packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
     o_l, mem = scan(
-        fq, ext_fk[:, :t], v1, None if ext_g is None else ext_g[:, :t],
-        initial_state=state["S"], exclusive=True, chunk_size=chunk_size,
+        fq, keys_fk, v1, keys_g, initial_state=None if packed else state["S"], exclusive=True, chunk_size=chunk_size, **packed,
     )
     y = combine(q, ext_k, ext_v, ext_valid, o_l, mix, window, scale, softcap, dtype=v.dtype)
-    return y, shift_window(ext, mem, t)
+    return y, (None if packed else shift_window(ext, mem, t))
 
 
 def token_order(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -163,11 +183,11 @@ def token_order(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def extend_window(
     state: dict[str, Tensor], k: Tensor, v: Tensor, fk: Tensor, g: Tensor | None, valid: Tensor | None
 ) -> dict[str, Tensor]:
-    """The W-1 buffered tokens followed by the T new ones (k [B,T,Hk,D], ...; valid [B,T] or None),
-    with padding zeroed in the features and decays: [B, W-1+T, ...]."""
+    """The W-1 buffered tokens followed by the T new ones (k [B,T,Hk,D], ...; valid [B,T] bool or
+    segment ids, or None), with padding zeroed in the features and decays: [B, W-1+T, ...]."""
     if valid is None:
         valid = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
-    keep = valid.float()[..., None, None]
+    keep = (valid != 0).float()[..., None, None]
     ext = {
         "k": torch.cat([state["k"], k.float()], 1),
         "v": torch.cat([state["v"], v.float()], 1),

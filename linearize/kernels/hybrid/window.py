@@ -63,11 +63,16 @@ def _scores(a, b, scale, cap, HAS_CAP: tl.constexpr):
 
 @triton.jit
 def _keys(k, v, valid, b, j, L, HK: tl.constexpr, hk, D: tl.constexpr, V: tl.constexpr, rd, md, rv, mv):
-    """Ext tokens j of KV head hk: keys, values and whether each exists and is valid."""
+    """Ext tokens j of KV head hk: keys, values and segment ids (0 where missing or padding)."""
     mj = (j >= 0) & (j < L)
     row = (b * L + j) * HK + hk
-    ok = tl.load(valid + b * L + j, mask=mj, other=0) != 0
-    return _rows(k, row, mj, D, rd, md), _rows(v, row, mj, V, rv, mv), ok
+    return _rows(k, row, mj, D, rd, md), _rows(v, row, mj, V, rv, mv), tl.load(valid + b * L + j, mask=mj, other=0)
+
+
+@triton.jit
+def _visible(qseg, kseg):
+    """As `naive.visible`: a valid key of the query's segment (a padding query sees every valid key)."""
+    return (kseg != 0) & ((qseg == 0) | (kseg == qseg))
 
 
 @triton.jit
@@ -91,6 +96,7 @@ def _window_fwd_kernel(
     b, h, hk, t0, rm, row, mt, rd, rv = _query_block(H, HK, BM, BD, BV, T)
     md, mv = rd < D, rv < V
     qt = _rows(q, row, mt, D, rd, md)
+    qseg = tl.load(valid + b * L + t0 + rm + W - 1, mask=mt, other=0)  # the query's own ext token
     m = tl.full([BM], float("-inf"), tl.float32)
     arg = tl.full([BM], -1, tl.int32)  # ext index of the key holding the max; -1: no visible key
     den_w = tl.zeros([BM], dtype=tl.float32)
@@ -98,8 +104,8 @@ def _window_fwd_kernel(
     for c in range(NC):
         rel = c * BN + tl.arange(0, BN)  # key offset from t0: query row i sees offsets [i, i+W-1]
         j = t0 + rel
-        kt, vt, ok = _keys(k, v, valid, b, j, L, HK, hk, D, V, rd, md, rv, mv)
-        see = (rel[None, :] >= rm[:, None]) & (rel[None, :] < rm[:, None] + W) & ok[None, :]
+        kt, vt, kseg = _keys(k, v, valid, b, j, L, HK, hk, D, V, rd, md, rv, mv)
+        see = (rel[None, :] >= rm[:, None]) & (rel[None, :] < rm[:, None] + W) & _visible(qseg[:, None], kseg[None, :])
         s = tl.where(see, _scores(qt, kt, scale, cap, HAS_CAP), float("-inf"))
         mc = tl.max(s, axis=1)
         first = tl.min(tl.where(s == mc[:, None], j[None, :], 2147483647), axis=1)
@@ -134,6 +140,7 @@ def _window_dq_kernel(
     b, h, hk, t0, rm, row, mt, rd, rv = _query_block(H, HK, BM, BD, BV, T)
     md, mv = rd < D, rv < V
     qt = _rows(q, row, mt, D, rd, md)
+    qseg = tl.load(valid + b * L + t0 + rm + W - 1, mask=mt, other=0)
     m = tl.load(rmax + row, mask=mt, other=0.0)
     arg = tl.load(rarg + row, mask=mt, other=-1)
     dot_ = _rows(do, row, mt, V, rv, mv)
@@ -144,8 +151,8 @@ def _window_dq_kernel(
         num_w = tl.zeros([BM, BV], dtype=tl.float32)
     for c in range(NC):
         rel = c * BN + tl.arange(0, BN)
-        kt, vt, ok = _keys(k, v, valid, b, t0 + rel, L, HK, hk, D, V, rd, md, rv, mv)
-        see = (rel[None, :] >= rm[:, None]) & (rel[None, :] < rm[:, None] + W) & ok[None, :]
+        kt, vt, kseg = _keys(k, v, valid, b, t0 + rel, L, HK, hk, D, V, rd, md, rv, mv)
+        see = (rel[None, :] >= rm[:, None]) & (rel[None, :] < rm[:, None] + W) & _visible(qseg[:, None], kseg[None, :])
         p = tl.exp(tl.where(see, _scores(qt, kt, scale, cap, HAS_CAP) - m[:, None], float("-inf")))
         e += tl.sum(p * tl.dot(dot_, tl.trans(vt)), axis=1)
         den_w += tl.sum(p, axis=1)
@@ -176,8 +183,8 @@ def _window_dq_kernel(
     for c in range(NC):  # second walk: dq
         rel = c * BN + tl.arange(0, BN)
         j = t0 + rel
-        kt, vt, ok = _keys(k, v, valid, b, j, L, HK, hk, D, V, rd, md, rv, mv)
-        see = (rel[None, :] >= rm[:, None]) & (rel[None, :] < rm[:, None] + W) & ok[None, :]
+        kt, vt, kseg = _keys(k, v, valid, b, j, L, HK, hk, D, V, rd, md, rv, mv)
+        see = (rel[None, :] >= rm[:, None]) & (rel[None, :] < rm[:, None] + W) & _visible(qseg[:, None], kseg[None, :])
         s = _scores(qt, kt, scale, cap, HAS_CAP)
         dp = tl.dot(dot_, tl.trans(vt))
         if MIX:
@@ -204,7 +211,7 @@ def _window_dkv_kernel(
     rk, rd, rv = tl.arange(0, BM), tl.arange(0, BD), tl.arange(0, BV)
     md, mv = rd < D, rv < V
     j = n * BM + rk
-    kt, vt, ok = _keys(k, v, valid, b, j, L, HK, hk, D, V, rd, md, rv, mv)
+    kt, vt, kseg = _keys(k, v, valid, b, j, L, HK, hk, D, V, rd, md, rv, mv)
     dkt = tl.zeros([BM, BD], dtype=tl.float32)
     dvt = tl.zeros([BM, BV], dtype=tl.float32)
     for g in range(G):
@@ -220,7 +227,8 @@ def _window_dkv_kernel(
             arg = tl.load(rarg + row, mask=mt, other=-1)
             dlt = tl.load(delta + row, mask=mt, other=0.0)
             dden = tl.load(dd + row, mask=mt, other=0.0)
-            see = (rel[None, :] >= rk[:, None]) & (rel[None, :] < rk[:, None] + W) & ok[:, None] & mt[None, :]
+            qseg = tl.load(valid + b * L + t + W - 1, mask=mt, other=0)
+            see = (rel[None, :] >= rk[:, None]) & (rel[None, :] < rk[:, None] + W) & _visible(qseg[None, :], kseg[:, None]) & mt[None, :]
             s = _scores(kt, qt, scale, cap, HAS_CAP)  # [keys, queries]
             p = tl.exp(tl.where(see, s - m[None, :], float("-inf")))
             dp = tl.dot(vt, tl.trans(dot_))  # scaled after the product, as in the dq pass
@@ -262,7 +270,7 @@ class WindowSoftmaxFunction(torch.autograd.Function):
         hk, vd, length = k.shape[2], v.shape[-1], k.shape[1]
         cfg = _config(window, kd, vd)
         fused = lin is not None
-        q, k, v, valid = q.contiguous(), k.contiguous(), v.contiguous(), valid.to(torch.int8).contiguous()
+        q, k, v, valid = q.contiguous(), k.contiguous(), v.contiguous(), valid.to(torch.int32).contiguous()
         ctx.mix_dtype = None if mix is None else mix.dtype
         if fused:
             lin, mix = lin.contiguous(), mix.float().contiguous()
