@@ -107,6 +107,26 @@ def _decays(b, tok, mt, head, ck, mk, first, last, EXCLUSIVE: tl.constexpr, HK: 
 
 
 @triton.jit
+def _walk_program(init, cu, coff, T, NT, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_INIT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Program (block of K, block of V, sequence x KV head) of a walk over the chunks: its sequence,
+    first chunk, rows, tile offsets and starting [BK, BV] tile (`init`'s, or zeros)."""
+    ik, iv, nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, hk = nh // HK, nh % HK
+    bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
+    c0 = tl.load(coff + i_n) if IS_VARLEN else i_n * NT
+    rc, rk, rv = tl.arange(0, C), ik * BK + tl.arange(0, BK), iv * BV + tl.arange(0, BV)
+    mk, mv = rk < K, rv < V
+    s_off = rk[:, None] * V + rv[None, :]
+    ms = mk[:, None] & mv[None, :]
+    if HAS_INIT:
+        tile = tl.load(init + nh.to(tl.int64) * K * V + s_off, mask=ms, other=0.0).to(tl.float32)
+    else:
+        tile = tl.zeros([BK, BV], dtype=tl.float32)
+    return nh, hk, bos, eos, c0, rc, rk, mk, rk if GATE == 2 else rk * 0, s_off, ms, tile
+
+
+@triton.jit
 def _cumsum_kernel(g, b, cu, cidx, T, NT, HK: tl.constexpr, KG: tl.constexpr, C: tl.constexpr, BKG: tl.constexpr, IS_VARLEN: tl.constexpr):
     pid, hk = tl.program_id(0), tl.program_id(1)
     i_n, i_t = _chunk_of(pid, cidx, NT, IS_VARLEN)
@@ -124,19 +144,10 @@ def _state_kernel(
     HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_S0: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    ik, iv, nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, hk = nh // HK, nh % HK
-    bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
-    c0 = tl.load(coff + i_n) if IS_VARLEN else i_n * NT
-    rc, rk, rv = tl.arange(0, C), ik * BK + tl.arange(0, BK), iv * BV + tl.arange(0, BV)
-    mk, mv = rk < K, rv < V
-    ck = rk if GATE == 2 else rk * 0
-    s_off = rk[:, None] * V + rv[None, :]
-    ms = mk[:, None] & mv[None, :]
-    if HAS_S0:
-        state = tl.load(s0 + nh.to(tl.int64) * K * V + s_off, mask=ms, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros([BK, BV], dtype=tl.float32)
+    nh, hk, bos, eos, c0, rc, rk, mk, ck, s_off, ms, state = _walk_program(
+        s0, cu, coff, T, NT, HK, K, V, C, BK, BV, GATE, HAS_S0, IS_VARLEN)
+    rv = tl.program_id(1) * BV + tl.arange(0, BV)
+    mv = rv < V
     for i_t in range(tl.cdiv(eos - bos, C)):
         tl.store(h + ((c0 + i_t).to(tl.int64) * HK + hk) * K * V + s_off, state.to(h.dtype.element_ty), mask=ms)
         tok = bos + i_t * C + rc
@@ -241,20 +252,11 @@ def _dstate_kernel(
     HAS_DS: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     # walking backward, dh[n] is the gradient of the state leaving chunk n
-    ik, iv, nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, hk = nh // HK, nh % HK
     G: tl.constexpr = H // HK
-    bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
-    c0 = tl.load(coff + i_n) if IS_VARLEN else i_n * NT
-    rc, rk, rv = tl.arange(0, C), ik * BK + tl.arange(0, BK), iv * BV + tl.arange(0, BV)
-    mk, mv = rk < K, rv < V
-    ck = rk if GATE == 2 else rk * 0
-    s_off = rk[:, None] * V + rv[None, :]
-    ms = mk[:, None] & mv[None, :]
-    if HAS_DS:
-        dstate = tl.load(ds_final + nh.to(tl.int64) * K * V + s_off, mask=ms, other=0.0).to(tl.float32)
-    else:
-        dstate = tl.zeros([BK, BV], dtype=tl.float32)
+    nh, hk, bos, eos, c0, rc, rk, mk, ck, s_off, ms, dstate = _walk_program(
+        ds_final, cu, coff, T, NT, HK, K, V, C, BK, BV, GATE, HAS_DS, IS_VARLEN)
+    rv = tl.program_id(1) * BV + tl.arange(0, BV)
+    mv = rv < V
     nt = tl.cdiv(eos - bos, C)
     for n in range(nt):
         i_t = nt - 1 - n

@@ -76,13 +76,17 @@ def _visible(qseg, kseg):
 
 
 @triton.jit
-def _query_block(H: tl.constexpr, HK: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, T):
-    """Program (batch x query head, block of BM queries): batch, head, KV head, query rows and masks."""
+def _query_block(q, valid, T, L, H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
+                 BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+    """Program (batch x query head, block of BM queries): batch, head, KV head, query rows and masks,
+    the queries [BM, BD] and their segment ids (of their own ext tokens)."""
     bh, n = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    rm = tl.arange(0, BM)
+    rm, rd, rv = tl.arange(0, BM), tl.arange(0, BD), tl.arange(0, BV)
     t = n * BM + rm
-    return b, h, h // (H // HK), n * BM, rm, (b * T + t) * H + h, t < T, tl.arange(0, BD), tl.arange(0, BV)
+    row, mt, md = (b * T + t) * H + h, t < T, rd < D
+    qseg = tl.load(valid + b * L + t + W - 1, mask=mt, other=0)
+    return b, h, h // (H // HK), n * BM, rm, row, mt, rd, rv, md, rv < V, _rows(q, row, mt, D, rd, md), qseg
 
 
 @triton.jit
@@ -93,10 +97,7 @@ def _window_fwd_kernel(
     HAS_CAP: tl.constexpr, MIX: tl.constexpr, EPS_: tl.constexpr,
 ):
     # out: num (den beside it), or y when fused
-    b, h, hk, t0, rm, row, mt, rd, rv = _query_block(H, HK, BM, BD, BV, T)
-    md, mv = rd < D, rv < V
-    qt = _rows(q, row, mt, D, rd, md)
-    qseg = tl.load(valid + b * L + t0 + rm + W - 1, mask=mt, other=0)  # the query's own ext token
+    b, h, hk, t0, rm, row, mt, rd, rv, md, mv, qt, qseg = _query_block(q, valid, T, L, H, HK, D, V, W, BM, BD, BV)
     m = tl.full([BM], float("-inf"), tl.float32)
     arg = tl.full([BM], -1, tl.int32)  # ext index of the key holding the max; -1: no visible key
     den_w = tl.zeros([BM], dtype=tl.float32)
@@ -137,10 +138,7 @@ def _window_dq_kernel(
     HAS_CAP: tl.constexpr, MIX: tl.constexpr, EPS_: tl.constexpr,
 ):
     # do: dnum, or dy when fused (then dnum = cw dy). dd: dden, an input, or written here when fused.
-    b, h, hk, t0, rm, row, mt, rd, rv = _query_block(H, HK, BM, BD, BV, T)
-    md, mv = rd < D, rv < V
-    qt = _rows(q, row, mt, D, rd, md)
-    qseg = tl.load(valid + b * L + t0 + rm + W - 1, mask=mt, other=0)
+    b, h, hk, t0, rm, row, mt, rd, rv, md, mv, qt, qseg = _query_block(q, valid, T, L, H, HK, D, V, W, BM, BD, BV)
     m = tl.load(rmax + row, mask=mt, other=0.0)
     arg = tl.load(rarg + row, mask=mt, other=-1)
     dot_ = _rows(do, row, mt, V, rv, mv)
