@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import statistics
 import sys
@@ -32,7 +31,7 @@ import transformers
 import linearize
 from linearize import GraphedDecoder
 
-from kernels import copy_bandwidth  # noqa: E402  (the script's folder is on sys.path)
+from kernels import copy_bandwidth, header  # noqa: E402  (the script's folder is on sys.path)
 
 PLANS = {"lolcats": "*:lolcats(window=64)", "gla": "*:gla"}
 GIB = 2**30
@@ -142,10 +141,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{op} {impl} T={t}: {out['ms']:.3f} ms/step", file=sys.stderr)
 
     out = {
-        "command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "versions": {"linearize": linearize.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "triton": _version("triton")},
+        **header(cuda, ("transformers",)),
         "setup": {"model": model_name, "dtype": str(next(teacher.parameters()).dtype), "batch": 1, "plans": {n: PLANS[n] for n in args.plans},
                   "steps": args.steps, "repeats": args.repeats, "prefill_chunk": args.prefill_chunk, "cuda_graphs": cuda},
         "copy_bandwidth_GBps": round(bandwidth / 1e6, 1), "records": records,
@@ -156,12 +152,6 @@ def main(argv: list[str] | None = None) -> None:
     for r in records:
         print(f"| {r['op']} | {r['impl']} | {r['T']} | {r['ms']} | {1e3 / r['ms']:.0f} | {r.get('peak_gib', '')} | {r.get('cache_mib', '')} |")
 
-
-def _version(package: str) -> str | None:
-    try:
-        return __import__(package).__version__
-    except ImportError:
-        return None
 
 
 if __name__ == "__main__":

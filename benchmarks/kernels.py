@@ -48,17 +48,20 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * x.numel() / ms
 
 
-def versions() -> dict[str, str]:
-    """Versions of everything timed here (fla only when installed)."""
+def header(cuda: bool, extra_packages: tuple[str, ...] = ()) -> dict:
+    """`command`, `date`, `device` and `versions` of a results file (packages only when installed)."""
     import importlib.metadata as md
 
-    out = {"linearize": linearize.__version__, "torch": torch.__version__}
-    for name in ("triton", "fla-core"):
+    versions = {"linearize": linearize.__version__, "torch": torch.__version__}
+    for name in ("triton", "fla-core", *extra_packages):
         try:
-            out[name] = md.version(name)
+            versions[name] = md.version(name)
         except md.PackageNotFoundError:
             pass
-    return out
+    return {
+        "command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "versions": versions,
+    }
 
 
 def main() -> None:
@@ -144,9 +147,7 @@ def main() -> None:
                        lambda: torch.autograd.backward(hybrid(*hybrid_leaves[:5], None, hybrid_leaves[5])[0], do))
 
     out = {
-        "command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
-        "versions": versions(),
+        **header(cuda),
         "shapes": {"heads": h, "head_dim": d, "tokens_per_batch": tokens, "dtype": str(dtype)},
         "copy_bandwidth_GBps": round(bw / 1e6, 1), "records": records,
     }

@@ -110,7 +110,7 @@ def _decays(b, tok, mt, head, ck, mk, first, last, EXCLUSIVE: tl.constexpr, HK: 
 def _walk_program(init, cu, coff, T, NT, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_INIT: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Program (block of K, block of V, sequence x KV head) of a walk over the chunks: its sequence,
-    first chunk, rows, tile offsets and starting [BK, BV] tile (`init`'s, or zeros)."""
+    first chunk, rows, channel ranges, tile offsets and starting [BK, BV] tile (`init`'s, or zeros)."""
     ik, iv, nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, hk = nh // HK, nh % HK
     bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
@@ -123,16 +123,13 @@ def _walk_program(init, cu, coff, T, NT, HK: tl.constexpr, K: tl.constexpr, V: t
         tile = tl.load(init + nh.to(tl.int64) * K * V + s_off, mask=ms, other=0.0).to(tl.float32)
     else:
         tile = tl.zeros([BK, BV], dtype=tl.float32)
-    return nh, hk, bos, eos, c0, rc, rk, mk, rk if GATE == 2 else rk * 0, s_off, ms, tile
+    return nh, hk, bos, eos, c0, rc, rk, mk, rk if GATE == 2 else rk * 0, rv, mv, s_off, ms, tile
 
 
 @triton.jit
 def _cumsum_kernel(g, b, cu, cidx, T, NT, HK: tl.constexpr, KG: tl.constexpr, C: tl.constexpr, BKG: tl.constexpr, IS_VARLEN: tl.constexpr):
     pid, hk = tl.program_id(0), tl.program_id(1)
-    i_n, i_t = _chunk_of(pid, cidx, NT, IS_VARLEN)
-    bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
-    tok = bos + i_t * C + tl.arange(0, C)
-    mt = tok < eos
+    _, _, tok, mt, _, _ = _chunk_rows(pid, cidx, cu, T, NT, C, False, IS_VARLEN)
     rg = tl.arange(0, BKG)
     x = _load(g, tok, mt, HK, hk, KG, rg, rg < KG).to(tl.float32)
     _store(b, tl.cumsum(x, axis=0), tok, mt, HK, hk, KG, rg, rg < KG)
@@ -144,10 +141,8 @@ def _state_kernel(
     HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_S0: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    nh, hk, bos, eos, c0, rc, rk, mk, ck, s_off, ms, state = _walk_program(
+    nh, hk, bos, eos, c0, rc, rk, mk, ck, rv, mv, s_off, ms, state = _walk_program(
         s0, cu, coff, T, NT, HK, K, V, C, BK, BV, GATE, HAS_S0, IS_VARLEN)
-    rv = tl.program_id(1) * BV + tl.arange(0, BV)
-    mv = rv < V
     for i_t in range(tl.cdiv(eos - bos, C)):
         tl.store(h + ((c0 + i_t).to(tl.int64) * HK + hk) * K * V + s_off, state.to(h.dtype.element_ty), mask=ms)
         tok = bos + i_t * C + rc
@@ -176,9 +171,8 @@ def _intra_kernel(
     # channels in slices of BK, so the diagonal's [S, S, BK] weights stay small
     isub, pid, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     hk = head // (H // HK)
-    i_n, i_t = _chunk_of(pid, cidx, NT, IS_VARLEN)
-    bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
-    c_start = bos + i_t * C
+    c_start, last, _, _, _, _ = _chunk_rows(pid, cidx, cu, T, NT, C, EXCLUSIVE, IS_VARLEN)
+    eos = last + 1  # the chunk's end: every token a sub-block program touches lies in its chunk
     if c_start + isub * S < eos:
         rs = tl.arange(0, S)
         tok = c_start + isub * S + rs
@@ -253,10 +247,8 @@ def _dstate_kernel(
 ):
     # walking backward, dh[n] is the gradient of the state leaving chunk n
     G: tl.constexpr = H // HK
-    nh, hk, bos, eos, c0, rc, rk, mk, ck, s_off, ms, dstate = _walk_program(
+    nh, hk, bos, eos, c0, rc, rk, mk, ck, rv, mv, s_off, ms, dstate = _walk_program(
         ds_final, cu, coff, T, NT, HK, K, V, C, BK, BV, GATE, HAS_DS, IS_VARLEN)
-    rv = tl.program_id(1) * BV + tl.arange(0, BV)
-    mv = rv < V
     nt = tl.cdiv(eos - bos, C)
     for n in range(nt):
         i_t = nt - 1 - n
@@ -382,11 +374,7 @@ def _dA_kernel(
     # per-channel decay: dA = dO v^T of each chunk [tokens, H, C] (the mask is applied by its reader)
     pid, head = tl.program_id(0), tl.program_id(1)
     hk = head // (H // HK)
-    i_n, i_t = _chunk_of(pid, cidx, NT, IS_VARLEN)
-    bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
-    rc = tl.arange(0, C)
-    tok = bos + i_t * C + rc
-    mt = tok < eos
+    _, _, tok, mt, rc, _ = _chunk_rows(pid, cidx, cu, T, NT, C, False, IS_VARLEN)
     da = tl.zeros([C, C], dtype=tl.float32)
     for iv in range(tl.cdiv(V, BV)):
         rv = iv * BV + tl.arange(0, BV)
@@ -408,9 +396,8 @@ def _intra_grad_kernel(
     hk, ik = hkk // NK, hkk % NK
     G: tl.constexpr = H // HK
     NS: tl.constexpr = C // S
-    i_n, i_t = _chunk_of(pid, cidx, NT, IS_VARLEN)
-    bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
-    c_start = bos + i_t * C
+    c_start, last, _, _, _, _ = _chunk_rows(pid, cidx, cu, T, NT, C, EXCLUSIVE, IS_VARLEN)
+    eos = last + 1  # the chunk's end: every token a sub-block program touches lies in its chunk
     if c_start + isub * S < eos:
         rs, rk = tl.arange(0, S), ik * BK + tl.arange(0, BK)
         mk = rk < K
@@ -523,15 +510,15 @@ class _Launch:
         self.varlen = cu_seqlens is not None
         # per-chunk states in the inputs' dtype for 16-bit inputs (tensor cores), fp32 otherwise
         self.state_dtype = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else torch.float32
-
         self.dummy = torch.empty(1, dtype=torch.int32, device=q.device)  # pointer for unused arguments
 
-    def seq_args(self) -> tuple[Tensor, Tensor]:
-        return (self.cu, self.cidx) if self.varlen else (self.dummy, self.dummy)
+    def seq_args(self) -> tuple[Tensor, Tensor, Tensor]:
+        """cu_seqlens, the chunk table and each sequence's first chunk (placeholders without packing)."""
+        return (self.cu, self.cidx, self.coff) if self.varlen else (self.dummy,) * 3
 
     def cumsum(self, g: Tensor) -> Tensor:
         b = torch.empty(g.shape, dtype=torch.float32, device=g.device)
-        cu, cidx = self.seq_args()
+        cu, cidx, _ = self.seq_args()
         _cumsum_kernel[(self.NTtot, self.HK)](
             g, b, cu, cidx, self.T, self.NT, self.HK, self.KG, self.C, triton.next_power_of_2(self.KG), self.varlen,
         )
@@ -552,10 +539,13 @@ def _check(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, chunk_size: int, c
         raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {b}")
 
 
-def _forward(L: _Launch, q, k, v, b, initial_state, exclusive, out=None):
-    """o, the final states [N,Hk,K,V] fp32, the per-chunk states and (per-channel decay) the intra weights."""
-    cu, cidx = L.seq_args()
-    coff = L.coff if L.varlen else cidx
+def _forward(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, out=None):
+    """The launch set-up, contiguous q, k, v, the cumulative decays b, o, the final states [N,Hk,K,V]
+    fp32, the per-chunk states and (per-channel decay) the intra weights."""
+    L = _Launch(q, k, v, g, cu_seqlens, chunk_size)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    b = L.cumsum(g.contiguous()) if g is not None else None
+    cu, cidx, coff = L.seq_args()
     h = torch.empty(L.NTtot, L.HK, L.K, L.V, dtype=L.state_dtype, device=q.device)
     s_out = torch.empty(L.N, L.HK, L.K, L.V, dtype=torch.float32, device=q.device)
     s0 = initial_state.float().contiguous() if initial_state is not None else s_out
@@ -575,7 +565,7 @@ def _forward(L: _Launch, q, k, v, b, initial_state, exclusive, out=None):
         q, k, v, bb, h, A if A is not None else q, o, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.V, L.KG, L.C,
         L.BK, L.BV, L.gate, exclusive, L.varlen,
     )
-    return o, s_out, h, A
+    return L, q, k, v, b, o, s_out, h, A
 
 
 def _decay_grad(L: _Launch, q, k, dq, dk, final_state, dfinal, exclusive, dtype) -> Tensor:
@@ -585,8 +575,8 @@ def _decay_grad(L: _Launch, q, k, dq, dk, final_state, dfinal, exclusive, dtype)
     if dfinal is not None:
         fin = (final_state * dfinal.float()).sum(-1)  # [N, Hk, K]
         fin = (fin.sum(-1) if L.gate == 1 else fin).contiguous()
-    dg = torch.empty(q.shape[:3][:2] + (L.HK,) + ((L.K,) if L.gate == 2 else ()), dtype=dtype, device=q.device)
-    cu, _ = L.seq_args()
+    dg = torch.empty(q.shape[:2] + (L.HK,) + ((L.K,) if L.gate == 2 else ()), dtype=dtype, device=q.device)
+    cu, _, _ = L.seq_args()
     bk = L.BK if L.gate == 2 else max(16, triton.next_power_of_2(L.K))  # per head: all channels at once
     _decay_grad_kernel[(triton.cdiv(L.K, bk), L.N * L.HK)](
         q, k, dq, dk, fin if fin is not None else dq, dg, cu, L.T, L.H, L.HK, L.K, L.KG, L.C, bk, exclusive,
@@ -600,10 +590,7 @@ class ChunkGLAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, initial_state, exclusive: bool, chunk_size: int, cu_seqlens):
-        L = _Launch(q, k, v, g, cu_seqlens, chunk_size)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        b = L.cumsum(g.contiguous()) if g is not None else None
-        o, s_out, h, A = _forward(L, q, k, v, b, initial_state, exclusive)
+        L, q, k, v, b, o, s_out, h, A = _forward(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens)
         ctx.save_for_backward(q, k, v, b, initial_state, h, A, s_out)
         ctx.L, ctx.exclusive, ctx.g_dtype = L, exclusive, None if g is None else g.dtype
         return o, s_out
@@ -612,8 +599,7 @@ class ChunkGLAFunction(torch.autograd.Function):
     def backward(ctx, do, dstate):
         q, k, v, b, s0, h, A, s_out = ctx.saved_tensors
         L, exclusive = ctx.L, ctx.exclusive
-        cu, cidx = L.seq_args()
-        coff = L.coff if L.varlen else cidx
+        cu, cidx, coff = L.seq_args()
         do = do.contiguous()
         bb = b if b is not None else q
         dh = torch.empty_like(h)
@@ -669,8 +655,5 @@ def chunk_gla_fwd(
 ) -> tuple[Tensor, Tensor]:
     """The forward alone (no graph kept), optionally into a preallocated `out` [B,T,H,V]."""
     _check(q, k, v, g, chunk_size, cu_seqlens)
-    L = _Launch(q, k, v, g, cu_seqlens, chunk_size)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    b = L.cumsum(g.contiguous()) if g is not None else None
-    o, s_out, _, _ = _forward(L, q, k, v, b, initial_state, exclusive, out)
+    o, s_out = _forward(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, out)[5:7]
     return o, s_out

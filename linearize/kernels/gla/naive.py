@@ -4,8 +4,9 @@ Layout [B, T, H, D]. Queries may have more heads than keys/values (GQA): query h
 state of key/value head h // (H // Hk), so repeated keys/values are never materialized.
 With log-decay g (<= 0, per key channel [B,T,Hk,K], or one per head [B,T,Hk] as in Mamba-2) the
 state evolves as S_t = exp(g_t) * S_{t-1} + k_t v_t^T; without g it is plain causal linear attention.
-Packed variable-length batches: B = 1 and `cu_seqlens` [N+1] marks where each sequence starts. Normalizers are the caller's business (append a
-ones column to v to get the denominator in the same pass). All maths in fp32; states are fp32.
+Packed variable-length batches: B = 1 and `cu_seqlens` [N+1] marks where each sequence starts.
+Normalizers are the caller's business (append a ones column to v to get the denominator in the same
+pass). All maths in fp32; states are fp32.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 alone (`window_softmax`, same maths as `window_softmax_ref`) or fused with the combine against the
 linear part (`window_combine`, same maths as `window_combine_ref`).
 
-Query t sees the ext tokens [t, t+W-1] (W-1 context tokens, then the T new ones) with
+Query t sees the ext tokens [t, t+W-1] (W-1 context tokens, then the T new ones) that
+`naive.visible` allows (ext_valid: validity, or segment ids for packed sequences), with
 a_tj = exp(s_tj - m_t), m_t = max over its visible keys (LoLCATs' shift, not cancelled: the linear
 part is unshifted, so the max carries gradient); num_t = sum_j a_tj v_j, den_t = sum_j a_tj, and
 rows with no visible key give 0 (m_t = 0). Layout [B, T, H, D]; maths in fp32.
