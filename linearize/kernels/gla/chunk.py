@@ -129,7 +129,7 @@ def _walk_program(init, cu, coff, T, NT, HK: tl.constexpr, K: tl.constexpr, V: t
 @triton.jit
 def _cumsum_kernel(g, b, cu, cidx, T, NT, HK: tl.constexpr, KG: tl.constexpr, C: tl.constexpr, BKG: tl.constexpr, IS_VARLEN: tl.constexpr):
     pid, hk = tl.program_id(0), tl.program_id(1)
-    _, _, tok, mt, _, _ = _chunk_rows(pid, cidx, cu, T, NT, C, False, IS_VARLEN)
+    _first, _last, tok, mt, _rc, _sees = _chunk_rows(pid, cidx, cu, T, NT, C, False, IS_VARLEN)
     rg = tl.arange(0, BKG)
     x = _load(g, tok, mt, HK, hk, KG, rg, rg < KG).to(tl.float32)
     _store(b, tl.cumsum(x, axis=0), tok, mt, HK, hk, KG, rg, rg < KG)
@@ -150,7 +150,7 @@ def _state_kernel(
         kc = _load(k, tok, mt, HK, hk, K, rk, mk)
         vc = _load(v, tok, mt, HK, hk, V, rv, mv)
         if GATE != 0:
-            bk, _, bl = _decays(b, tok, mt, hk, ck, mk, bos + i_t * C, tl.minimum(bos + i_t * C + C, eos) - 1, False, HK, KG, GATE)
+            bk, _bq, bl = _decays(b, tok, mt, hk, ck, mk, bos + i_t * C, tl.minimum(bos + i_t * C + C, eos) - 1, False, HK, KG, GATE)
             if GATE == 2:
                 kc = (kc * tl.exp(bl[None, :] - bk)).to(vc.dtype)
                 state = state * tl.exp(bl)[:, None]
@@ -171,7 +171,7 @@ def _intra_kernel(
     # channels in slices of BK, so the diagonal's [S, S, BK] weights stay small
     isub, pid, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     hk = head // (H // HK)
-    c_start, last, _, _, _, _ = _chunk_rows(pid, cidx, cu, T, NT, C, EXCLUSIVE, IS_VARLEN)
+    c_start, last, _tok, _mt, _rc, _sees = _chunk_rows(pid, cidx, cu, T, NT, C, EXCLUSIVE, IS_VARLEN)
     eos = last + 1  # the chunk's end: every token a sub-block program touches lies in its chunk
     if c_start + isub * S < eos:
         rs = tl.arange(0, S)
@@ -184,7 +184,7 @@ def _intra_kernel(
             for ik in range(tl.cdiv(K, BK)):
                 rk = ik * BK + tl.arange(0, BK)
                 mk = rk < K
-                _, bq, _ = _decays(b, tok, mt, hk, rk, mk, c_start, eos - 1, EXCLUSIVE, HK, K, 2)
+                _bk, bq, _bl = _decays(b, tok, mt, hk, rk, mk, c_start, eos - 1, EXCLUSIVE, HK, K, 2)
                 bref = tl.load(b + ((c_start + isub * S - 1) * HK + hk) * K + rk, mask=mk, other=0.0)
                 qr = _load(q, tok, mt, H, head, K, rk, mk) * tl.exp(tl.minimum(bq - bref[None, :], 0.0))
                 kr = _load(k, tj, tj < eos, HK, hk, K, rk, mk) * tl.exp(bref[None, :] - _load(b, tj, tj < eos, HK, hk, K, rk, mk))
@@ -194,7 +194,7 @@ def _intra_kernel(
         for ik in range(tl.cdiv(K, BK)):  # the diagonal sub-block, channel by channel
             rk = ik * BK + tl.arange(0, BK)
             mk = rk < K
-            bk, bq, _ = _decays(b, tok, mt, hk, rk, mk, c_start, eos - 1, EXCLUSIVE, HK, K, 2)
+            bk, bq, _bl = _decays(b, tok, mt, hk, rk, mk, c_start, eos - 1, EXCLUSIVE, HK, K, 2)
             qi = _load(q, tok, mt, H, head, K, rk, mk).to(tl.float32)
             ki = _load(k, tok, mt, HK, hk, K, rk, mk).to(tl.float32)
             w = tl.exp(tl.minimum(bq[:, None, :] - bk[None, :, :], 0.0))
@@ -222,13 +222,13 @@ def _output_kernel(
         qc = _load(q, tok, mt, H, head, K, rk, mk)
         hc = tl.load(h_base + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         if GATE == 2:
-            _, bq, _ = _decays(b, tok, mt, hk, rk, mk, first, last, EXCLUSIVE, HK, KG, 2)
+            _bk, bq, _bl = _decays(b, tok, mt, hk, rk, mk, first, last, EXCLUSIVE, HK, KG, 2)
             acc += _dot((qc * tl.exp(bq)).to(hc.dtype), hc)
         else:
             acc += _dot(qc.to(hc.dtype), hc)
             a += _dot(qc, tl.trans(_load(k, tok, mt, HK, hk, K, rk, mk)))
     if GATE == 1:
-        bk, bq, _ = _decays(b, tok, mt, hk, rc, mt, first, last, EXCLUSIVE, HK, KG, 1)
+        bk, bq, _bl = _decays(b, tok, mt, hk, rc, mt, first, last, EXCLUSIVE, HK, KG, 1)
         acc *= tl.exp(bq)[:, None]
         a *= tl.exp(tl.where(sees, tl.minimum(bq[:, None] - bk[None, :], 0.0), float("-inf")))
     if GATE == 2:
@@ -256,7 +256,7 @@ def _dstate_kernel(
         tok = bos + i_t * C + rc
         mt = tok < eos
         if GATE != 0:
-            _, bq, bl = _decays(b, tok, mt, hk, ck, mk, bos + i_t * C, tl.minimum(bos + i_t * C + C, eos) - 1, EXCLUSIVE, HK, KG, GATE)
+            _bk, bq, bl = _decays(b, tok, mt, hk, ck, mk, bos + i_t * C, tl.minimum(bos + i_t * C + C, eos) - 1, EXCLUSIVE, HK, KG, GATE)
             dstate = dstate * (tl.exp(bl)[:, None] if GATE == 2 else tl.exp(bl))
         for j in range(G):
             qc = _load(q, tok, mt, H, hk * G + j, K, rk, mk)
@@ -288,7 +288,7 @@ def _dv_kernel(
         kc = _load(k, tok, mt, HK, hk, K, rk, mk)
         dhc = tl.load(dh_base + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         if GATE == 2:
-            bk, _, bl = _decays(b, tok, mt, hk, rk, mk, first, last, EXCLUSIVE, HK, KG, 2)
+            bk, _bq, bl = _decays(b, tok, mt, hk, rk, mk, first, last, EXCLUSIVE, HK, KG, 2)
             kc = kc * tl.exp(bl[None, :] - bk)
         acc += _dot(kc.to(dhc.dtype), dhc)
     if GATE == 1:
@@ -374,7 +374,7 @@ def _dA_kernel(
     # per-channel decay: dA = dO v^T of each chunk [tokens, H, C] (the mask is applied by its reader)
     pid, head = tl.program_id(0), tl.program_id(1)
     hk = head // (H // HK)
-    _, _, tok, mt, rc, _ = _chunk_rows(pid, cidx, cu, T, NT, C, False, IS_VARLEN)
+    _first, _last, tok, mt, rc, _sees = _chunk_rows(pid, cidx, cu, T, NT, C, False, IS_VARLEN)
     da = tl.zeros([C, C], dtype=tl.float32)
     for iv in range(tl.cdiv(V, BV)):
         rv = iv * BV + tl.arange(0, BV)
@@ -396,14 +396,14 @@ def _intra_grad_kernel(
     hk, ik = hkk // NK, hkk % NK
     G: tl.constexpr = H // HK
     NS: tl.constexpr = C // S
-    c_start, last, _, _, _, _ = _chunk_rows(pid, cidx, cu, T, NT, C, EXCLUSIVE, IS_VARLEN)
+    c_start, last, _tok, _mt, _rc, _sees = _chunk_rows(pid, cidx, cu, T, NT, C, EXCLUSIVE, IS_VARLEN)
     eos = last + 1  # the chunk's end: every token a sub-block program touches lies in its chunk
     if c_start + isub * S < eos:
         rs, rk = tl.arange(0, S), ik * BK + tl.arange(0, BK)
         mk = rk < K
         tok = c_start + isub * S + rs
         mt = tok < eos
-        bi, bqi, _ = _decays(b, tok, mt, hk, rk, mk, c_start, eos - 1, EXCLUSIVE, HK, K, 2)
+        bi, bqi, _bl = _decays(b, tok, mt, hk, rk, mk, c_start, eos - 1, EXCLUSIVE, HK, K, 2)
         ki = _load(k, tok, mt, HK, hk, K, rk, mk).to(tl.float32)
         sees = (rs[:, None] > rs[None, :]) if EXCLUSIVE else (rs[:, None] >= rs[None, :])
         w = tl.exp(tl.minimum(bqi[:, None, :] - bi[None, :, :], 0.0))  # [query, key, channel] of the diagonal
@@ -424,7 +424,7 @@ def _intra_grad_kernel(
                 ti = c_start + isub2 * S + rs
                 mi = ti < eos
                 b2 = tl.load(b + ((c_start + isub2 * S - 1) * HK + hk) * K + rk, mask=mk & ((c_start + isub2 * S + rk * 0) < eos), other=0.0)
-                _, bq2, _ = _decays(b, ti, mi, hk, rk, mk, c_start, eos - 1, EXCLUSIVE, HK, K, 2)
+                _bk2, bq2, _bl2 = _decays(b, ti, mi, hk, rk, mk, c_start, eos - 1, EXCLUSIVE, HK, K, 2)
                 qq = _load(q, ti, mi, H, head, K, rk, mk).to(tl.float32) * tl.exp(tl.minimum(bq2 - b2[None, :], 0.0))
                 da = tl.load(dA + (ti[:, None] * H + head) * C + isub * S + rs[None, :], mask=mi[:, None], other=0.0)
                 dk_acc += _dot(tl.trans(da), qq) * tl.exp(tl.minimum(b2[None, :] - bi, 0.0))

@@ -1,0 +1,58 @@
+"""Where an op's time goes on a GPU: torch.profiler's per-kernel table for one op, pass and length, on
+the inputs of `benchmarks/kernels.py` (bf16, H=32, D=128, 16k tokens per batch).
+
+    python benchmarks/profile_ops.py --op lolcats_hybrid --T 8192 --pass fwdbwd
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from linearize import kernels
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--op", choices=["linear_attn", "simple_gla", "gla", "lolcats_hybrid"], required=True)
+    ap.add_argument("--T", type=int, default=8192)
+    ap.add_argument("--pass", dest="pas", choices=["fwd", "fwdbwd"], default="fwd")
+    ap.add_argument("--rows", type=int, default=25)
+    args = ap.parse_args()
+    dev, dt, h, d, t = "cuda", torch.bfloat16, 32, 128, args.T
+    b = max(1, 16384 // t)
+    leaves = [torch.randn(b, t, h, d, device=dev, dtype=dt) * 0.1 for _ in range(3)]
+    g = {"linear_attn": None, "lolcats_hybrid": None,
+         "gla": F.logsigmoid(torch.randn(b, t, h, d, device=dev)) / 16,
+         "simple_gla": F.logsigmoid(torch.randn(b, t, h, device=dev))}[args.op]
+    if args.op == "lolcats_hybrid":
+        leaves += [torch.rand(b, t, h, 128, device=dev, dtype=dt) for _ in range(2)] + [torch.full((h,), 0.5, device=dev)]
+        run = lambda x: kernels.hybrid_attn(*x[:5], None, x[5], window=64, scale=d**-0.5)[0]  # noqa: E731
+    else:
+        leaves.append(g)
+        run = lambda x: kernels.chunk_gla(*x)[0]  # noqa: E731
+    grad = args.pas == "fwdbwd"
+    leaves = [None if x is None else x.clone().requires_grad_(grad) for x in leaves]
+    do = torch.randn(b, t, h, d, device=dev, dtype=dt)
+
+    def step() -> None:
+        y = run(leaves)
+        if grad:
+            torch.autograd.backward(y, do)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+    print(f"== {args.op} T={t} {args.pas} (10 steps; per-step ms = total / 10)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
