@@ -15,6 +15,7 @@ import os
 import subprocess
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -44,22 +45,27 @@ def usage(fn: triton.JITFunction, types: dict[str, str], const: dict[str, object
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100), 80 (A100)")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="dtype of q, k, v, lin and their gradients")
     args = ap.parse_args()
-    # as hybrid_attn calls them: q, dq and dy in the model's bf16; the ext tokens and lin in fp32
-    rows = dict(valid="*i8", lin="*fp32", mix="*fp32", den="*fp32", rmax="*fp32", rarg="*i32", dd="*fp32", cw="*fp32",
-                delta="*fp32", dlin="*fp32", dmix="*fp32", dk="*fp32", dv="*fp32", k="*fp32", v="*fp32", q="*bf16", do="*bf16",
-                dq="*bf16", T="i32", L="i32", scale="fp32", cap="fp32")
+    x = f"*{args.dtype}"  # as kernels.hybrid_attn calls them: everything in the model's dtype, statistics in fp32
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    rows = dict(
+        valid="*i8", lnum=x, lden=x, dlnum=x, dlden="*fp32", LNS="i32", LDS="i32", mix="*fp32", den="*fp32", rmax="*fp32",
+        rarg="*i32", dd="*fp32", cw="*fp32", delta="*fp32", dmix="*fp32", dk=x, dv=x, k=x, v=x, q=x, do=x, dq=x,
+        T="i32", L="i32", scale="fp32", cap="fp32",
+    )
     for w, d, h, hk, cap, fused in SHAPES:
-        cfg = window._config(w, d, d)
-        options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
-        const = dict(H=h, HK=hk, D=d, V=d, W=w, HAS_CAP=cap, MIX=fused, **cfg)
         report = []
-        for name, fn, eps in (("fwd", window._window_fwd_kernel, True), ("dq", window._window_dq_kernel, True),
-                              ("dkv", window._window_dkv_kernel, False)):
-            types = dict(rows, out="*bf16" if fused else "*fp32")
-            report.append(f"{name} {usage(fn, types, {**const, **({'EPS_': EPS} if eps else {})}, args.arch, options)}")
-        print(f"W={w} D={d} H={h}/{hk} softcap={cap} fused={fused} {cfg} {options}: " + " | ".join(report), flush=True)
-
+        for name, fn, backward in (("fwd", window._window_fwd_kernel, False), ("dq", window._window_dq_kernel, True),
+                                   ("dkv", window._window_dkv_kernel, True)):
+            cfg = window._config(w, d, d, backward=backward, dtype=dtype)
+            options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+            const = dict(H=h, HK=hk, D=d, V=d, W=w, HAS_CAP=cap, MIX=fused, **cfg)
+            if "EPS_" in fn.arg_names:
+                const["EPS_"] = EPS
+            types = dict(rows, out=x if fused else "*fp32")
+            report.append(f"{name} {cfg} {options} {usage(fn, types, const, args.arch, options)}")
+        print(f"W={w} D={d} H={h}/{hk} softcap={cap} fused={fused}: " + " | ".join(report), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -95,6 +95,7 @@ from linearize.kernels.gla.naive import chunk_gla_ref  # noqa: E402
 CHUNK_CASES = [
     (1, 16, 16, 16, False, False), (9, 16, 64, 40, False, True), (47, 16, 16, 16, True, True),
     (33, 32, 16, 24, False, False), (70, 32, 64, 40, True, True), (100, 64, 16, 16, False, True),
+    (40, 16, 16, 1, True, True),  # one value column: the hybrids' normalizer scan
 ]
 
 
@@ -256,17 +257,25 @@ def test_window_softmax_kernel_matches_reference_with_gradients(window, t, d, vd
         assert _window_err(got, ref) < gtol
 
 
-@pytest.mark.parametrize("dtype,softcap", [(torch.float32, None), (torch.bfloat16, 30.0)])
-def test_window_combine_kernel_matches_reference_with_gradients(dtype, softcap):
+@pytest.mark.parametrize("dtype,softcap,columns", [(torch.float32, None, True), (torch.bfloat16, 30.0, False)])
+def test_window_combine_kernel_matches_reference_with_gradients(dtype, softcap, columns):
+    """The linear part as two tensors, or (columns) as column views of one [..., V+1] tensor, read in place."""
     b, t, h, hk, d, vd, window = 2, 21, 6, 2, 16, 24, 8
     q, ek, ev, valid = _window_inputs(b, t, h, hk, d, vd, window, dtype, pad=True)
-    lin = torch.cat([torch.randn(b, t, h, vd, device=DEVICE), torch.rand(b, t, h, 1, device=DEVICE) * 5], -1).requires_grad_()
+    lin = torch.cat([torch.randn(b, t, h, vd, device=DEVICE), torch.rand(b, t, h, 1, device=DEVICE) * 5], -1).to(dtype)
+    if columns:
+        lin.requires_grad_()
+        num_l, den_l = lin[..., :vd], lin[..., vd]
+        lin_inputs = [lin]
+    else:
+        num_l, den_l = lin[..., :vd].contiguous().requires_grad_(), lin[..., vd].contiguous().requires_grad_()
+        lin_inputs = [num_l, den_l]
     mix = torch.rand(h, device=DEVICE).requires_grad_()
-    inputs, kw = [q, ek, ev, lin, mix], dict(window=window, scale=d**-0.5, softcap=softcap, dtype=dtype)
-    out = window_ops.window_combine(q, ek, ev, valid, lin, mix, **kw)
+    inputs, kw = [q, ek, ev, *lin_inputs, mix], dict(window=window, scale=d**-0.5, softcap=softcap, dtype=dtype)
+    out = window_ops.window_combine(q, ek, ev, valid, num_l, den_l, mix, **kw)
     dy = torch.randn_like(out, dtype=torch.float32)
     grads = torch.autograd.grad((out.float() * dy).sum(), inputs)
-    ref = window_combine_ref(q.float(), ek.float(), ev.float(), valid, lin, mix, **kw)
+    ref = window_combine_ref(q.float(), ek.float(), ev.float(), valid, num_l, den_l, mix, **kw)
     refs = torch.autograd.grad((ref.float() * dy).sum(), inputs)
     fp32_cpu = dtype == torch.float32 and DEVICE == "cpu"
     assert out.dtype == dtype and not torch.isnan(out).any()

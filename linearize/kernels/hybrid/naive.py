@@ -110,13 +110,13 @@ def _combine(num_w: Tensor, den_w: Tensor, num_l: Tensor, den_l: Tensor, mix: Te
 
 
 def window_combine_ref(
-    q: Tensor, ext_k: Tensor, ext_v: Tensor, ext_valid: Tensor, lin: Tensor, mix: Tensor, window: int,
-    scale: float, softcap: float | None = None, dtype: torch.dtype = torch.float32,
+    q: Tensor, ext_k: Tensor, ext_v: Tensor, ext_valid: Tensor, num_l: Tensor, den_l: Tensor, mix: Tensor,
+    window: int, scale: float, softcap: float | None = None, dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """The hybrid's output y [B,T,H,V] in `dtype`: the window softmax (`window_softmax_ref`) and the
-    linear part lin = [num_l | den_l] [B,T,H,V+1] under one normalizer, weighted by mix [H]."""
+    linear part (numerator num_l [B,T,H,V], normalizer den_l [B,T,H]) under one normalizer, weighted by mix [H]."""
     num_w, den_w = window_softmax_ref(q, ext_k, ext_v, ext_valid, window, scale, softcap)
-    return _combine(num_w, den_w, lin[..., :-1], lin[..., -1], mix).to(dtype)
+    return _combine(num_w, den_w, num_l.float(), den_l.float(), mix).to(dtype)
 
 
 def hybrid_attn_ref(
@@ -124,6 +124,7 @@ def hybrid_attn_ref(
     *, window: int, scale: float, softcap: float | None = None, valid: Tensor | None = None,
     state: dict[str, Tensor] | None = None, chunk_size: int = 64, scan: Callable[..., tuple[Tensor, Tensor]] = chunk_gla_ref,
     combine: Callable[..., Tensor] = window_combine_ref, cu_seqlens: Tensor | None = None,
+    compute_dtype: torch.dtype | None = torch.float32,
 ) -> tuple[Tensor, dict[str, Tensor] | None]:
     """Parallel form over T new tokens, continuing from `state` (None: start of the sequence).
 
@@ -131,7 +132,8 @@ def hybrid_attn_ref(
     g [B,T,Hk,F] log-decay or None; mix [H]; valid [B,T] (False marks padding) or None.
     Returns y [B,T,H,V] (dtype of v) and the state after the T tokens. `scan` computes the linear
     part (signature of `chunk_gla_ref`) and `combine` the window part and the output (signature of
-    `window_combine_ref`); kernels can stand in for the references there.
+    `window_combine_ref`); kernels can stand in for the references there. `compute_dtype` is the dtype
+    of what they get (None: q's own, as the kernels take it; they accumulate in fp32 either way).
     Packed sequences (training): B = 1, cu_seqlens [N+1] and no state; each sequence starts afresh
     (no window or memory across a boundary) and no state is returned.
     """
@@ -145,7 +147,8 @@ def hybrid_attn_ref(
     if state is None:
         state = empty_state(b, window, hk, d, vd, f, g is not None, q.device)
     state = token_order(state)
-    ext = extend_window(state, k, v, fk, g, valid)
+    dt = compute_dtype or q.dtype
+    ext = extend_window(state, k, v, fk, g, valid, dt)
     ext_k, ext_v, ext_fk, ext_valid, ext_g = ext["k"], ext["v"], ext["fk"], ext["valid"], ext.get("g")
     keys_fk, keys_g = ext_fk[:, :t], None if ext_g is None else ext_g[:, :t]
     if cu_seqlens is not None:  # query t's linear keys are ext tokens < t: drop those of an earlier sequence
@@ -154,17 +157,17 @@ def hybrid_attn_ref(
 
     # Linear part: query t reads the memory after ext token t-1 (every key up to t-W), which the
     # exclusive scan gives; its decay from there to t covers the W ext tokens [t, t+W-1].
-    fq = fq.float()
+    fq = fq.to(dt)
     if ext_g is not None:
         cum = torch.nn.functional.pad(ext_g.cumsum(1), (0, 0, 0, 0, 1, 0))
         win_decay = (cum[:, window : window + t] - cum[:, :t]).exp()  # [B,T,Hk,F]
-        fq = (fq.reshape(b, t, hk, h // hk, f) * win_decay[:, :, :, None]).reshape(b, t, h, f)
-    v1 = torch.cat([ext_v[:, :t], ext_v.new_ones(b, t, hk, 1)], -1)
+        fq = (fq.reshape(b, t, hk, h // hk, f) * win_decay[:, :, :, None]).reshape(b, t, h, f).to(dt)
+    v1 = torch.cat([ext_v[:, :t], ext_v.new_ones(b, t, hk, 1)], -1)  # a column of ones: the normalizer
     packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
     o_l, mem = scan(
         fq, keys_fk, v1, keys_g, initial_state=None if packed else state["S"], exclusive=True, chunk_size=chunk_size, **packed,
     )
-    y = combine(q, ext_k, ext_v, ext_valid, o_l, mix, window, scale, softcap, dtype=v.dtype)
+    y = combine(q, ext_k, ext_v, ext_valid, o_l[..., :vd], o_l[..., vd], mix, window, scale, softcap, dtype=v.dtype)
     return y, (None if packed else shift_window(ext, mem, t))
 
 
@@ -181,28 +184,32 @@ def token_order(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def extend_window(
-    state: dict[str, Tensor], k: Tensor, v: Tensor, fk: Tensor, g: Tensor | None, valid: Tensor | None
+    state: dict[str, Tensor], k: Tensor, v: Tensor, fk: Tensor, g: Tensor | None, valid: Tensor | None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Tensor]:
     """The W-1 buffered tokens followed by the T new ones (k [B,T,Hk,D], ...; valid [B,T] bool or
-    segment ids, or None), with padding zeroed in the features and decays: [B, W-1+T, ...]."""
+    segment ids, or None), with padding zeroed in the features and decays: [B, W-1+T, ...] in `dtype`
+    (the log-decays in fp32)."""
+    pad = None if valid is None else (valid != 0)[..., None, None]
+    keep = lambda x: x if pad is None else x * pad  # noqa: E731  (no pass over the tokens without padding)
     if valid is None:
         valid = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
-    keep = (valid != 0).float()[..., None, None]
     ext = {
-        "k": torch.cat([state["k"], k.float()], 1),
-        "v": torch.cat([state["v"], v.float()], 1),
-        "fk": torch.cat([state["fk"], fk.float() * keep], 1),
+        "k": torch.cat([state["k"].to(dtype), k.to(dtype)], 1),
+        "v": torch.cat([state["v"].to(dtype), v.to(dtype)], 1),
+        "fk": torch.cat([state["fk"].to(dtype), keep(fk.to(dtype))], 1),
         "valid": torch.cat([state["valid"], valid], 1),
     }
     if g is not None:
-        ext["g"] = torch.cat([state["g"], g.float() * keep], 1)
+        ext["g"] = torch.cat([state["g"], keep(g.float())], 1)
     return ext
 
 
 def shift_window(ext: dict[str, Tensor], memory: Tensor, num_tokens: int) -> dict[str, Tensor]:
     """The state after `num_tokens` new tokens: the new memory and the last W-1 window tokens, in order."""
     pos = torch.zeros(memory.shape[0], dtype=torch.long, device=memory.device)
-    return {"S": memory, **{name: t[:, num_tokens:] for name, t in ext.items()}, "pos": pos}
+    window = {name: t[:, num_tokens:] if name == "valid" else t[:, num_tokens:].float() for name, t in ext.items()}
+    return {"S": memory, **window, "pos": pos}
 
 
 def hybrid_step_ref(
