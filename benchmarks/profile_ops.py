@@ -20,8 +20,11 @@ def main() -> None:
     ap.add_argument("--op", choices=["linear_attn", "simple_gla", "gla", "lolcats_hybrid"], required=True)
     ap.add_argument("--T", type=int, default=8192)
     ap.add_argument("--pass", dest="pas", choices=["fwd", "fwdbwd"], default="fwd")
+    ap.add_argument("--impl", choices=["ours", "fla"], default="ours", help="fla: flash-linear-attention's op (linear_attn, gla)")
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
+    if args.impl == "fla" and args.op not in ("linear_attn", "gla"):
+        ap.error("--impl fla profiles linear_attn or gla")
     dev, dt, h, d, t = "cuda", torch.bfloat16, 32, 128, args.T
     b = max(1, 16384 // t)
     leaves = [torch.randn(b, t, h, d, device=dev, dtype=dt) * 0.1 for _ in range(3)]
@@ -31,6 +34,12 @@ def main() -> None:
     if args.op == "lolcats_hybrid":
         leaves += [torch.rand(b, t, h, 128, device=dev, dtype=dt) for _ in range(2)] + [torch.full((h,), 0.5, device=dev)]
         run = lambda x: kernels.hybrid_attn(*x[:5], None, x[5], window=64, scale=d**-0.5)[0]  # noqa: E731
+    elif args.impl == "fla":
+        from fla.ops.gla import chunk_gla
+        from fla.ops.linear_attn import chunk_linear_attn
+
+        leaves.append(g)
+        run = (lambda x: chunk_linear_attn(*x[:3], normalize=False)[0]) if g is None else (lambda x: chunk_gla(*x)[0])  # noqa: E731
     else:
         leaves.append(g)
         run = lambda x: kernels.chunk_gla(*x)[0]  # noqa: E731
@@ -50,7 +59,7 @@ def main() -> None:
         for _ in range(10):
             step()
         torch.cuda.synchronize()
-    print(f"== {args.op} T={t} {args.pas} (10 steps; per-step ms = total / 10)")
+    print(f"== {args.op} {args.impl} T={t} {args.pas} (10 steps; per-step ms = total / 10)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
 
 
