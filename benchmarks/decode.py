@@ -153,6 +153,5 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {r['op']} | {r['impl']} | {r['T']} | {r['ms']} | {1e3 / r['ms']:.0f} | {r.get('peak_gib', '')} | {r.get('cache_mib', '')} |")
 
 
-
 if __name__ == "__main__":
     main()

@@ -28,9 +28,11 @@ def main() -> None:
     dev, dt, h, d, t = "cuda", torch.bfloat16, 32, 128, args.T
     b = max(1, 16384 // t)
     leaves = [torch.randn(b, t, h, d, device=dev, dtype=dt) * 0.1 for _ in range(3)]
-    g = {"linear_attn": None, "lolcats_hybrid": None,
-         "gla": F.logsigmoid(torch.randn(b, t, h, d, device=dev)) / 16,
-         "simple_gla": F.logsigmoid(torch.randn(b, t, h, device=dev))}[args.op]
+    g = None  # log-decays as benchmarks/kernels.py draws them: per channel (gla) or per head (simple_gla)
+    if args.op == "gla":
+        g = F.logsigmoid(torch.randn(b, t, h, d, device=dev)) / 16
+    elif args.op == "simple_gla":
+        g = F.logsigmoid(torch.randn(b, t, h, device=dev))
     if args.op == "lolcats_hybrid":
         leaves += [torch.rand(b, t, h, 128, device=dev, dtype=dt) for _ in range(2)] + [torch.full((h,), 0.5, device=dev)]
         run = lambda x: kernels.hybrid_attn(*x[:5], None, x[5], window=64, scale=d**-0.5)[0]  # noqa: E731

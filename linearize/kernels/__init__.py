@@ -47,9 +47,8 @@ def hybrid_attn(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tens
     """Window + linear hybrid over a sequence (see `hybrid_attn_ref`); its linear part goes through
     `chunk_gla` and, on CUDA, the window part and the combine run in one kernel (`window_combine`),
     both on q's dtype (16-bit operands, fp32 accumulation) where the references work in fp32."""
-    if use_triton(q):
-        return hybrid_attn_ref(q, k, v, fq, fk, g, mix, scan=chunk_gla, combine=window_combine, compute_dtype=None, **kw)
-    return hybrid_attn_ref(q, k, v, fq, fk, g, mix, scan=chunk_gla, combine=window_combine_ref, **kw)
+    fast = {"combine": window_combine, "compute_dtype": None} if use_triton(q) else {"combine": window_combine_ref}
+    return hybrid_attn_ref(q, k, v, fq, fk, g, mix, scan=chunk_gla, **fast, **kw)
 
 
 def gla_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, state: Tensor) -> tuple[Tensor, Tensor]:
