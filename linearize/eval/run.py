@@ -1,0 +1,186 @@
+"""What `linearize eval` and `linearize bench` run: one model's records, then the model and its teacher in
+turn (one in memory at a time), written as results.json + report.md (+ bench.png) under an output folder."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..convert import is_converted
+from ..errors import LinearizeError
+from ..loading import load
+from .bench import bench_model
+from .perplexity import text_perplexity
+from .recall import recall_accuracy
+from .report import bench_plot, compare, compare_table, records, records_table, run_info, table, write_run
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """The device asked for, else CUDA when there is one; a CUDA request without a GPU is an error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LinearizeError("device 'cuda' was asked for but torch sees no GPU: pass --device cpu")
+    return device
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """bf16 on GPU and fp32 on CPU unless a dtype is named ("bfloat16", "float16", "float32")."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise LinearizeError(f"unknown dtype {dtype!r}: use bfloat16, float16 or float32")
+    return getattr(torch, dtype)
+
+
+def label(model: Any) -> str:
+    """How records name a model: its plan when converted, else "teacher"."""
+    return model.config.linearize["plan"] if is_converted(model) else "teacher"
+
+
+def evaluate(
+    model: Any, tokenizer: Any, *, tasks: Sequence[str] = (), data_dir: str | os.PathLike | None = None,
+    perplexity: Sequence[str | os.PathLike] = (), context: int = 1024, stride: int | None = None,
+    max_tokens: int | None = None,
+    recall: Sequence[str] = (), recall_lengths: Sequence[int] = (1024, 2048, 4096), recall_items: int = 20,
+    batch_size: int = 8, limit: int | float | None = None, num_fewshot: int | None = None,
+    max_length: int | None = None, seed: int = 0, progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Records of one model: lm-eval `tasks`, perplexity of each text file, `recall` accuracy per length."""
+    results: dict[str, dict[str, float]] = {}
+    if tasks:
+        from .harness import LinearizeLM, run_tasks
+
+        lm = LinearizeLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
+        results.update(run_tasks(lm, list(tasks), data_dir=data_dir, limit=limit, num_fewshot=num_fewshot))
+    for path in perplexity:
+        r = text_perplexity(model, tokenizer, path, context=context, stride=stride, batch_size=batch_size,
+                            max_tokens=max_tokens)
+        results[f"ppl:{Path(path).parent.name}/{Path(path).name}"] = {"ppl": r["ppl"]}
+    for task, by_length in recall_accuracy(model, tokenizer, list(recall), list(recall_lengths), items=recall_items,
+                                           seed=seed, progress=progress).items():
+        results.update({f"{task}@{n}": {"acc": acc} for n, acc in by_length.items()})
+    return records(label(model), results)
+
+
+def _saved_plan(spec: str) -> str:
+    """The plan recorded in a model folder's config.json; "teacher" for anything else."""
+    config = Path(spec).expanduser() / "config.json"
+    plan = json.loads(config.read_text()).get("linearize", {}).get("plan") if config.is_file() else None
+    return plan or "teacher"
+
+
+def _each_model(spec: str, compare_with: str | None, device: torch.device, dtype: torch.dtype, work: Callable) -> list[str]:
+    """Run `work(model, tokenizer)` on `spec`, then on `compare_with`, one model in memory at a time;
+    return their labels. Two models of one label (two teachers, say) are refused before any loading."""
+    names = [spec] + ([compare_with] if compare_with else [])
+    if len(names) == 2 and _saved_plan(spec) == _saved_plan(compare_with):
+        raise LinearizeError(f"{spec!r} and {compare_with!r} are both {_saved_plan(spec)!r}: compare a converted "
+                             "model with its teacher")
+    labels = []
+    for name in names:
+        model, tok = load(name)
+        labels.append(label(model))
+        work(model.to(device=device, dtype=dtype).eval(), tok)
+        del model, tok
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return labels
+
+
+def _header(title: str, info: dict[str, Any], settings: dict[str, Any]) -> str:
+    lines = [f"# {title}", "", f"- command: `{info['command']}`", f"- date: {info['date']}; device: {info['device']}",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items())]
+    lines += [f"- {k}: {v}" for k, v in settings.items() if v not in (None, [], ())]
+    return "\n".join(lines) + "\n"
+
+
+def run_eval(
+    spec: str, out: str | os.PathLike, *, compare_with: str | None = None, device: str | None = None,
+    dtype: str | None = "auto", command: str | None = None, progress: Callable[[str], None] | None = print,
+    **options: Any,
+) -> dict[str, Any]:
+    """Evaluate `spec` (and `compare_with`, its teacher) with `evaluate(**options)`; write OUT/results.json
+    and OUT/report.md (the teacher-vs-converted table with recovery when comparing)."""
+    if not any(options.get(k) for k in ("tasks", "perplexity", "recall")):
+        raise LinearizeError("nothing to evaluate: give --tasks, --perplexity and/or --recall")
+    for path in options.get("perplexity", ()):
+        if not Path(path).is_file():
+            raise LinearizeError(f"text file {str(path)!r} does not exist")
+    if options.get("tasks"):
+        from .harness import expand_tasks
+
+        options["tasks"] = expand_tasks(list(options["tasks"]), options.get("data_dir"))  # fails before any loading
+    dev = pick_device(device)
+    recs: list[dict[str, Any]] = []
+
+    def work(model: Any, tok: Any) -> None:
+        if progress:
+            progress(f"evaluating {label(model)}")
+        recs.extend(evaluate(model, tok, progress=progress, **options))
+
+    labels = _each_model(spec, compare_with, dev, pick_dtype(dtype, dev), work)
+    info = run_info(command)
+    settings = {"plan": labels[0], **{k: options.get(k) for k in ("tasks", "data_dir", "limit", "num_fewshot",
+                                                                  "recall_items", "recall_lengths")}}
+    if options.get("perplexity"):
+        context = options.get("context", 1024)
+        settings["perplexity"] = f"context {context}, stride {options.get('stride') or context}" + (
+            f", first {options['max_tokens']} tokens" if options.get("max_tokens") else "")
+    report = _header(f"Evaluation of {spec}" + (f" against {compare_with}" if compare_with else ""), info, settings)
+    rows = compare(recs, teacher=labels[1]) if compare_with else []
+    report += "\n" + (compare_table(rows) if compare_with else records_table(recs)) + "\n"
+    results = {**info, "model": spec, "teacher": compare_with, "settings": settings, "records": recs}
+    if rows:
+        results["comparison"] = [{k: v for k, v in r.items() if k != "stderr"} for r in rows]
+    write_run(out, results, report)
+    if progress:
+        progress(report)
+    return results
+
+
+def run_bench(
+    spec: str, out: str | os.PathLike, *, compare_with: str | None = None, lengths: Sequence[int], batch_sizes: Sequence[int],
+    decode_tokens: int = 64, repeats: int = 3, device: str | None = None, dtype: str | None = "auto",
+    command: str | None = None, progress: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Prefill/decode tokens/s and peak memory vs context of `spec` (and `compare_with`); writes
+    OUT/results.json, OUT/report.md and OUT/bench.png."""
+    dev = pick_device(device)
+    rows: list[dict[str, Any]] = []
+
+    def work(model: Any, tok: Any) -> None:
+        if progress:
+            progress(f"benchmarking {label(model)}")
+        rows.extend({"model": label(model), **r} for r in bench_model(
+            model, lengths=list(lengths), batch_sizes=list(batch_sizes), decode_tokens=decode_tokens, repeats=repeats,
+            progress=progress))
+
+    labels = _each_model(spec, compare_with, dev, pick_dtype(dtype, dev), work)
+    recs = [{"model": r["model"], "task": f"bench_b{r['batch']}@{r['context']}", "metric": m, "value": r[m]}
+            for r in rows if r["status"] == "ok" for m in ("prefill_tok_s", "decode_tok_s", "peak_mem_gib") if r[m] is not None]
+    info = run_info(command)
+    settings = {"plan": labels[0], "lengths": list(lengths), "batch_sizes": list(batch_sizes),
+                "decode_tokens": decode_tokens, "repeats": repeats}
+    report = _header(f"Speed and memory of {spec}" + (f" against {compare_with}" if compare_with else ""), info, settings)
+    report += "\n" + table(["model", "batch", "context", "prefill tok/s", "decode tok/s", "peak memory GiB", "status"], [
+        ["teacher" if r["model"] == "teacher" else "converted", str(r["batch"]), str(r["context"]),
+         *(f"{r[k]:,.{d}f}" if r.get(k) is not None else "—" for k, d in (("prefill_tok_s", 0), ("decode_tok_s", 1),
+                                                                            ("peak_mem_gib", 2))),
+         r["status"]] for r in rows]) + "\n"
+    plot = bench_plot(rows)
+    report += "\n![prefill, decode and memory vs context](bench.png)\n" if plot is not None else "\n(no plot: matplotlib is not installed)\n"
+    results = {**info, "model": spec, "teacher": compare_with, "settings": settings, "rows": rows, "records": recs}
+    write_run(out, results, report, plot)
+    if progress:
+        progress(report)
+    return results

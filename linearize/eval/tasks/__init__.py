@@ -1,0 +1,1 @@
+"""Offline lm-eval task definitions (YAML) and their data loaders."""
