@@ -31,6 +31,7 @@ PLANS = {
     "lolcats-50": ",".join(f"{i}:lolcats(window=64)" for i in range(0, 30, 2)),
     "gla-all": "*:gla",
     "hedgehog-all": "*:hedgehog",
+    "mamba2-50": "0-/2:mamba2",
 }
 
 

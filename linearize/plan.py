@@ -4,7 +4,7 @@ A plan is a list of rules (a layer range and a kind) plus a default kind for unl
 (softmax: keep the original attention). It is resolved against a model's layer count, which
 checks indices, kinds and options; the resolved per-layer list is what a converted model's
 config stores. String form: ``"0-1:softmax,2-27:lolcats(window=64),28-:softmax"``; ``"*:kind"``
-sets the default.
+sets the default; a step after a range takes every n-th layer of it (``"0-/2:mamba2"``: 0, 2, 4, ...).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _parse_value(text: str) -> Any:
     return t.strip("'\"")
 
 
-_ENTRY = re.compile(r"^\s*(?P<sel>\*|\d+(?:\s*-\s*\d*)?)\s*:\s*(?P<kind>[A-Za-z_][\w]*)\s*(?:\((?P<opts>[^()]*)\))?\s*$")
+_ENTRY = re.compile(r"^\s*(?P<sel>\*|\d+(?:\s*-\s*\d*)?(?:\s*/\s*\d+)?)\s*:\s*(?P<kind>[A-Za-z_][\w]*)\s*(?:\((?P<opts>[^()]*)\))?\s*$")
 
 
 def parse_spec(text: str) -> LayerSpec:
@@ -131,10 +131,13 @@ class LayerPlan:
             if not m:
                 raise PlanError(
                     f"cannot parse plan entry {entry.strip()!r}: expected LAYERS:KIND[(key=value,...)] "
-                    "with LAYERS like 5, 2-27, 28- or *"
+                    "with LAYERS like 5, 2-27, 28-, 0-/2 (every other layer) or *"
                 )
             spec = LayerSpec(m["kind"], _parse_options(m["opts"], entry.strip()))
             sel = m["sel"].replace(" ", "")
+            sel, _, step = sel.partition("/")
+            if step and (int(step) < 1 or "-" not in sel):
+                raise PlanError(f"layer selector {m['sel']!r}: a step follows a range (e.g. 0-/2: every other layer) and is >= 1")
             if sel == "*":
                 default = spec
             elif "-" in sel:
@@ -142,7 +145,7 @@ class LayerPlan:
                 start, stop = int(a), (int(b) if b else None)
                 if stop is not None and stop < start:
                     raise PlanError(f"layer range {sel!r} is empty: write it low-high, e.g. {stop}-{start}")
-                rules.append(Rule(start, stop, spec))
+                rules.append(Rule(start, stop, spec, step=int(step or 1)))
             else:
                 rules.append(Rule(int(sel), int(sel), spec))
         return cls(rules, default)

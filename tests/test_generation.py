@@ -26,6 +26,7 @@ PLANS = {
     "gla-identity": "*:gla(feature_map=identity)",
     "lizard": "*:lizard(window=3)",
     "lolcats-w1": "*:lolcats(window=1)",
+    "mamba2": "*:mamba2",
 }
 
 
@@ -57,7 +58,7 @@ def test_static_decode_step_matches_generate(base, name):
     assert torch.equal(generate_graphed(model, ids, 12), expected)
 
 
-@pytest.mark.parametrize("name", ["lolcats", "lizard", "gla"])
+@pytest.mark.parametrize("name", ["lolcats", "lizard", "gla", "mamba2"])
 def test_left_padded_batch_with_chunked_prefill_matches_generate(base, name):
     model = converted(base, PLANS[name])
     ids = prompt(2, 9)
@@ -68,7 +69,7 @@ def test_left_padded_batch_with_chunked_prefill_matches_generate(base, name):
     assert torch.equal(ours, model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0))
 
 
-@pytest.mark.parametrize("name", ["hedgehog", "lolcats", "gla", "lizard"])
+@pytest.mark.parametrize("name", ["hedgehog", "lolcats", "gla", "lizard", "mamba2"])
 def test_cache_states_keep_their_addresses_through_decode_and_prefill(base, name):
     """Decode steps update every state tensor in place and a later prefill (from a rotated ring) copies
     into them, so a captured graph stays valid; the logits still equal one pass over the sequence."""

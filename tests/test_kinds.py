@@ -19,6 +19,8 @@ PLANS = {
     "gla-elu": "*:gla(feature_map=elu)",
     "gla-identity": "*:gla(feature_map=identity)",
     "lizard": "*:lizard(window=5)",
+    "mamba2": "*:mamba2",
+    "mamba2-conv1": "*:mamba2(conv_size=1)",
     "mixed": "0:lolcats(window=3),1:softmax,2:lizard(window=2, feature_dim=8)",
 }
 
@@ -35,7 +37,7 @@ def converted(base, plan, seed=0):
 
 
 def test_registry_lists_every_kind():
-    assert linearize.kind_names() == ["softmax", "gla", "hedgehog", "lizard", "lolcats"]
+    assert linearize.kind_names() == ["softmax", "gla", "hedgehog", "lizard", "lolcats", "mamba2"]
 
 
 @pytest.mark.parametrize("name", PLANS)
@@ -54,7 +56,7 @@ def test_parallel_equals_token_by_token_decoding(base, name):
     assert rel_err(torch.cat([first, rest], 1), full) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["hedgehog", "lolcats", "gla", "lizard"])
+@pytest.mark.parametrize("name", ["hedgehog", "lolcats", "gla", "lizard", "mamba2"])
 def test_left_padded_batch_generates_like_single_sequences(base, name):
     model = converted(base, PLANS[name])
     a = torch.tensor([[5, 9, 33, 17, 8, 60, 7]])
@@ -74,6 +76,7 @@ def test_left_padded_batch_generates_like_single_sequences(base, name):
         ("0:lolcats", {"feature_map_q.weight", "feature_map_q.bias", "feature_map_k.weight", "feature_map_k.bias", "window_logit"}),
         ("0:gla(feature_map=elu)", {"gate.down.weight", "gate.up.weight", "gate.up.bias"}),
         ("0:lizard(feature_map=elu)", {"gate.down.weight", "gate.up.weight", "gate.up.bias", "window_logit"}),
+        ("0:mamba2", {"conv", "dt_proj.weight", "dt_bias", "A_log", "D", "z_proj.weight"}),
     ],
 )
 def test_conversion_keeps_pretrained_weights_and_adds_only_the_kind_parameters(base, plan, new_names):
@@ -122,7 +125,7 @@ def test_converting_twice_and_foreign_cache_are_clear_errors(base):
         model(torch.tensor([[4, 5]]), past_key_values=DynamicCache(), use_cache=True)
 
 
-@pytest.mark.parametrize("name", ["hedgehog", "lolcats", "gla", "lizard"])
+@pytest.mark.parametrize("name", ["hedgehog", "lolcats", "gla", "lizard", "mamba2"])
 def test_bf16_model_runs_and_decodes_consistently(base, name):
     model = converted(base, PLANS[name]).to(torch.bfloat16)
     ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(2))

@@ -26,6 +26,11 @@ def test_unlisted_layers_stay_softmax_and_star_sets_default():
     assert kinds("*:hedgehog,0:softmax", 4) == ["softmax", "hedgehog", "hedgehog", "hedgehog"]
 
 
+def test_a_step_after_a_range_takes_every_nth_layer():
+    assert kinds("0-/2:mamba2", 6) == ["mamba2", "softmax"] * 3
+    assert kinds("*:gla,1-6/3:softmax", 8) == ["gla", "softmax", "gla", "gla", "softmax", "gla", "gla", "gla"]
+
+
 def test_option_values_are_typed():
     spec = LayerPlan.from_string("0:gla(feature_map=elu, gate_norm=8, gate_rank=4)").resolve(2)[0]
     assert dict(spec.options) == {"feature_map": "elu", "gate_norm": 8, "gate_rank": 4}
@@ -79,6 +84,10 @@ def test_shipped_recipes_resolve_for_smollm2():
         ("0:lizard(feature_map=identity)", "normalizer"),
         ("0:softmax(window=3)", "takes no options"),
         ("0:lolcats(window)", "key=value"),
+        ("3/2:gla", "a step follows a range"),
+        ("0-/0:gla", "is >= 1"),
+        ("0:mamba2(conv_size=0)", "conv_size must be >= 1"),
+        ("0:mamba2(dt_min=0.5)", "dt_min <= dt_max"),
     ],
 )
 def test_bad_plans_raise_clear_errors(plan, message):

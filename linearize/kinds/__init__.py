@@ -77,4 +77,4 @@ def full_options(spec: LayerSpec) -> dict[str, Any]:
     return dataclasses.asdict(build_options(spec.kind, dict(spec.options)))
 
 
-from . import gla, hedgehog, lizard, lolcats  # noqa: E402,F401  (registration)
+from . import gla, hedgehog, lizard, lolcats, mamba2  # noqa: E402,F401  (registration)
