@@ -52,8 +52,11 @@ def hybrid_attn(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tens
 
 
 def gla_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, state: Tensor) -> tuple[Tensor, Tensor]:
-    """One decode step of (gated) linear attention (see `gla_step_ref`); updates `state` in place and returns it."""
+    """One decode step of (gated) linear attention (see `gla_step_ref`; g None, per head or per channel);
+    updates `state` in place and returns it."""
     if use_triton(q):
+        if g is not None and g.dim() == 2:  # the kernel reads a decay per channel
+            g = g[..., None].expand_as(k).contiguous()
         return gla_step_triton(q, k, v, g, state, out_state=state)
     o, new = gla_step_ref(q, k, v, g, state)
     return o, state.copy_(new.detach())

@@ -58,8 +58,7 @@ class Mamba2Attention(LinearizedAttention):
 
     def build(self, options: Mamba2Options) -> None:
         h, d = self.num_heads, self.head_dim
-        self.channels = 3 * h * d  # x, B, C after expanding the KV heads
-        self.conv = nn.Parameter(torch.zeros(self.channels, options.conv_size))
+        self.conv = nn.Parameter(torch.zeros(3 * h * d, options.conv_size))  # x, B, C after expanding the KV heads
         self.dt_proj = nn.Linear(self.hidden_size, h, bias=False)
         nn.init.zeros_(self.dt_proj.weight)
         self.dt_bias = nn.Parameter(torch.zeros(h))
@@ -100,8 +99,7 @@ class Mamba2Attention(LinearizedAttention):
             dt, g = dt * valid[..., None], g * valid[..., None]
         xdt = xs * dt[..., None].to(xs.dtype)
         if state is not None and t == 1:
-            g1 = g[:, 0, :, None].expand(b, h, d).contiguous()  # the step kernel takes a per-channel decay
-            y, mem = kernels.gla_step(cs[:, 0], bs[:, 0], xdt[:, 0], g1, state["S"])
+            y, mem = kernels.gla_step(cs[:, 0], bs[:, 0], xdt[:, 0], g[:, 0], state["S"])
             y = y[:, None]
         else:
             y, mem = kernels.chunk_gla(cs, bs, xdt, g, initial_state=None if state is None else state["S"])
