@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", type=_names, default=[], help="comma-separated lm-eval tasks: lm-eval's own names "
                    "(piqa, hellaswag, ...: need the Hub), offline ones (local_wikitext2, local_hellaswag, local_arc_easy, "
                    "local_arc_challenge, local_piqa, local_lambada) or 'local' for every offline task with data")
-    p.add_argument("--data-dir", default=os.environ.get("LINEARIZE_EVAL_DATA"),
+    p.add_argument("--data-dir", default=None,
                    help="folder of the offline tasks' files (default: $LINEARIZE_EVAL_DATA)")
     p.add_argument("--limit", type=float, default=None, help="lm-eval: at most N documents per task (or a fraction)")
     p.add_argument("--num-fewshot", type=int, default=None)

@@ -21,6 +21,7 @@ import linearize
 from linearize import cli
 from linearize.eval import recall as recall_mod
 from linearize.eval import text_perplexity
+from linearize.eval.harness import expand_tasks
 from linearize.eval.report import compare, compare_table, recovery
 from linearize.eval.tasks import loaders
 
@@ -126,8 +127,9 @@ def test_loaders_name_missing_files_and_bad_labels(tmp_path, monkeypatch):
     (root / "lambada" / "lambada_test.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match="lambada_test.jsonl"):
         loaders.lambada(data_dir=str(root))
-    monkeypatch.setenv(loaders.DATA_ENV, str(root))  # the variable stands in for the metadata
+    monkeypatch.setenv(loaders.DATA_ENV, str(root))  # the variable stands in for the metadata and --data-dir
     assert len(loaders.arc_easy()["test"]) == 3
+    assert expand_tasks(["local_arc_easy"], None) == ["local_arc_easy"]
     monkeypatch.delenv(loaders.DATA_ENV)
     with pytest.raises(FileNotFoundError, match="--data-dir"):
         loaders.arc_easy()

@@ -55,8 +55,10 @@ class LinearizeLM(HFLM):
 
 
 def expand_tasks(tasks: list[str], data_dir: str | os.PathLike | None) -> list[str]:
-    """Task names for lm-eval: "local" becomes every offline task whose files are in `data_dir`; an
-    offline task without its files, or without a data folder, is an error naming what is missing."""
+    """Task names for lm-eval: "local" becomes every offline task whose files are in `data_dir` (else
+    $LINEARIZE_EVAL_DATA); an offline task without its files, or without a data folder, is an error naming
+    what is missing."""
+    data_dir = data_dir or os.environ.get(loaders.DATA_ENV)
     out: list[str] = []
     for name in tasks:
         if name != "local" and name not in LOCAL_TASKS:
