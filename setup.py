@@ -1,4 +1,5 @@
-"""Everything is in pyproject.toml; this only ships the lm-eval hook (a .pth file) into site-packages."""
+"""Everything is in pyproject.toml; this only ships the lm-eval hook (a .pth file) into site-packages
+and, in wheels, the recipes (configs/*.yaml) as linearize/configs/."""
 
 import shutil
 from pathlib import Path
@@ -16,6 +17,10 @@ class BuildPyWithHook(build_py):
         super().run()
         dest = self.get_finalized_command("install").install_lib if self.editable_mode else self.build_lib
         shutil.copy(HOOK, Path(dest) / HOOK.name)
+        if not self.editable_mode:  # an editable install reads configs/ in the checkout
+            (Path(self.build_lib) / "linearize" / "configs").mkdir(exist_ok=True)
+            for recipe in Path("configs").glob("*.yaml"):
+                shutil.copy(recipe, Path(self.build_lib) / "linearize" / "configs" / recipe.name)
 
 
 setup(cmdclass={"build_py": BuildPyWithHook})

@@ -5,15 +5,18 @@
     model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=20)
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__  # noqa: F401
 from .cache import LinearizeCache  # noqa: E402
-from .convert import convert, is_converted  # noqa: E402  (also registers the Auto classes)
+from .convert import convert, is_converted, register_auto_classes  # noqa: E402
 from .errors import LinearizeError, ModelLoadError, PlanError, UnsupportedModelError  # noqa: E402
 from .generation import GraphedDecoder, generate_graphed  # noqa: E402
 from .kinds import KINDS, kind_names, register  # noqa: E402
 from .loading import DEFAULT_MODEL, load  # noqa: E402
 from .plan import LayerPlan, LayerSpec, every, keep_softmax, ratio  # noqa: E402
+
+register_auto_classes()  # saved converted models load with AutoModelForCausalLM
+
+from . import hub  # noqa: E402  (linearize.hub.push)
 
 __all__ = [
     "DEFAULT_MODEL", "GraphedDecoder", "KINDS", "LayerPlan", "LayerSpec", "LinearizeCache", "LinearizeError",

@@ -1,5 +1,11 @@
-"""Command line: `linearize convert` (load, convert, distill, save), `linearize eval` (lm-eval tasks,
-perplexity, recall; teacher vs converted) and `linearize bench` (speed and memory vs context)."""
+"""linearize: turn a pretrained Hugging Face causal LM into a subquadratic one.
+
+  inspect  what a model is, which adapter applies, what each attention kind would add
+  plan     resolve a layer plan against a model (per-layer table; YAML that convert reads)
+  convert  convert by a recipe, distill (stage 1 attention transfer + stage 2 LoRA), save
+  eval     lm-eval tasks, perplexity and recall; teacher vs converted
+  bench    prefill/decode speed and memory vs context
+  push     upload a converted model with its model card and remote code to the Hub"""
 
 from __future__ import annotations
 
@@ -9,6 +15,18 @@ import sys
 from pathlib import Path
 
 
+def _plan_arg(text: str) -> str | dict:
+    """A plan string, or the `plan` of a YAML file (as `linearize plan --out` writes)."""
+    if text.endswith((".yaml", ".yml")):
+        import yaml
+
+        from .plan import LayerPlan
+
+        LayerPlan.from_file(text)  # checks the file and its plan
+        return yaml.safe_load(Path(text).read_text())["plan"]
+    return text
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     """Convert by the recipe's plan, distill (stage 1 + 2), save model + plan + recipe + metrics."""
     from .distill import distill, load_config
@@ -16,9 +34,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
     overrides = list(args.overrides)
     if args.model:
         overrides.append(f"model={args.model}")
+    cfg = load_config(args.config, overrides)
     if args.plan:
-        overrides.append(f"plan={args.plan}")
-    s = distill(load_config(args.config, overrides), args.out, resume=args.resume)  # checks the plan before loading
+        cfg.plan = _plan_arg(args.plan)
+    s = distill(cfg, args.out, resume=args.resume)  # checks the plan before loading
     if int(os.environ.get("RANK", "0")):
         return  # several processes: the first one reports
     print(f"\nplan: {s['plan']}")
@@ -26,6 +45,54 @@ def cmd_convert(args: argparse.Namespace) -> None:
           f"(after stage 1: {s['stage1_val_ppl']:.3f}; {s['student_val_ppl'] / s['teacher_val_ppl'] - 1:+.1%} vs teacher)")
     print(f"trained on {s['train_tokens']['stage1']:,} + {s['train_tokens']['stage2']:,} tokens in {s['seconds']:.0f}s")
     print(f"saved to {Path(args.out).resolve()}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    """Architecture, sizes, adapter, parameter counts and what each kind would add (no weights loaded)."""
+    from .info import describe, format_description
+
+    print(format_description(describe(args.model)))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    """Resolve a plan against the model: per-layer table with added parameters; --out writes YAML for convert."""
+    import yaml
+
+    from .info import plan_rows
+    from .plan import SOFTMAX, specs_to_string
+
+    specs, costs = plan_rows(args.model, _plan_arg(args.plan))
+    plan = specs_to_string(specs)
+    print(f"plan: {plan}")
+    print(f"{'layer':>5}  {'kind':<10} {'new parameters':>15}  options")
+    for i, (spec, n) in enumerate(zip(specs, costs)):
+        opts = ", ".join(f"{k}={v}" for k, v in spec.options.items())
+        print(f"{i:>5}  {spec.kind:<10} {'-' if spec.kind == SOFTMAX else f'{n:,}':>15}  {opts}")
+    converted = sum(s.kind != SOFTMAX for s in specs)
+    print(f"{converted} of {len(specs)} layers converted, {sum(costs):,} parameters added")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")  # the file appears whole or not at all
+        tmp.write_text(yaml.safe_dump({"model": args.model, "plan": plan}, sort_keys=False))
+        os.replace(tmp, out)
+        print(f"wrote {out} (use: linearize convert --plan {out} ...)")
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    """Stage the Hub layout (model, code, card, plan, recipe, eval) and upload it in one commit."""
+    from .hub import push
+
+    ops = push(args.model_dir, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run,
+               out=args.out, eval_dir=args.eval, base_model=args.base_model, force=args.force)
+    for op in ops:
+        size = getattr(op, "upload_info", None)
+        print(f"  {'delete' if size is None else 'add'}  {op.path_in_repo}" + (f"  ({size.size:,} bytes)" if size else ""))
+    if args.dry_run:
+        out = args.out or str(Path(args.model_dir).with_name(Path(args.model_dir).name + "-hub"))
+        print(f"dry run: {len(ops)} files staged in {Path(out).resolve()} (README.md is the model card); nothing uploaded")
+    else:
+        print(f"pushed to https://huggingface.co/{args.repo_id}" + (f" (branch {args.revision})" if args.revision else ""))
 
 
 def _ints(text: str) -> list[int]:
@@ -73,19 +140,52 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder for results.json and report.md (appears when complete)")
 
 
+def _recipes_help() -> str:
+    from .distill.config import recipes
+
+    known = recipes()
+    width = max((len(n) for n in known), default=0)
+    lines = [f"  {name:<{width}}  {desc}" for name, (_, desc) in known.items()]
+    return "recipes (--config NAME; configs/*.yaml):\n" + "\n".join(lines) if lines else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import LinearizeError
 
-    parser = argparse.ArgumentParser(prog="linearize", description=__doc__)
+    parser = argparse.ArgumentParser(prog="linearize", description=__doc__, epilog=_recipes_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("convert", help="convert a model by a recipe, distill it and save it")
-    p.add_argument("--config", default=None, help="YAML recipe (configs/*.yaml); default: built-in defaults")
+    p = sub.add_parser("inspect", help="architecture, sizes, adapter and what each kind would add (no weights loaded)")
+    p.add_argument("model", nargs="?", default="smollm2-135m", help="smollm2-135m (default), a .gguf, a folder or a Hub id")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("plan", help="resolve a layer plan against a model; --out writes it as YAML for convert")
+    p.add_argument("model", nargs="?", default="smollm2-135m", help="smollm2-135m (default), a .gguf, a folder or a Hub id")
+    p.add_argument("--plan", required=True, help="e.g. '0-1:softmax,2-27:lolcats(window=64),28-:softmax' or a YAML file")
+    p.add_argument("--out", default=None, help="write the resolved plan here (YAML; convert --plan FILE reads it)")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("convert", help="convert a model by a recipe, distill it and save it",
+                       epilog=_recipes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="recipe: a name listed below or a YAML file; default: built-in defaults")
     p.add_argument("--model", default=None, help="overrides the recipe: smollm2-135m, a .gguf, a folder or a Hub id")
-    p.add_argument("--plan", default=None, help="overrides the recipe's plan, e.g. '2-27:lolcats(window=64)'")
+    p.add_argument("--plan", default=None, help="overrides the recipe's plan: '2-27:lolcats(window=64)' or a YAML file")
     p.add_argument("--out", required=True, help="output folder (appears only when complete)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in OUT.ckpt/")
     p.add_argument("overrides", nargs="*", help="recipe overrides as section.key=value, e.g. stage1.steps=100")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("push", help="upload a converted model folder to the Hugging Face Hub with a model card")
+    p.add_argument("model_dir", help="a converted model folder (the --out of convert)")
+    p.add_argument("repo_id", help="user/name or org/name on the Hub")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", default=None, help="push to this branch (created if missing)")
+    p.add_argument("--dry-run", action="store_true", help="write the repo layout locally (with README.md) and list it; upload nothing")
+    p.add_argument("--out", default=None, help="--dry-run: where to write the layout (default MODEL_DIR-hub)")
+    p.add_argument("--eval", default=None, metavar="DIR", help="eval results to publish (default: MODEL_DIR/eval or MODEL_DIR-eval)")
+    p.add_argument("--base-model", default=None, help="Hub id of the original model (default: from recipe.yaml)")
+    p.add_argument("--force", action="store_true", help="replace the files of a repo that holds other content")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("eval", help="lm-eval tasks, perplexity and recall; teacher vs converted with --compare")
     _model_args(p)

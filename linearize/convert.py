@@ -1,8 +1,9 @@
 """Model surgery: `convert` swaps attention modules in place and makes the model a linearized class.
 
 For every supported architecture a config class (`model_type` "linearize_<type>") and a causal-LM
-class are derived from the HF ones and registered with the Auto classes, so a saved converted
-model reloads with `AutoModelForCausalLM.from_pretrained(dir)` once `linearize` is imported: its
+class are derived from the HF ones (module attributes named like `LinearizedLlamaForCausalLM`);
+`import linearize` registers them with the Auto classes, so a saved converted model reloads with
+`AutoModelForCausalLM.from_pretrained(dir)`; the Hub bundle ships this module as remote code. Its
 config records the base architecture and the per-layer plan, and `__init__` rebuilds the layers.
 """
 
@@ -23,7 +24,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from . import __version__
+from ._version import __version__
 from .adapters import ADAPTERS, adapter_for, decoder_layers
 from .cache import LinearizeCache
 from .errors import LinearizeError
@@ -113,8 +114,14 @@ CLASSES: dict[str, tuple[type, type]] = {}
 for _type in ADAPTERS:
     if _type in CONFIG_MAPPING:  # an older transformers may lack one architecture
         CLASSES[_type] = _linearized_classes(_type)
-        AutoConfig.register(PREFIX + _type, CLASSES[_type][0], exist_ok=True)
-        AutoModelForCausalLM.register(CLASSES[_type][0], CLASSES[_type][1], exist_ok=True)
+        globals().update({cls.__name__: cls for cls in CLASSES[_type]})  # importable by name (pickle, auto_map)
+
+
+def register_auto_classes() -> None:
+    """Make AutoConfig / AutoModelForCausalLM load saved converted models (`import linearize` does this)."""
+    for model_type, (config_cls, model_cls) in CLASSES.items():
+        AutoConfig.register(PREFIX + model_type, config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
 
 
 def is_converted(model: nn.Module) -> bool:

@@ -8,11 +8,12 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import ModelLoadError
 
 DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF holds (a model card's base_model)
 
 
 def default_gguf() -> Path:
@@ -29,10 +30,14 @@ def default_gguf() -> Path:
     return Path(files[0])
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _need_gguf_packages() -> None:
     for pkg in ("gguf", "accelerate"):
         if importlib.util.find_spec(pkg) is None:
             raise ModelLoadError(f"loading a GGUF file needs the package {pkg!r}: pip install {pkg}")
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    _need_gguf_packages()
     kwargs = {}
     try:  # newer transformers can keep GGUF blocks quantized: ask for a plain dense model
         from transformers import GgufConfig
@@ -56,6 +61,25 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
     return model, tokenizer
 
 
+def _source(name_or_path: str | os.PathLike | None) -> tuple[str, str | Path]:
+    """("gguf", file) | ("folder", dir) | ("hub", id) for a model argument; errors for missing paths."""
+    name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
+    path = Path(name).expanduser()
+    if name == DEFAULT_MODEL:
+        return "gguf", default_gguf()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{name!r} is a file but not a .gguf: pass a .gguf file, a model folder or a Hub id")
+        return "gguf", path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"folder {name!r} has no config.json: it is not a Hugging Face model folder")
+        return "folder", path
+    if name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"no such file or folder: {name!r}")
+    return "hub", name
+
+
 def load(
     name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -63,32 +87,38 @@ def load(
 
     A converted model saved by linearize loads back converted. Offline Hub ids fail with a clear error.
     """
-    name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
-    path = Path(name).expanduser()
-    if name == DEFAULT_MODEL:
-        model, tok = _load_gguf(default_gguf(), dtype)
-    elif path.is_file():
-        if path.suffix != ".gguf":
-            raise ModelLoadError(f"{name!r} is a file but not a .gguf: pass a .gguf file, a model folder or a Hub id")
-        model, tok = _load_gguf(path, dtype)
-    elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"folder {name!r} has no config.json: it is not a Hugging Face model folder")
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(str(path))
-    elif name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelLoadError(f"no such file or folder: {name!r}")
+    kind, where = _source(name_or_path)
+    if kind == "gguf":
+        model, tok = _load_gguf(where, dtype)
+    elif kind == "folder":
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(str(where))
     else:
-        model, tok = _load_hub(name, dtype)
+        model, tok = _hub_call(where, lambda: (AutoModelForCausalLM.from_pretrained(where, dtype=dtype),
+                                               AutoTokenizer.from_pretrained(where)))
     if device is not None:
         model.to(device)
     return model.eval(), tok
 
 
-def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_config(name_or_path: str | os.PathLike | None = None) -> PretrainedConfig:
+    """The config of the model `load` would load, without its weights (GGUF: read from the file's metadata)."""
+    kind, where = _source(name_or_path)
+    if kind == "gguf":
+        _need_gguf_packages()
+        try:
+            return AutoConfig.from_pretrained(str(where.parent), gguf_file=where.name)
+        except Exception as e:
+            raise ModelLoadError(f"cannot read the GGUF file {str(where)!r} ({type(e).__name__}: {e})") from e
+    if kind == "folder":
+        return AutoConfig.from_pretrained(str(where))
+    return _hub_call(where, lambda: AutoConfig.from_pretrained(where))
+
+
+def _hub_call(repo_id: str, fetch):
+    """Run `fetch` (a from_pretrained of `repo_id`); a Hub that cannot be reached becomes a clear error."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(repo_id)
+        return fetch()
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached or has no such repo"
@@ -96,4 +126,3 @@ def _load_hub(repo_id: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTra
             f"cannot load {repo_id!r} from the Hugging Face Hub ({why}): {e}. Download it where the Hub is "
             "reachable (huggingface-cli download) and pass the local folder, or check the repo id."
         ) from e
-    return model, tok

@@ -11,12 +11,13 @@ from linearize.adapters import ADAPTERS
 
 from conftest import perturb_new_params, rel_err, tiny_model
 
-PLAN = "0:lolcats(window=3),1:softmax,2:lizard(window=4)"
+PLANS = ["0:lolcats(window=3),1:softmax,2:lizard(window=4)", "0:hedgehog,1:gla,2:mamba2"]  # every kind
 
 
+@pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("model_type", sorted(ADAPTERS))
-def test_convert_decode_save_reload(model_type, tmp_path):
-    model = linearize.convert(tiny_model(model_type), PLAN)
+def test_convert_decode_save_reload(model_type, plan, tmp_path):
+    model = linearize.convert(tiny_model(model_type), plan)
     perturb_new_params(model)
     ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -1,6 +1,6 @@
-"""The README's Python example runs as written; the CLI refuses bad plans before loading anything.
+"""The README's Python example runs as written; the CLI: help, inspect, plan, bad input; the recipes.
 
-The CLI's full `convert` run is tested in test_distill.py."""
+The CLI's full `convert` run is tested in test_distill.py, eval and bench in test_eval.py, push in test_hub.py."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
 from transformers import AutoModelForCausalLM
 
+import linearize
 from linearize import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,3 +46,109 @@ def test_kernel_benchmark_script_runs_in_smoke_mode(tmp_path):
     assert {"command", "date", "device", "versions", "records"} <= set(data)
     assert {(r["op"], r["impl"]) for r in data["records"]} >= {("linear_attn", "floor"), ("linear_attn", "reference"), ("softmax_attn", "sdpa")}
     assert all(r["ms"] > 0 for r in data["records"])
+
+
+# --- the other subcommands: help, inspect, plan (convert/eval/bench: test_distill, test_eval; push: test_hub) ---
+
+def test_help_lists_every_recipe(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    for sub in ("inspect", "plan", "convert", "eval", "bench", "push"):
+        assert sub in printed
+    for recipe in (ROOT / "configs").glob("*.yaml"):
+        first = recipe.read_text().splitlines()[0].lstrip("# ")
+        assert re.search(rf"^  {re.escape(recipe.stem)} +{re.escape(first)}$", printed, re.M), recipe.name
+
+
+def test_inspect_reports_sizes_adapter_and_what_each_kind_adds(smollm2, capsys):
+    assert cli.main(["inspect"]) == 0
+    printed = capsys.readouterr().out
+    assert "LlamaForCausalLM (model_type llama)" in printed and "layers: 30, hidden 576, heads 9 (kv 3)" in printed
+    assert "adapter: llama (takes over q_proj, k_proj, v_proj, o_proj" in printed
+    model = smollm2[0]
+    assert f"parameters: {sum(p.numel() for p in model.parameters()):,} before conversion" in printed
+    linearize.convert(model, "0:lolcats,1:mamba2,2:gla")  # the counts it printed are those a conversion adds
+    for i, kind in enumerate(["lolcats", "mamba2", "gla"]):
+        added = model.model.layers[i].self_attn.new_parameters()
+        assert re.search(rf"^  {kind} +{added:,} per layer, +{added * 30:,} on all layers", printed, re.M)
+
+
+def test_inspect_other_architectures_and_bad_input(tmp_path, capsys):
+    from conftest import tiny_model
+
+    tiny_model("phi3").save_pretrained(tmp_path / "phi3")
+    assert cli.main(["inspect", str(tmp_path / "phi3")]) == 0
+    assert "adapter: phi3 (takes over qkv_proj, o_proj; fused qkv: True" in capsys.readouterr().out
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    assert cli.main(["inspect", str(tmp_path / "gpt2")]) == 0
+    assert "adapter: none: architecture 'gpt2' is not supported" in capsys.readouterr().out
+    assert cli.main(["inspect", str(tmp_path / "nothing")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert cli.main(["plan", str(tmp_path / "gpt2"), "--plan", "0:gla"]) == 2
+    assert "'gpt2' is not supported" in capsys.readouterr().err
+
+
+def test_plan_resolves_and_its_yaml_converts(smollm2_base, tmp_path, monkeypatch, capsys):
+    import copy
+
+    from linearize.distill import run
+
+    plan = tmp_path / "plans" / "p.yaml"
+    assert cli.main(["plan", "--plan", "3:gla,7-:lolcats(window=8),20-/4:mamba2", "--out", str(plan)]) == 2
+    assert "layer 20 is assigned twice" in capsys.readouterr().err and not plan.exists()
+    assert cli.main(["plan", "--plan", "3:gla,7-8:lolcats(window=8)", "--out", str(plan)]) == 0
+    printed = capsys.readouterr().out
+    assert "3 of 30 layers converted" in printed and re.search(r"^ +8  lolcats +49,929  window=8$", printed, re.M)
+    assert yaml.safe_load(plan.read_text()) == {"model": "smollm2-135m", "plan": "0-2:softmax,3:gla,4-6:softmax,"
+                                                "7-8:lolcats(window=8),9-29:softmax"}
+    monkeypatch.setattr(run, "load", lambda *a, **k: (copy.deepcopy(smollm2_base[0]), smollm2_base[1]))
+    (tmp_path / "d.txt").write_text("\n".join(["a line of text to pack into short sequences for a tiny run"] * 40))
+    out = tmp_path / "out"
+    assert cli.main(["convert", "--plan", str(plan), "--out", str(out), f"data.source={tmp_path / 'd.txt'}",
+                     "data.seq_len=32", "stage1.steps=1", "stage2.steps=1"]) == 0
+    saved = AutoModelForCausalLM.from_pretrained(out).config.linearize
+    assert saved["plan"] == yaml.safe_load(plan.read_text())["plan"]
+
+
+# published configs of the recipes' models (config.json on the Hub): built on the meta device, nothing downloaded
+RECIPE_MODELS = {
+    "meta-llama/Meta-Llama-3-8B": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)),
+    "mistralai/Mistral-7B-v0.1": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                                  num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)),
+    "Qwen/Qwen2.5-7B": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                      num_attention_heads=28, num_key_value_heads=4, vocab_size=152064)),
+}
+RECIPE_MODELS["meta-llama/Meta-Llama-3-8B-Instruct"] = RECIPE_MODELS["meta-llama/Meta-Llama-3-8B"]
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_recipe_documents_its_token_budget_and_converts_its_model(recipe):
+    import torch
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from linearize.distill import load_config
+    from linearize.loading import load_config as model_config
+
+    text = (ROOT / "configs" / recipe).read_text()
+    cfg = load_config(ROOT / "configs" / recipe)
+    for stage in ("stage1", "stage2"):  # "#   stage 1 = S steps x B x P x L = N tokens", equal to the recipe's numbers
+        m = re.search(rf"^#.*stage {stage[-1]} = (\d+) steps x (\d+) x (\d+) x (\d+) = ([\d,]+) tokens", text, re.M)
+        assert m, f"{recipe} does not state its {stage} token budget"
+        steps, batch, procs, seq, tokens = int(m[1]), int(m[2]), int(m[3]), int(m[4]), int(m[5].replace(",", ""))
+        s = getattr(cfg, stage)
+        assert (steps, batch, seq) == (s.steps, s.batch_size, cfg.data.seq_len) and tokens == steps * batch * procs * seq
+    if cfg.model in RECIPE_MODELS:
+        model_type, sizes = RECIPE_MODELS[cfg.model]
+        config = CONFIG_MAPPING[model_type](**sizes)
+    else:
+        config = model_config(cfg.model)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        linearize.convert(model, cfg.plan)
+    specs = model.layer_plan
+    assert len(specs) == config.num_hidden_layers and any(s.kind != "softmax" for s in specs)

@@ -129,14 +129,42 @@ def _update(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, hints[key], full))
 
 
+def recipes_dir() -> Path | None:
+    """The recipes folder: configs/ beside the package (a source checkout) or inside it (an installed wheel)."""
+    here = Path(__file__).resolve().parent.parent
+    for d in (here / "configs", here.parent / "configs"):
+        if d.is_dir():
+            return d
+    return None
+
+
+def recipes() -> dict[str, tuple[Path, str]]:
+    """{name: (file, its first comment line)} of the shipped recipes."""
+    d = recipes_dir()
+    out = {}
+    for f in sorted(d.glob("*.yaml")) if d else []:
+        first = next((line for line in f.read_text().splitlines() if line.startswith("#")), "# ")
+        out[f.stem] = (f, first.lstrip("# ").strip())
+    return out
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe file from its path or its name (`smollm2-135m` for configs/smollm2-135m.yaml)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        return p
+    known = recipes()
+    if str(name_or_path) in known:
+        return known[str(name_or_path)][0]
+    raise ConfigError(f"recipe {str(name_or_path)!r} does not exist: give a YAML file or one of the recipes "
+                      f"({', '.join(known) or 'none found'})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> DistillConfig:
-    """A recipe from YAML (or the defaults), then ``a.b=value`` overrides on top."""
+    """A recipe from YAML (a file or a recipe name; or the defaults), then ``a.b=value`` overrides on top."""
     cfg = DistillConfig()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"recipe {str(p)!r} does not exist (recipes live in configs/)")
-        _update(cfg, yaml.safe_load(p.read_text()) or {})
+        _update(cfg, yaml.safe_load(recipe_path(path).read_text()) or {})
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")

@@ -77,4 +77,9 @@ def full_options(spec: LayerSpec) -> dict[str, Any]:
     return dataclasses.asdict(build_options(spec.kind, dict(spec.options)))
 
 
-from . import gla, hedgehog, lizard, lolcats, mamba2  # noqa: E402,F401  (registration)
+# the kinds register themselves on import
+from .gla import GLAAttention  # noqa: E402,F401
+from .hedgehog import HedgehogAttention  # noqa: E402,F401
+from .lizard import LizardAttention  # noqa: E402,F401
+from .lolcats import LolcatsAttention  # noqa: E402,F401
+from .mamba2 import Mamba2Attention  # noqa: E402,F401

@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .. import kernels
+from ..kernels import EPS, chunk_gla, gla_step, hybrid_attn, hybrid_step
 from ..adapters import Adapter, attention_geometry, key_validity, rotary_fn
 from ..cache import state_slot
 from ..errors import LinearizeError
@@ -51,6 +51,10 @@ class LinearizedAttention(nn.Module):
         for name, p in self.named_parameters():
             if name.split(".")[0] not in adapter.modules:
                 p.data = p.data.to(device=ref.device, dtype=ref.dtype)
+
+    def new_parameters(self) -> int:
+        """How many parameters this kind adds to the projections it took over."""
+        return sum(p.numel() for name, p in self.named_parameters() if name.split(".")[0] not in self.adapter.modules)
 
     def build(self, options: Any) -> None:
         """Create the kind's new parameters."""
@@ -136,11 +140,11 @@ class LinearizedAttention(nn.Module):
         if normalize:
             v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
         if state is not None and fq.shape[1] == 1:
-            o, mem = kernels.gla_step(fq[:, 0], fk[:, 0], v[:, 0], None if g is None else g[:, 0], state["S"])
+            o, mem = gla_step(fq[:, 0], fk[:, 0], v[:, 0], None if g is None else g[:, 0], state["S"])
             o = o[:, None]
         else:
-            o, mem = kernels.chunk_gla(fq, fk, v, g, initial_state=None if state is None else state["S"])
-        y = o[..., :-1] / (o[..., -1:] + kernels.EPS) if normalize else o
+            o, mem = chunk_gla(fq, fk, v, g, initial_state=None if state is None else state["S"])
+        y = o[..., :-1] / (o[..., -1:] + EPS) if normalize else o
         return y, {"S": mem}
 
     def windowed_attend(
@@ -151,9 +155,9 @@ class LinearizedAttention(nn.Module):
         mix = torch.sigmoid(self.window_logit.float())
         common = dict(window=self.options.window, scale=self.scaling, softcap=self.softcap)
         if state is not None and q.shape[1] == 1:
-            y, new = kernels.hybrid_step(
+            y, new = hybrid_step(
                 q[:, 0], k[:, 0], v[:, 0], fq[:, 0], fk[:, 0], None if g is None else g[:, 0], mix,
                 valid=None if valid is None else valid[:, 0], state=state, **common,
             )
             return y[:, None], new
-        return kernels.hybrid_attn(q, k, v, fq, fk, g, mix, valid=valid, state=state, **common)
+        return hybrid_attn(q, k, v, fq, fk, g, mix, valid=valid, state=state, **common)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .. import kernels
+from ..kernels import chunk_gla, gla_step
 from ..errors import PlanError
 from . import register
 from .base import LinearizedAttention
@@ -99,10 +99,10 @@ class Mamba2Attention(LinearizedAttention):
             dt, g = dt * valid[..., None], g * valid[..., None]
         xdt = xs * dt[..., None].to(xs.dtype)
         if state is not None and t == 1:
-            y, mem = kernels.gla_step(cs[:, 0], bs[:, 0], xdt[:, 0], g[:, 0], state["S"])
+            y, mem = gla_step(cs[:, 0], bs[:, 0], xdt[:, 0], g[:, 0], state["S"])
             y = y[:, None]
         else:
-            y, mem = kernels.chunk_gla(cs, bs, xdt, g, initial_state=None if state is None else state["S"])
+            y, mem = chunk_gla(cs, bs, xdt, g, initial_state=None if state is None else state["S"])
         y = y + self.D.to(y.dtype)[:, None] * xs
         y = y * (2 * torch.sigmoid(self.z_proj(x))).view(b, t, h, d).to(y.dtype)
         return y, {"S": mem, "conv": conv_state}

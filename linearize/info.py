@@ -1,0 +1,114 @@
+"""What a model is and what converting it would add (`linearize inspect`, `linearize plan`).
+
+Works from the config alone: the model is built on the meta device, so nothing is loaded and
+counts are exact for any size (a GGUF's config comes from its metadata).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from .adapters import ADAPTERS, decoder_layers
+from .convert import PREFIX, _build_layers
+from .errors import UnsupportedModelError
+from .kinds import KINDS, build_options
+from .loading import DEFAULT_MODEL, load_config
+from .plan import SOFTMAX, LayerPlan, LayerSpec
+
+
+def _base_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The teacher's config of a converted model's config (itself otherwise)."""
+    if not config.model_type.startswith(PREFIX):
+        return config
+    base = config.model_type.removeprefix(PREFIX)
+    d = {k: v for k, v in config.to_dict().items() if k not in ("linearize", "model_type", "architectures", "auto_map")}
+    return CONFIG_MAPPING[base].from_dict(d)
+
+
+def skeleton(config: PretrainedConfig) -> torch.nn.Module:
+    """The causal LM of `config` on the meta device (no memory, exact shapes)."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def layer_costs(model: torch.nn.Module, specs: list[LayerSpec]) -> list[int]:
+    """New parameters each layer of `specs` would add to the meta `model` (0 for softmax)."""
+    with torch.device("meta"):
+        built = _build_layers(model, specs, model.config.model_type)
+    return [built[i].new_parameters() if i in built else 0 for i in range(len(specs))]
+
+
+def describe(name_or_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Architecture, sizes, adapter, parameter counts and per-kind additions of a model."""
+    config = load_config(name_or_path)
+    base = _base_config(config)
+    text = base.get_text_config(decoder=True) if hasattr(base, "get_text_config") else base
+    info: dict[str, Any] = {
+        "model": str(name_or_path or DEFAULT_MODEL), "model_type": base.model_type,
+        "architecture": (getattr(config, "architectures", None) or ["?"])[0],
+        "layers": text.num_hidden_layers, "hidden_size": text.hidden_size, "heads": text.num_attention_heads,
+        "kv_heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        "vocab_size": text.vocab_size, "adapter": None, "plan": None,
+    }
+    if base.model_type not in ADAPTERS:
+        info["unsupported"] = str(UnsupportedModelError(
+            f"architecture {base.model_type!r} is not supported; supported: {', '.join(sorted(ADAPTERS))}"))
+        return info
+    adapter = ADAPTERS[base.model_type]
+    info["adapter"] = {"model_type": base.model_type, "modules": list(adapter.modules), "fused_qkv": adapter.fused_qkv,
+                       "qk_norm": adapter.qk_norm}
+    model = skeleton(base)
+    info["architecture"] = type(model).__name__ + (" (converted)" if config.model_type.startswith(PREFIX) else "")
+    attn0 = decoder_layers(model)[0].self_attn
+    info["parameters"] = sum(p.numel() for p in model.parameters())
+    info["attention_parameters_per_layer"] = sum(p.numel() for m in adapter.modules for p in getattr(attn0, m).parameters())
+    if config.model_type.startswith(PREFIX):
+        info["plan"] = config.linearize["plan"]
+        info["added_parameters"] = sum(layer_costs(model, [LayerSpec.from_dict(d) for d in config.linearize["layers"]]))
+    n = info["layers"]
+    info["kinds"] = {}
+    for kind in sorted(KINDS):
+        per_layer = layer_costs(model, [LayerSpec(kind)] + [LayerSpec(SOFTMAX)] * (n - 1))[0]
+        info["kinds"][kind] = {"per_layer": per_layer, "all_layers": per_layer * n,
+                               "percent_of_model": 100.0 * per_layer * n / info["parameters"],
+                               "defaults": dict(vars(build_options(kind, {})))}
+    return info
+
+
+def format_description(info: dict[str, Any]) -> str:
+    """`describe`'s dict as the text `linearize inspect` prints."""
+    lines = [f"model: {info['model']}",
+             f"architecture: {info['architecture']} (model_type {info['model_type']})",
+             f"layers: {info['layers']}, hidden {info['hidden_size']}, heads {info['heads']} (kv {info['kv_heads']}), "
+             f"head_dim {info['head_dim']}, vocab {info['vocab_size']}"]
+    if info["adapter"] is None:
+        return "\n".join(lines + [f"adapter: none: {info['unsupported']}"])
+    a = info["adapter"]
+    lines += [f"adapter: {a['model_type']} (takes over {', '.join(a['modules'])}; fused qkv: {a['fused_qkv']}, "
+              f"q/k norm: {a['qk_norm']})",
+              f"parameters: {info['parameters']:,} before conversion ({info['attention_parameters_per_layer']:,} in each "
+              "layer's attention projections)"]
+    if info["plan"]:
+        lines.append(f"converted: {info['plan']} ({info['added_parameters']:,} parameters added)")
+    lines.append("each kind would add (default options):")
+    width = max(len(k) for k in info["kinds"])
+    for kind, k in info["kinds"].items():
+        opts = ", ".join(f"{o}={v}" for o, v in k["defaults"].items())
+        lines.append(f"  {kind:<{width}}  {k['per_layer']:>12,} per layer, {k['all_layers']:>14,} on all layers "
+                     f"({k['percent_of_model']:.2f}% of the model)  [{opts}]")
+    return "\n".join(lines)
+
+
+def plan_rows(name_or_path: str | os.PathLike | None, plan: LayerPlan | str | dict) -> tuple[list[LayerSpec], list[int]]:
+    """`plan` resolved against the model's layers, and each layer's added parameters."""
+    config = _base_config(load_config(name_or_path))
+    if config.model_type not in ADAPTERS:
+        raise UnsupportedModelError(f"architecture {config.model_type!r} is not supported; supported: {', '.join(sorted(ADAPTERS))}")
+    specs = LayerPlan.coerce(plan).resolve(config.get_text_config(decoder=True).num_hidden_layers)
+    return specs, layer_costs(skeleton(config), specs)
