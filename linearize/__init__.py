@@ -6,6 +6,7 @@
 """
 
 from ._version import __version__  # noqa: F401
+from .autoplan import autoplan  # noqa: E402
 from .cache import LinearizeCache  # noqa: E402
 from .convert import convert, is_converted, register_auto_classes  # noqa: E402
 from .errors import LinearizeError, ModelLoadError, PlanError, UnsupportedModelError  # noqa: E402
@@ -19,7 +20,7 @@ register_auto_classes()  # saved converted models load with AutoModelForCausalLM
 from . import hub  # noqa: E402  (linearize.hub.push)
 
 __all__ = [
-    "DEFAULT_MODEL", "GraphedDecoder", "KINDS", "LayerPlan", "LayerSpec", "LinearizeCache", "LinearizeError",
+    "DEFAULT_MODEL", "GraphedDecoder", "autoplan", "KINDS", "LayerPlan", "LayerSpec", "LinearizeCache", "LinearizeError",
     "ModelLoadError", "PlanError", "UnsupportedModelError", "convert", "every", "generate_graphed", "is_converted",
     "keep_softmax", "kind_names", "load", "ratio", "register",
 ]

@@ -1,7 +1,7 @@
 """linearize: turn a pretrained Hugging Face causal LM into a subquadratic one.
 
   inspect  what a model is, which adapter applies, what each attention kind would add
-  plan     resolve a layer plan against a model (per-layer table; YAML that convert reads)
+  plan     resolve a layer plan against a model, or choose one from layer scores under a budget
   convert  convert by a recipe, distill (stage 1 attention transfer + stage 2 LoRA), save
   eval     lm-eval tasks, perplexity and recall; teacher vs converted
   bench    prefill/decode speed and memory vs context
@@ -13,6 +13,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+from .errors import LinearizeError
 
 
 def _plan_arg(text: str) -> str | dict:
@@ -55,21 +57,28 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    """Resolve a plan against the model: per-layer table with added parameters; --out writes YAML for convert."""
+    """A plan resolved against the model (--plan), or chosen from layer scores under --budget; per-layer
+    table; --out writes the plan as YAML for convert, --report the scores (json, table, plot)."""
     import yaml
 
-    from .info import plan_rows
     from .plan import SOFTMAX, specs_to_string
 
-    specs, costs = plan_rows(args.model, _plan_arg(args.plan))
+    if bool(args.plan) == bool(args.budget):
+        raise LinearizeError("give either --plan (a plan to resolve) or --budget (choose one from layer scores)")
+    if args.budget:
+        specs, costs = _auto_plan(args)
+    else:
+        from .info import plan_rows
+
+        specs, costs = plan_rows(args.model, _plan_arg(args.plan))
     plan = specs_to_string(specs)
     print(f"plan: {plan}")
-    print(f"{'layer':>5}  {'kind':<10} {'new parameters':>15}  options")
-    for i, (spec, n) in enumerate(zip(specs, costs)):
-        opts = ", ".join(f"{k}={v}" for k, v in spec.options.items())
-        print(f"{i:>5}  {spec.kind:<10} {'-' if spec.kind == SOFTMAX else f'{n:,}':>15}  {opts}")
-    converted = sum(s.kind != SOFTMAX for s in specs)
-    print(f"{converted} of {len(specs)} layers converted, {sum(costs):,} parameters added")
+    if costs is not None:
+        print(f"{'layer':>5}  {'kind':<10} {'new parameters':>15}  options")
+        for i, (spec, n) in enumerate(zip(specs, costs)):
+            opts = ", ".join(f"{k}={v}" for k, v in spec.options.items())
+            print(f"{i:>5}  {spec.kind:<10} {'-' if spec.kind == SOFTMAX else f'{n:,}':>15}  {opts}")
+        print(f"{sum(s.kind != SOFTMAX for s in specs)} of {len(specs)} layers converted, {sum(costs):,} parameters added")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +86,30 @@ def cmd_plan(args: argparse.Namespace) -> None:
         tmp.write_text(yaml.safe_dump({"model": args.model, "plan": plan}, sort_keys=False))
         os.replace(tmp, out)
         print(f"wrote {out} (use: linearize convert --plan {out} ...)")
+
+
+def _auto_plan(args: argparse.Namespace) -> tuple[list, None]:
+    """Load the model, score its layers on calibration data, choose under the budget, print the table."""
+    import torch
+
+    from .autoplan import Budget, autoplan, calibration_rows, report_table, write_report
+    from .loading import load
+    from .plan import split_top_level
+
+    budget = Budget.parse(args.budget)  # bad input fails before the model loads
+    kinds = [k.strip() for k in split_top_level(args.kinds) if k.strip()]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = load(args.model, device=device)
+    rows = calibration_rows(model, tok, args.data, sequences=args.sequences, seq_len=args.seq_len, seed=args.seed,
+                            model_id=str(args.model))
+    plan, scores = autoplan(model, rows, budget, kinds=kinds, window=args.window, scores=args.scores, steps=args.steps,
+                            batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    specs = plan.resolve(scores.num_layers)
+    print(report_table(scores, specs))
+    if args.report:
+        header = f"# Layer scores of {args.model} (budget {budget})\n\n- settings: {scores.settings}\n\n"
+        print(f"wrote {write_report(args.report, scores, specs, header).resolve()}/ (scores.json, report.md, scores.png)")
+    return specs, None
 
 
 def cmd_push(args: argparse.Namespace) -> None:
@@ -150,7 +183,6 @@ def _recipes_help() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import LinearizeError
 
     parser = argparse.ArgumentParser(prog="linearize", description=__doc__, epilog=_recipes_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,8 +193,24 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("plan", help="resolve a layer plan against a model; --out writes it as YAML for convert")
     p.add_argument("model", nargs="?", default="smollm2-135m", help="smollm2-135m (default), a .gguf, a folder or a Hub id")
-    p.add_argument("--plan", required=True, help="e.g. '0-1:softmax,2-27:lolcats(window=64),28-:softmax' or a YAML file")
-    p.add_argument("--out", default=None, help="write the resolved plan here (YAML; convert --plan FILE reads it)")
+    p.add_argument("--plan", default=None, help="a plan to resolve: '0-1:softmax,2-27:lolcats(window=64),28-:softmax' or a YAML file")
+    p.add_argument("--budget", default=None, help="choose the plan from layer scores: softmax=K (keep K softmax layers), "
+                   "ratio=R (R converted per softmax layer) or ppl=X%% (calibration ppl after stage 1 at most X%% up)")
+    p.add_argument("--out", default=None, help="write the plan here (YAML; convert --plan FILE reads it)")
+    g = p.add_argument_group("with --budget")
+    g.add_argument("--kinds", default="lolcats(window=64),lizard(window=64)", help="candidate kinds, comma-separated")
+    g.add_argument("--scores", choices=["transfer", "stats"], default="transfer",
+                   help="transfer: short stage 1 per kind (error and impact per layer); stats: attention statistics only")
+    g.add_argument("--window", type=int, default=64, help="window of the locality statistic")
+    g.add_argument("--data", default="teacher", help="calibration text: teacher samples (default) or a txt/jsonl file")
+    g.add_argument("--sequences", type=int, default=32, help="calibration sequences (a quarter held out)")
+    g.add_argument("--seq-len", type=int, default=256)
+    g.add_argument("--steps", type=int, default=30, help="stage-1 steps per candidate kind")
+    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--lr", type=float, default=0.01)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is a GPU)")
+    g.add_argument("--report", default=None, metavar="DIR", help="write scores.json, report.md and scores.png here")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("convert", help="convert a model by a recipe, distill it and save it",

@@ -160,6 +160,23 @@ def convert(model: PreTrainedModel, plan: LayerPlan | str | dict) -> PreTrainedM
 
 
 @contextmanager
+def converted(model: PreTrainedModel, plan: LayerPlan | str | dict) -> Iterator[PreTrainedModel]:
+    """`convert` for the duration of a block; the original attention modules and classes come back
+    after it (the converted layers share the original projections, so nothing is copied)."""
+    layers = decoder_layers(model)
+    originals = [layer.self_attn for layer in layers]
+    model_cls, config_cls = model.__class__, model.config.__class__
+    convert(model, plan)
+    try:
+        yield model
+    finally:
+        for layer, attn in zip(layers, originals):
+            layer.self_attn = attn
+        model.__class__, model.config.__class__ = model_cls, config_cls
+        del model.config.linearize
+
+
+@contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary sibling folder; on success it replaces `path`, on error it is removed."""
     target = Path(path).resolve()

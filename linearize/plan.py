@@ -98,7 +98,7 @@ def _parse_options(opts: str | None, context: str) -> dict[str, Any]:
     return options
 
 
-def _split_top_level(text: str) -> list[str]:
+def split_top_level(text: str) -> list[str]:
     parts, depth, cur = [], 0, ""
     for ch in text:
         depth += ch == "("
@@ -126,7 +126,7 @@ class LayerPlan:
         if not isinstance(text, str) or not text.strip():
             raise PlanError("empty layer plan: give entries like '2-27:lolcats' or '*:hedgehog'")
         rules, default = [], LayerSpec(SOFTMAX)
-        for entry in _split_top_level(text):
+        for entry in split_top_level(text):
             m = _ENTRY.match(entry)
             if not m:
                 raise PlanError(
