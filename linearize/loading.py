@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from .errors import ModelLoadError
+from .errors import LinearizeError, ModelLoadError
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF holds (a model card's base_model)
@@ -91,8 +91,8 @@ def load(
     if kind == "gguf":
         model, tok = _load_gguf(where, dtype)
     elif kind == "folder":
-        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(str(where))
+        model, tok = _folder_call(where, lambda: (AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype),
+                                                  AutoTokenizer.from_pretrained(str(where))))
     else:
         model, tok = _hub_call(where, lambda: (AutoModelForCausalLM.from_pretrained(where, dtype=dtype),
                                                AutoTokenizer.from_pretrained(where)))
@@ -111,8 +111,26 @@ def load_config(name_or_path: str | os.PathLike | None = None) -> PretrainedConf
         except Exception as e:
             raise ModelLoadError(f"cannot read the GGUF file {str(where)!r} ({type(e).__name__}: {e})") from e
     if kind == "folder":
-        return AutoConfig.from_pretrained(str(where))
+        return _folder_call(where, lambda: AutoConfig.from_pretrained(str(where)))
     return _hub_call(where, lambda: AutoConfig.from_pretrained(where))
+
+
+def _folder_call(path: Path, fetch):
+    """Run `fetch` (a from_pretrained of the folder); an architecture transformers does not know becomes a clear error."""
+    try:
+        return fetch()
+    except (ValueError, KeyError) as e:
+        if isinstance(e, LinearizeError):
+            raise
+        import json
+
+        import transformers
+
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        hint = (" (a model converted by linearize: `import linearize` first)" if str(model_type).startswith("linearize_")
+                else "; upgrade transformers if the architecture is newer than it")
+        raise ModelLoadError(f"transformers {transformers.__version__} cannot load the folder {str(path)!r} "
+                             f"(model_type {model_type!r}: {str(e).split('. ')[0].strip()}){hint}") from e
 
 
 def _hub_call(repo_id: str, fetch):

@@ -88,6 +88,11 @@ def test_inspect_other_architectures_and_bad_input(tmp_path, capsys):
     assert "adapter: none: architecture 'gpt2' is not supported" in capsys.readouterr().out
     assert cli.main(["inspect", str(tmp_path / "nothing")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+    (tmp_path / "future").mkdir()
+    (tmp_path / "future" / "config.json").write_text('{"model_type": "an_architecture_from_2030"}')
+    for command in (["inspect"], ["eval", "--out", str(tmp_path / "e"), "--perplexity", str(tmp_path / "future" / "config.json")]):
+        assert cli.main([command[0], str(tmp_path / "future"), *command[1:]]) == 2
+        assert "cannot load the folder" in capsys.readouterr().err
     assert cli.main(["plan", str(tmp_path / "gpt2"), "--plan", "0:gla"]) == 2
     assert "'gpt2' is not supported" in capsys.readouterr().err
 

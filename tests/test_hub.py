@@ -170,6 +170,12 @@ class RecordingApi:
 
     def list_repo_files(self, repo_id, revision=None):
         self.calls.append(("list_repo_files", repo_id, revision))
+        if revision == "new-branch":
+            from types import SimpleNamespace
+
+            from huggingface_hub.errors import RevisionNotFoundError
+
+            raise RevisionNotFoundError("no such branch", response=SimpleNamespace(headers={}, request=None, status_code=404))
         return list(self.files)
 
     def create_repo(self, repo_id, private=False, exist_ok=False):
@@ -198,6 +204,11 @@ def test_push_operations_new_repo_update_and_foreign_repo(distilled):
     push(distilled / "model", "me/smollm2-mixed", revision="v2", api=api)  # an earlier push: updated, stale file deleted
     assert api.calls[-2:] == [("create_branch", "me/smollm2-mixed", "v2"),
                               ("create_commit", "me/smollm2-mixed", "v2", adds + [("CommitOperationDelete", "old_weights.safetensors")])]
+
+    api = RecordingApi(["modeling_linearize.py", "old_weights.safetensors"])  # a new branch of a pushed repo: nothing to delete
+    push(distilled / "model", "me/smollm2-mixed", revision="new-branch", api=api)
+    assert api.calls[-2:] == [("create_branch", "me/smollm2-mixed", "new-branch"),
+                              ("create_commit", "me/smollm2-mixed", "new-branch", adds)]
 
     api = RecordingApi([".gitattributes", "README.md", "pytorch_model.bin"])  # someone else's model: refused
     with pytest.raises(LinearizeError, match="already holds other content.*--force"):

@@ -172,10 +172,14 @@ def push(model_dir: str | Path, repo_id: str, *, private: bool = False, revision
         stage(model_dir, staged, repo_id, eval_dir=eval_dir, base_model=base_model)
         existing: list[str] = []
         if _hub(f"looking up {repo_id}", api.repo_exists, repo_id):
-            try:
-                existing = _hub(f"listing {repo_id}", api.list_repo_files, repo_id, revision=revision)
-            except RevisionNotFoundError:
-                existing = []  # a new branch
+
+            def files() -> list[str]:
+                try:
+                    return api.list_repo_files(repo_id, revision=revision)
+                except RevisionNotFoundError:
+                    return []  # a new branch
+
+            existing = _hub(f"listing {repo_id}", files)
             others = [f for f in existing if f != ".gitattributes"]
             if others and ENTRY not in existing and not force:
                 raise LinearizeError(
