@@ -89,6 +89,7 @@ def test_dry_run_lists_the_layout_and_writes_a_valid_card(distilled, capsys):
     assert all(f"add  {f}" in printed for f in files) and "nothing uploaded" in printed
 
     config = json.loads((stage / "config.json").read_text())
+    assert "auto_map" not in json.loads((distilled / "model" / "config.json").read_text())  # the source is untouched
     assert config["auto_map"] == {"AutoConfig": "modeling_linearize.LinearizedLlamaConfig",
                                   "AutoModelForCausalLM": "modeling_linearize.LinearizedLlamaForCausalLM"}
     card = (stage / "README.md").read_text()

@@ -98,6 +98,7 @@ def stage(model_dir: str | Path, out: str | Path, repo_id: str, *, eval_dir: str
             if src.is_file() and not any(p.startswith(".") for p in rel.parts) and rel.as_posix() != "README.md":
                 _place(src, root / rel)
         config["auto_map"] = auto_map(config_cls, model_cls)
+        (root / "config.json").unlink()  # it may be a hard link to the model folder's: never write through it
         (root / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if results_dir is not None and model_dir.resolve() not in results_dir.resolve().parents:
             for name in EVAL_FILES:
