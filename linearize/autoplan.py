@@ -138,14 +138,13 @@ def attention_statistics(model: nn.Module, rows: torch.Tensor, window: int, batc
 
 
 def _new_state(module: LinearizedAttention) -> dict[str, torch.Tensor]:
-    return {k: p.detach().clone() for k, p in module.named_parameters() if k.split(".")[0] not in module.adapter.modules}
+    return {k: p.detach().clone() for k, p in module.new_named_parameters()}
 
 
 def _load_new_state(module: LinearizedAttention, state: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
-        for k, p in module.named_parameters():
-            if k in state:
-                p.copy_(state[k])
+        for k, p in module.new_named_parameters():
+            p.copy_(state[k])
 
 
 def transfer_scores(
@@ -155,7 +154,7 @@ def transfer_scores(
     """Short stage 1 with every layer converted to each kind: ({kind: held-out rel. error per layer},
     {kind: impact per layer} (empty without `impact`), teacher calibration ppl, {kind: trained new
     parameters per layer})."""
-    from .distill.stages import Checkpoint, new_parameters, perplexity, train_loop, transfer_losses
+    from .distill.stages import Checkpoint, held_out_transfer, new_parameters, perplexity, train_loop, transfer_losses
 
     device = next(model.parameters()).device
     n = len(decoder_layers(model))
@@ -170,12 +169,7 @@ def transfer_scores(
                        ckpt=Checkpoint(Path(tmp)), seed=seed, device=device, log=log)
             for p in params.values():
                 p.requires_grad_(False)
-            per_layer = [0.0] * n
-            for i in range(0, len(val_rows), batch_size):
-                batch = val_rows[i : i + batch_size].to(device)
-                for layer, (_, rel) in transfer_losses(model, batch, train=False).items():
-                    per_layer[layer] += rel * len(batch) / len(val_rows)
-            errors[kind] = per_layer
+            errors[kind] = [r["rel_err"] for r in held_out_transfer(model, val_rows, batch_size)]
             trained[kind] = [_new_state(layer.self_attn) for layer in decoder_layers(model)]
         if impact:
             impacts[kind] = [measure_plan(model, [kind if j == i else SOFTMAX for j in range(n)], trained, val_rows,

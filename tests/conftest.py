@@ -35,9 +35,8 @@ def perturb_new_params(model, scale: float = 0.3, seed: int = 0) -> None:
         for layer in model.model.layers:
             attn = layer.self_attn
             if isinstance(attn, linearize.kinds.base.LinearizedAttention):
-                for name, p in attn.named_parameters():
-                    if name.split(".")[0] not in attn.adapter.modules:
-                        p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
+                for _, p in attn.new_named_parameters():
+                    p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

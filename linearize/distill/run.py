@@ -26,8 +26,8 @@ from ..plan import LayerPlan
 from . import fsdp
 from .config import DistillConfig
 from .data import pack, read_texts, split, teacher_cache, teacher_texts
-from .stages import (Checkpoint, attention_mode, lm_loss, new_parameters, perplexity, set_checkpointing, train_loop,
-                     transfer_losses)
+from .stages import (Checkpoint, attention_mode, held_out_transfer, lm_loss, new_parameters, perplexity, set_checkpointing,
+                     train_loop, transfer_losses)
 
 
 def _distributed() -> tuple[torch.device, int, int]:
@@ -141,15 +141,7 @@ def distill(
 
         m1 = train_loop("stage1", params, step1, train_rows, steps=s1.steps, batch_size=s1.batch_size, lr=s1.lr,
                         weight_decay=s1.weight_decay, save_every=s1.save_every, ckpt=Checkpoint(work / "stage1"), **common)
-        per_layer: dict[int, list[tuple[float, float]]] = {}  # layer -> (mse, rel_err) per batch
-        for i in range(0, len(val_rows), s1.batch_size):
-            batch = val_rows[i : i + s1.batch_size].to(device)
-            for layer, pair in transfer_losses(model, batch, train=False, stop_early=not sharded).items():
-                per_layer.setdefault(layer, []).append(pair)
-        m1["val_layer_loss"] = [
-            {"layer": layer, "mse": sum(p[0] for p in v) / len(v), "rel_err": sum(p[1] for p in v) / len(v)}
-            for layer, v in sorted(per_layer.items())
-        ]
+        m1["val_layer_loss"] = held_out_transfer(model, val_rows, s1.batch_size, stop_early=not sharded)
         summary["stage1_val_ppl"] = measure(model, "stage1_eval")
     log(_table([[r["layer"], f"{r['mse']:.3e}", f"{r['rel_err']:.4f}"] for r in m1["val_layer_loss"]], ["layer", "val MSE", "rel. error"]))
     for p in params.values():

@@ -49,9 +49,7 @@ def new_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     out = {}
     for prefix, m in model.named_modules():
         if isinstance(m, LinearizedAttention):
-            for name, p in m.named_parameters():
-                if name.split(".")[0] not in m.adapter.modules:
-                    out[f"{prefix}.{name}"] = p
+            out.update({f"{prefix}.{name}": p for name, p in m.new_named_parameters()})
     return out
 
 
@@ -95,6 +93,17 @@ def transfer_losses(
         except _StopForward:
             pass
     return losses
+
+
+def held_out_transfer(model: nn.Module, rows: Tensor, batch_size: int, stop_early: bool = True) -> list[dict[str, float]]:
+    """Per converted layer, stage 1's output MSE and relative error on held-out rows (means over batches)."""
+    device = next(model.parameters()).device
+    per_layer: dict[int, list[tuple[float, float]]] = {}  # layer -> (mse, rel_err) per batch
+    for i in range(0, len(rows), batch_size):
+        for layer, pair in transfer_losses(model, rows[i : i + batch_size].to(device), train=False, stop_early=stop_early).items():
+            per_layer.setdefault(layer, []).append(pair)
+    return [{"layer": layer, "mse": sum(p[0] for p in v) / len(v), "rel_err": sum(p[1] for p in v) / len(v)}
+            for layer, v in sorted(per_layer.items())]
 
 
 def lm_loss(model: nn.Module, batch: Tensor, ce_weight: float, kl_weight: float) -> Tensor:

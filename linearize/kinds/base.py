@@ -48,13 +48,16 @@ class LinearizedAttention(nn.Module):
         self.on_transfer: Callable[..., None] | None = None
         self.build(options)
         ref = next(attn.parameters())
-        for name, p in self.named_parameters():
-            if name.split(".")[0] not in adapter.modules:
-                p.data = p.data.to(device=ref.device, dtype=ref.dtype)
+        for _, p in self.new_named_parameters():
+            p.data = p.data.to(device=ref.device, dtype=ref.dtype)
+
+    def new_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of what this kind added, not the projections it took over."""
+        return [(n, p) for n, p in self.named_parameters() if n.split(".")[0] not in self.adapter.modules]
 
     def new_parameters(self) -> int:
         """How many parameters this kind adds to the projections it took over."""
-        return sum(p.numel() for name, p in self.named_parameters() if name.split(".")[0] not in self.adapter.modules)
+        return sum(p.numel() for _, p in self.new_named_parameters())
 
     def build(self, options: Any) -> None:
         """Create the kind's new parameters."""
