@@ -30,8 +30,9 @@ from .errors import PlanError
 from .kinds.base import LinearizedAttention
 from .plan import SOFTMAX, LayerPlan, LayerSpec, parse_spec, specs_to_string
 
-BUDGET_FORMS = "softmax=K (keep K softmax layers), ratio=R (R converted layers per softmax layer) or ppl=X% " \
-               "(at most X% calibration perplexity increase after stage 1)"
+BUDGET_FORMS = "softmax=K (keep K softmax layers), ratio=R (R converted layers per softmax layer), ppl=X% " \
+               "(at most X% calibration perplexity increase after stage 1) or cache=X% (softmax kept in the heads " \
+               "where recall lives, the cache at 4k tokens at most X% of the teacher's KV cache)"
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str) -> "Budget":
-        m = re.fullmatch(r"\s*(softmax|ratio|ppl)\s*=\s*([0-9.]+)\s*(%?)\s*", str(text))
+        m = re.fullmatch(r"\s*(softmax|ratio|ppl|cache)\s*=\s*([0-9.]+)\s*(%?)\s*", str(text))
         if not m:
             raise PlanError(f"cannot parse budget {text!r}: use {BUDGET_FORMS}")
         kind, value = m[1], float(m[2]) / (100 if m[3] else 1)
@@ -52,10 +53,12 @@ class Budget:
             raise PlanError(f"budget {text!r}: softmax=K takes a whole number of layers")
         if kind == "ratio" and value <= 0:
             raise PlanError(f"budget {text!r}: the ratio must be > 0")
+        if kind == "cache" and not 0 < value <= 1:
+            raise PlanError(f"budget {text!r}: the cache fraction must be in (0, 100%]")
         return cls(kind, value)
 
     def softmax_layers(self, num_layers: int) -> int | None:
-        """How many layers keep softmax (None for a perplexity budget: measured, not fixed)."""
+        """How many layers keep softmax (None for perplexity and cache budgets: measured, not fixed)."""
         if self.kind == "softmax":
             if not 0 <= self.value <= num_layers:
                 raise PlanError(f"budget softmax={int(self.value)}: this model has {num_layers} layers")
@@ -65,7 +68,7 @@ class Budget:
         return None
 
     def __str__(self) -> str:
-        return f"ppl={self.value:.1%}" if self.kind == "ppl" else f"{self.kind}={self.value:g}"
+        return f"{self.kind}={self.value:.1%}" if self.kind in ("ppl", "cache") else f"{self.kind}={self.value:g}"
 
 
 @dataclass
@@ -342,4 +345,145 @@ def write_report(out: str | Path, scores: Scores, specs: list[LayerSpec], header
         Path(tmp, "report.md").write_text(f"{header}plan: `{plan}`\n\n{report_table(scores, specs)}\n")
         if fig is not None:
             fig.savefig(Path(tmp, "scores.png"), dpi=110, bbox_inches="tight")
+    return Path(out)
+
+
+# -- head level: keep softmax where recall lives, under a cache budget ----------------------------
+
+@dataclass
+class HeadScores:
+    """Per layer and KV head: what turning that head alone into a `streaming` window (with sinks)
+    costs, as the relative increase of the next-token loss on copy sequences (recall) and on
+    calibration text (language modelling); `score` is their sum, the planner's ranking."""
+
+    copy: list[list[float]]
+    text: list[list[float]]
+    teacher_copy_loss: float
+    teacher_text_loss: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def score(self) -> list[list[float]]:
+        return [[c + t for c, t in zip(cl, tl)] for cl, tl in zip(self.copy, self.text)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "score": self.score}
+
+
+def copy_rows(vocab_size: int, special: set[int], length: int, n: int, bos: int, seed: int) -> torch.Tensor:
+    """[n, 2 length + 1] rows of BOS + `length` random ordinary tokens shown twice (the copy task's form)."""
+    g = torch.Generator().manual_seed(seed)
+    ok = torch.tensor([i for i in range(vocab_size) if i not in special])
+    seq = ok[torch.randint(len(ok), (n, length), generator=g)]
+    return torch.cat([torch.full((n, 1), bos), seq, seq], 1)
+
+
+def _loss(model: nn.Module, rows: torch.Tensor, start: int, batch_size: int) -> float:
+    """Mean next-token loss of `rows` over the predictions of tokens start+1 .. end."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            ids = rows[i : i + batch_size].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits[:, start:-1].float()
+            total += nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, start + 1 :].flatten(), reduction="sum").item()
+            count += ids[:, start + 1 :].numel()
+    return total / count
+
+
+def head_scores(model: nn.Module, text_rows: torch.Tensor, copy: torch.Tensor, *, window: int = 64, sinks: int = 4,
+                batch_size: int = 8, log: Callable[[str], None] = print) -> HeadScores:
+    """Score every KV head by ablation: that head alone a `streaming(window, sinks)` head (the layer's
+    other heads kept softmax), the relative loss increase on `copy` rows (second copy) and `text_rows`."""
+    layers = decoder_layers(model)
+    hk = model.config.get_text_config(decoder=True).num_key_value_heads
+    start = (copy.shape[1] - 1) // 2 + 1  # predictions of the second copy (its first token is unknowable)
+    base_copy, base_text = _loss(model, copy, start, batch_size), _loss(model, text_rows, 0, batch_size)
+    out = {"copy": [], "text": []}
+    for i in range(len(layers)):
+        row_c, row_t = [], []
+        for h in range(hk):
+            keep = [j for j in range(hk) if j != h]
+            with converted(model, f"{i}:streaming(window={window}, sinks={sinks}, softmax_heads=[{','.join(map(str, keep))}])"):
+                row_c.append(_loss(model, copy, start, batch_size) / base_copy - 1)
+                row_t.append(_loss(model, text_rows, 0, batch_size) / base_text - 1)
+        out["copy"].append(row_c)
+        out["text"].append(row_t)
+        log(f"layer {i}: copy {' '.join(f'{v:+.3f}' for v in row_c)} | text {' '.join(f'{v:+.4f}' for v in row_t)}")
+    return HeadScores(out["copy"], out["text"], base_copy, base_text,
+                      {"window": window, "sinks": sinks, "copy_rows": list(copy.shape), "text_rows": list(text_rows.shape)})
+
+
+def choose_heads(scores: HeadScores, budget: Budget, kind: str, cache_of: Callable[[list[LayerSpec]], float]) -> list[LayerSpec]:
+    """Softmax kept in the highest-scoring KV heads, added while `cache_of(specs)` (the cache fraction)
+    stays within the budget; every other head becomes `kind`; a layer whose heads all stay is softmax."""
+    base = parse_spec(kind)
+    n, hk = len(scores.score), len(scores.score[0])
+
+    def specs_with(kept: set[tuple[int, int]]) -> list[LayerSpec]:
+        out = []
+        for i in range(n):
+            heads = sorted(h for h in range(hk) if (i, h) in kept)
+            if len(heads) == hk:
+                out.append(LayerSpec(SOFTMAX))
+            else:
+                out.append(LayerSpec(base.kind, {**base.options, **({"softmax_heads": tuple(heads)} if heads else {})}))
+        return out
+
+    kept: set[tuple[int, int]] = set()
+    if cache_of(specs_with(kept)) > budget.value:
+        raise PlanError(f"budget {budget}: even with every head converted to {kind} the cache is "
+                        f"{cache_of(specs_with(kept)):.1%} of the teacher's; use a kind with a smaller state or a larger budget")
+    ranked = sorted(((s, i, h) for i, row in enumerate(scores.score) for h, s in enumerate(row)), reverse=True)
+    for _, i, h in ranked:
+        if cache_of(specs_with(kept | {(i, h)})) <= budget.value:
+            kept.add((i, h))
+    return specs_with(kept)
+
+
+def head_table(scores: HeadScores, specs: list[LayerSpec]) -> str:
+    """Markdown table: per layer each KV head's copy and text cost, the kept heads marked *."""
+    from .eval.report import table
+
+    hk = len(scores.score[0])
+    rows = []
+    for i, spec in enumerate(specs):
+        kept = set(range(hk)) if spec.kind == SOFTMAX else set(spec.options.get("softmax_heads", ()))
+        rows.append([str(i)] + [f"{'*' if h in kept else ''}{scores.copy[i][h]:+.3f} / {scores.text[i][h]:+.4f}" for h in range(hk)]
+                    + [spec.to_string()])
+    return table(["layer"] + [f"head {h}: copy / text" for h in range(hk)] + ["plan"], rows)
+
+
+def autoplan_heads(model: nn.Module, text_rows: torch.Tensor, budget: Budget | str, *, kind: str = "lolcats(window=64)",
+                   copy_length: int = 256, copy_items: int = 16, window: int = 64, sinks: int = 4, batch_size: int = 8,
+                   seed: int = 0, log: Callable[[str], None] = print) -> tuple[LayerPlan, HeadScores]:
+    """Head-level plan under a `cache=X%` budget: score every KV head (`head_scores`) on copy rows made
+    here and calibration `text_rows`, keep softmax in the best heads that fit, the rest `kind`."""
+    from .info import CacheMeter
+    from .kinds import validate_spec
+
+    budget = Budget.parse(budget) if isinstance(budget, str) else budget
+    if budget.kind != "cache":
+        raise PlanError(f"head-level planning takes a cache=X% budget, not {budget}")
+    if validate_spec(parse_spec(kind)).kind == SOFTMAX:
+        raise PlanError("softmax is not a candidate kind: the budget decides which heads keep it")
+    meter = CacheMeter(model.config)
+    tok_vocab = model.config.get_text_config(decoder=True).vocab_size
+    special = {t for t in (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) if t is not None}
+    bos = model.config.bos_token_id if model.config.bos_token_id is not None else 0
+    copy = copy_rows(tok_vocab, special, copy_length, copy_items, bos, seed)
+    scores = head_scores(model, text_rows, copy, window=window, sinks=sinks, batch_size=batch_size, log=log)
+    specs = choose_heads(scores, budget, kind, meter.fraction)
+    scores.settings.update({"budget": str(budget), "kind": kind, "cache": meter.summary(specs), "seed": seed})
+    return LayerPlan.from_string(specs_to_string(specs)), scores
+
+
+def write_head_report(out: str | Path, scores: HeadScores, specs: list[LayerSpec], header: str = "") -> Path:
+    """OUT/head_scores.json and OUT/report.md (per-head table), all or nothing."""
+    import json
+
+    plan = specs_to_string(specs)
+    with atomic_dir(out) as tmp:
+        Path(tmp, "head_scores.json").write_text(json.dumps({"plan": plan, **scores.to_dict()}, indent=1) + "\n")
+        Path(tmp, "report.md").write_text(f"{header}plan: `{plan}`\n\n{head_table(scores, specs)}\n")
     return Path(out)

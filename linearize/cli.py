@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from .errors import LinearizeError
 
@@ -71,14 +72,18 @@ def cmd_plan(args: argparse.Namespace) -> None:
         from .info import plan_rows
 
         specs, costs = plan_rows(args.model, _plan_arg(args.plan))
+    from .info import format_cache, plan_cache
+
     plan = specs_to_string(specs)
     print(f"plan: {plan}")
+    cache, summary = plan_cache(args.model, specs)
     if costs is not None:
-        print(f"{'layer':>5}  {'kind':<10} {'new parameters':>15}  options")
-        for i, (spec, n) in enumerate(zip(specs, costs)):
-            opts = ", ".join(f"{k}={v}" for k, v in spec.options.items())
-            print(f"{i:>5}  {spec.kind:<10} {'-' if spec.kind == SOFTMAX else f'{n:,}':>15}  {opts}")
+        print(f"{'layer':>5}  {'kind':<10} {'new parameters':>15} {'cache B/token':>14} {'fixed cache B':>14}  options")
+        for i, (spec, n, (grow, fixed)) in enumerate(zip(specs, costs, cache)):
+            opts = spec.to_string().partition("(")[2].rstrip(")")
+            print(f"{i:>5}  {spec.kind:<10} {'-' if spec.kind == SOFTMAX else f'{n:,}':>15} {grow:>14,} {fixed:>14,}  {opts}")
         print(f"{sum(s.kind != SOFTMAX for s in specs)} of {len(specs)} layers converted, {sum(costs):,} parameters added")
+    print(format_cache(summary))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +107,8 @@ def _auto_plan(args: argparse.Namespace) -> tuple[list, None]:
     model, tok = load(args.model, device=device)
     rows = calibration_rows(model, tok, args.data, sequences=args.sequences, seq_len=args.seq_len, seed=args.seed,
                             model_id=str(args.model))
+    if budget.kind == "cache":
+        return _head_plan(args, model, rows, budget, kinds[0])
     plan, scores = autoplan(model, rows, budget, kinds=kinds, window=args.window, scores=args.scores, steps=args.steps,
                             batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     specs = plan.resolve(scores.num_layers)
@@ -109,6 +116,20 @@ def _auto_plan(args: argparse.Namespace) -> tuple[list, None]:
     if args.report:
         header = f"# Layer scores of {args.model} (budget {budget})\n\n- settings: {scores.settings}\n\n"
         print(f"wrote {write_report(args.report, scores, specs, header).resolve()}/ (scores.json, report.md, scores.png)")
+    return specs, None
+
+
+def _head_plan(args: argparse.Namespace, model: Any, rows: Any, budget: Any, kind: str) -> tuple[list, None]:
+    """Head-level plan under a cache budget: per-head ablation scores, the kept heads, the report."""
+    from .autoplan import autoplan_heads, head_table, write_head_report
+
+    plan, scores = autoplan_heads(model, rows, budget, kind=kind, copy_length=args.copy_length, window=args.window,
+                                  batch_size=args.batch_size, seed=args.seed)
+    specs = plan.resolve(len(scores.score))
+    print(head_table(scores, specs))
+    if args.report:
+        header = f"# Head scores of {args.model} (budget {budget})\n\n- settings: {scores.settings}\n\n"
+        print(f"wrote {write_head_report(args.report, scores, specs, header).resolve()}/ (head_scores.json, report.md)")
     return specs, None
 
 
@@ -195,13 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", nargs="?", default="smollm2-135m", help="smollm2-135m (default), a .gguf, a folder or a Hub id")
     p.add_argument("--plan", default=None, help="a plan to resolve: '0-1:softmax,2-27:lolcats(window=64),28-:softmax' or a YAML file")
     p.add_argument("--budget", default=None, help="choose the plan from layer scores: softmax=K (keep K softmax layers), "
-                   "ratio=R (R converted per softmax layer) or ppl=X%% (calibration ppl after stage 1 at most X%% up)")
+                   "ratio=R (R converted per softmax layer), ppl=X%% (calibration ppl after stage 1 at most X%% up) or "
+                   "cache=X%% (head level: softmax kept in the KV heads whose loss most hurts copy recall and text, "
+                   "the plan's cache at 4k tokens at most X%% of the teacher's KV cache)")
     p.add_argument("--out", default=None, help="write the plan here (YAML; convert --plan FILE reads it)")
     g = p.add_argument_group("with --budget")
-    g.add_argument("--kinds", default="lolcats(window=64),lizard(window=64)", help="candidate kinds, comma-separated")
+    g.add_argument("--kinds", default="lolcats(window=64),lizard(window=64)",
+                   help="candidate kinds, comma-separated (cache=X%%: the first is every converted head's kind)")
     g.add_argument("--scores", choices=["transfer", "stats"], default="transfer",
                    help="transfer: short stage 1 per kind (error and impact per layer); stats: attention statistics only")
-    g.add_argument("--window", type=int, default=64, help="window of the locality statistic")
+    g.add_argument("--window", type=int, default=64, help="window of the locality statistic and of the head ablation")
+    g.add_argument("--copy-length", type=int, default=256, help="cache=X%%: copy sequences scoring recall (shown twice)")
     g.add_argument("--data", default="teacher", help="calibration text: teacher samples (default) or a txt/jsonl file")
     g.add_argument("--sequences", type=int, default=32, help="calibration sequences (a quarter held out)")
     g.add_argument("--seq-len", type=int, default=256)
@@ -250,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=1024, help="perplexity window (tokens)")
     p.add_argument("--stride", type=int, default=None, help="perplexity stride (default: the window)")
     p.add_argument("--max-tokens", type=int, default=None, help="perplexity: score only the first N tokens of each file")
-    p.add_argument("--recall", type=_names, default=[], help="mqar and/or passkey")
+    p.add_argument("--recall", type=_names, default=[], help="recall tasks: mqar, passkey, copy (copy: the length is the sequence shown twice)")
     p.add_argument("--recall-lengths", type=_ints, default=[1024, 2048, 4096], help="context lengths of the recall items")
     p.add_argument("--recall-items", type=int, default=20, help="items per recall task and length")
     p.set_defaults(func=cmd_eval)

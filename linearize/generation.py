@@ -123,12 +123,12 @@ def check_decodable(model: nn.Module) -> None:
     """Raise unless every layer of `model` is converted (a fixed-size state a graph can hold)."""
     if not is_converted(model):
         raise LinearizeError("graphed decoding needs a model converted with linearize.convert")
-    softmax = [i for i, spec in enumerate(model.layer_plan) if spec.kind == SOFTMAX]
+    softmax = [i for i, spec in enumerate(model.layer_plan) if spec.kind == SOFTMAX or spec.options.get("softmax_heads")]
     if softmax:
         raise LinearizeError(
-            f"graphed decoding needs every layer converted, but layers {softmax} keep softmax attention: their "
-            "key/value cache grows with every token, and there is no static key/value cache for a captured graph "
-            "yet. Convert those layers too, or use model.generate()."
+            f"graphed decoding needs every head converted, but layers {softmax} keep softmax attention (layers or "
+            "softmax_heads): their key/value cache grows with every token, and there is no static key/value cache "
+            "for a captured graph yet. Convert those heads too, or use model.generate()."
         )
 
 

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .adapters import ADAPTERS, decoder_layers
+from .adapters import ADAPTERS, attention_geometry, decoder_layers
 from .convert import PREFIX, _build_layers
 from .errors import UnsupportedModelError
 from .kinds import KINDS, build_options
@@ -43,6 +43,79 @@ def layer_costs(model: torch.nn.Module, specs: list[LayerSpec]) -> list[int]:
     return [built[i].new_parameters() if i in built else 0 for i in range(len(specs))]
 
 
+CACHE_CONTEXT = 4096  # the context at which a plan's cache is compared with the teacher's KV cache
+
+
+def layer_cache(model: torch.nn.Module, specs: list[LayerSpec], dtype: torch.dtype = torch.bfloat16) -> list[tuple[int, int]]:
+    """(bytes per token, fixed bytes) of each layer's decode cache at batch 1 for the meta `model` in
+    `dtype`: softmax layers and heads keep keys/values of every token, converted ones a fixed state.
+    Measured by running each converted layer on one and on two tokens of meta tensors, so it is exactly
+    what the layer keeps (states in fp32, keys/values in `dtype`)."""
+    with torch.device("meta"):
+        built = _build_layers(model, specs, model.config.model_type)
+    attn0 = decoder_layers(model)[0].self_attn
+    geo = attention_geometry(attn0, model.config)
+    per_token = 2 * geo["num_kv_heads"] * geo["head_dim"] * torch.empty(0, dtype=dtype).element_size()
+    out = []
+    for i in range(len(specs)):
+        if i not in built:
+            out.append((per_token, 0))
+            continue
+        attn = built[i].to(dtype)
+        size = []
+        for t in (1, 2):
+            q = torch.empty(1, t, attn.num_heads, attn.head_dim, device="meta", dtype=dtype)
+            kv = torch.empty(1, t, attn.num_kv_heads, attn.head_dim, device="meta", dtype=dtype)
+            x = torch.empty(1, t, attn.hidden_size, device="meta", dtype=dtype)
+            _, state = attn.student_mix(q, kv, kv, x, None, None)
+            size.append(sum(v.numel() * v.element_size() for v in state.values()))
+        out.append((size[1] - size[0], 2 * size[0] - size[1]))
+    return out
+
+
+def cache_summary(rows: list[tuple[int, int]], teacher_per_token: int, context: int = CACHE_CONTEXT) -> dict[str, Any]:
+    """A plan's cache at `context` tokens against the teacher's KV cache there (`cache_fraction`)."""
+    grow, fixed = sum(r[0] for r in rows), sum(r[1] for r in rows)
+    total, teacher = grow * context + fixed, teacher_per_token * context
+    return {"context": context, "bytes_per_token": grow, "fixed_bytes": fixed, "bytes": total,
+            "teacher_bytes": teacher, "cache_fraction": total / teacher}
+
+
+def plan_cache(name_or_path: str | os.PathLike | None, specs: list[LayerSpec], context: int = CACHE_CONTEXT) -> tuple[list[tuple[int, int]], dict[str, Any]]:
+    """Per-layer cache rows of `specs` on the model's config (no weights) and their summary at `context`."""
+    model = skeleton(_base_config(load_config(name_or_path)))
+    rows = layer_cache(model, specs)
+    return rows, cache_summary(rows, layer_cache(model, [LayerSpec(SOFTMAX)])[0][0] * len(specs), context)
+
+
+class CacheMeter:
+    """cache_fraction of plans for one model config, memoized per layer spec (planners ask often)."""
+
+    def __init__(self, config: PretrainedConfig, context: int = CACHE_CONTEXT, dtype: torch.dtype = torch.bfloat16):
+        self.model, self.context, self.dtype = skeleton(_base_config(config)), context, dtype
+        self.memo: dict[LayerSpec, tuple[int, int]] = {}
+        self.teacher_per_token = self.rows([LayerSpec(SOFTMAX)])[0][0]
+
+    def rows(self, specs: list[LayerSpec]) -> list[tuple[int, int]]:
+        for spec in set(specs) - set(self.memo):
+            self.memo[spec] = layer_cache(self.model, [spec], self.dtype)[0]
+        return [self.memo[s] for s in specs]
+
+    def summary(self, specs: list[LayerSpec]) -> dict[str, Any]:
+        return cache_summary(self.rows(specs), self.teacher_per_token * len(specs), self.context)
+
+    def fraction(self, specs: list[LayerSpec]) -> float:
+        return self.summary(specs)["cache_fraction"]
+
+
+def format_cache(summary: dict[str, Any]) -> str:
+    """One line: the cache at the summary's context, its growth and fixed part, the fraction of the teacher's."""
+    mib = 2**20
+    return (f"cache at {summary['context']:,} tokens: {summary['bytes'] / mib:.2f} MiB = {summary['bytes_per_token']:,} B/token "
+            f"x {summary['context']:,} + {summary['fixed_bytes'] / mib:.2f} MiB fixed; teacher KV cache "
+            f"{summary['teacher_bytes'] / mib:.2f} MiB; cache_fraction {summary['cache_fraction']:.3f}")
+
+
 def describe(name_or_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Architecture, sizes, adapter, parameter counts and per-kind additions of a model."""
     config = load_config(name_or_path)
@@ -70,7 +143,11 @@ def describe(name_or_path: str | os.PathLike | None = None) -> dict[str, Any]:
     info["attention_parameters_per_layer"] = sum(p.numel() for m in adapter.modules for p in getattr(attn0, m).parameters())
     if config.model_type.startswith(PREFIX):
         info["plan"] = config.linearize["plan"]
-        info["added_parameters"] = sum(layer_costs(model, [LayerSpec.from_dict(d) for d in config.linearize["layers"]]))
+        specs = [LayerSpec.from_dict(d) for d in config.linearize["layers"]]
+        info["added_parameters"] = sum(layer_costs(model, specs))
+        info["cache"] = cache_summary(layer_cache(model, specs), layer_cache(model, [LayerSpec(SOFTMAX)])[0][0] * len(specs))
+    else:
+        info["kv_cache_bytes_per_token"] = layer_cache(model, [LayerSpec(SOFTMAX)])[0][0] * info["layers"]
     n = info["layers"]
     info["kinds"] = {}
     for kind in sorted(KINDS):
@@ -96,6 +173,10 @@ def format_description(info: dict[str, Any]) -> str:
               "layer's attention projections)"]
     if info["plan"]:
         lines.append(f"converted: {info['plan']} ({info['added_parameters']:,} parameters added)")
+        lines.append(format_cache(info["cache"]))
+    else:
+        lines.append(f"KV cache: {info['kv_cache_bytes_per_token']:,} bytes per token (bf16), "
+                     f"{info['kv_cache_bytes_per_token'] * CACHE_CONTEXT / 2**20:.2f} MiB at {CACHE_CONTEXT:,} tokens")
     lines.append("each kind would add (default options):")
     width = max(len(k) for k in info["kinds"])
     for kind, k in info["kinds"].items():

@@ -31,8 +31,11 @@ class LayerSpec:
             return self.kind
         return f"{self.kind}({', '.join(f'{k}={_fmt(v)}' for k, v in sorted(self.options.items()))})"
 
+    def __post_init__(self) -> None:  # lists (YAML, JSON) become tuples: specs are hashed
+        object.__setattr__(self, "options", {k: tuple(v) if isinstance(v, list) else v for k, v in dict(self.options).items()})
+
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, **dict(self.options)}
+        return {"kind": self.kind, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.options.items()}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LayerSpec":
@@ -62,11 +65,15 @@ class Rule:
 
 
 def _fmt(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_fmt(x) for x in v) + "]"
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def _parse_value(text: str) -> Any:
     t = text.strip()
+    if t.startswith("[") and t.endswith("]"):  # a list: softmax_heads=[0,2]
+        return tuple(_parse_value(x) for x in t[1:-1].split(",") if x.strip())
     if t.lower() in ("true", "false"):
         return t.lower() == "true"
     for cast in (int, float):
@@ -90,7 +97,7 @@ def parse_spec(text: str) -> LayerSpec:
 
 def _parse_options(opts: str | None, context: str) -> dict[str, Any]:
     options: dict[str, Any] = {}
-    for item in filter(str.strip, (opts or "").split(",")):
+    for item in split_top_level(opts or ""):
         if "=" not in item:
             raise PlanError(f"option {item.strip()!r} in {context!r} is not of the form key=value")
         key, value = item.split("=", 1)
@@ -99,10 +106,11 @@ def _parse_options(opts: str | None, context: str) -> dict[str, Any]:
 
 
 def split_top_level(text: str) -> list[str]:
+    """`text` split at the commas outside () and []."""
     parts, depth, cur = [], 0, ""
     for ch in text:
-        depth += ch == "("
-        depth -= ch == ")"
+        depth += ch in "(["
+        depth -= ch in ")]"
         if ch == "," and depth == 0:
             parts.append(cur)
             cur = ""

@@ -37,7 +37,7 @@ def converted(base, plan, seed=0):
 
 
 def test_registry_lists_every_kind():
-    assert linearize.kind_names() == ["softmax", "gla", "hedgehog", "lizard", "lolcats", "mamba2"]
+    assert linearize.kind_names() == ["softmax", "gla", "hedgehog", "lizard", "lolcats", "mamba2", "streaming"]
 
 
 @pytest.mark.parametrize("name", PLANS)

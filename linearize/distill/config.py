@@ -30,6 +30,8 @@ class DataConfig:
     max_texts: int | None = None
     teacher_sequences: int = 32  # teacher-generated corpus: how many samples, each up to seq_len tokens
     teacher_temperature: float = 1.0
+    teacher_len: int | None = None  # tokens per teacher sample (default seq_len); shorter samples pack into longer rows
+    recall_mix: float = 0.0  # fraction of training rows that are recall-rich synthetic rows (distill/recall_data.py)
     cache_dir: str = "~/.cache/linearize"
 
 

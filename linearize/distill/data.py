@@ -101,7 +101,7 @@ def split(rows: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Ten
 
 def teacher_cache(cfg: DataConfig, seed: int, model_id: str) -> Path:
     """Where the teacher corpus of this model and data recipe is cached."""
-    key = json.dumps(["full-length", model_id, cfg.teacher_sequences, cfg.seq_len, cfg.teacher_temperature, seed, PROMPTS])
+    key = json.dumps(["full-length", model_id, cfg.teacher_sequences, cfg.teacher_len or cfg.seq_len, cfg.teacher_temperature, seed, PROMPTS])
     return Path(os.path.expanduser(cfg.cache_dir)) / "teacher" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
 
 
@@ -125,7 +125,7 @@ def teacher_texts(model: Any, tokenizer: Any, cfg: DataConfig, seed: int, model_
         with torch.no_grad():
             out = model.generate(
                 input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.teacher_temperature,
-                top_p=0.95, max_new_tokens=cfg.seq_len, min_new_tokens=cfg.seq_len, pad_token_id=pad,
+                top_p=0.95, max_new_tokens=cfg.teacher_len or cfg.seq_len, min_new_tokens=cfg.teacher_len or cfg.seq_len, pad_token_id=pad,
             )
         for p, row in zip(prompts, out[:, width:]):
             texts.append(p + tokenizer.decode(row, skip_special_tokens=True))

@@ -26,6 +26,7 @@ from ..plan import LayerPlan
 from . import fsdp
 from .config import DistillConfig
 from .data import pack, read_texts, split, teacher_cache, teacher_texts
+from .recall_data import recall_rows
 from .stages import (Checkpoint, attention_mode, held_out_transfer, lm_loss, new_parameters, perplexity, set_checkpointing,
                      train_loop, transfer_losses)
 
@@ -73,6 +74,8 @@ def distill(
     out = Path(out)
     work = Path(str(out) + ".ckpt")
     plan = LayerPlan.coerce(cfg.plan).check_kinds()
+    if not 0 <= cfg.data.recall_mix < 1:
+        raise LinearizeError(f"data.recall_mix={cfg.data.recall_mix} must be in [0, 1): the fraction of training rows that are recall rows")
     recipe = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     if work.exists() and not resume:
         if not (work / "complete").exists():
@@ -100,6 +103,10 @@ def distill(
     else:
         texts = read_texts(cfg.data)
     train_rows, val_rows = split(pack(texts, tok, cfg.data.seq_len), cfg.data.val_fraction, cfg.seed)
+    if cfg.data.recall_mix:  # validation stays plain text, comparable across recipes
+        extra = recall_rows(tok, texts, round(len(train_rows) * cfg.data.recall_mix / (1 - cfg.data.recall_mix)), cfg.data.seq_len, cfg.seed)
+        train_rows = torch.cat([train_rows, extra])[torch.randperm(len(train_rows) + len(extra), generator=torch.Generator().manual_seed(cfg.seed))]
+        log(f"data: {len(extra)} recall-rich rows mixed in ({cfg.data.recall_mix:.0%} of training)")
     log(f"data: {len(train_rows)} train / {len(val_rows)} validation sequences of {cfg.data.seq_len} tokens")
     eval_bs = max(cfg.stage1.batch_size, cfg.stage2.batch_size)
     evals: dict[str, Any] = {}

@@ -60,6 +60,7 @@ class _StopForward(Exception):
 def attention_ce(mod: LinearizedAttention, q: Tensor, k: Tensor) -> Tensor:
     """Cross-entropy of the layer's attention weights against the teacher's softmax weights (Hedgehog's
     loss), for kinds whose whole attention matrix is one feature-map product (`hedgehog`)."""
+    q, k = mod.mixer_qkv(q, k)  # softmax_heads are exact: nothing to learn there
     teacher = mod.softmax_weights(q, k)
     return -(teacher * mod.attention_weights(q, k).clamp_min(1e-12).log()).sum(-1).mean()
 

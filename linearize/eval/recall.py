@@ -4,6 +4,9 @@
   4-digit numbers) fills the context; then a subset of the names is asked again, each followed by
   its number. Every number asked is one answer.
 - `passkey`: a 5-digit pass key hidden at a set depth inside repeated filler text, asked at the end.
+- `copy`: L random ordinary tokens shown twice (after BOS); every token of the second copy but its
+  first is one answer (the first cannot be known). Pure in-context retrieval: nothing to recall
+  from training, and a fixed-size state cannot hold L random tokens once L is large.
 
 Answers are scored by teacher forcing: an answer counts as recalled when every one of its tokens is
 the model's argmax given everything before it, which is exactly what greedy decoding would produce.
@@ -55,7 +58,7 @@ class RecallItem:
     text: str
     input_ids: torch.Tensor  # [T]
     answers: list[str]
-    char_spans: list[tuple[int, int]]  # text[a:b] == answer
+    char_spans: list[tuple[int, int]]  # text[a:b] == answer (empty for copy: its answers are token ids)
     token_spans: list[tuple[int, int]]  # input_ids[a:b] are the answer's tokens
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -121,14 +124,35 @@ def passkey_item(tokenizer: Any, length: int, rng: random.Random, depth: float) 
     return RecallItem("passkey", length, text, ids, [key], [span], token_spans, {"depth": depth})
 
 
+def copy_item(tokenizer: Any, length: int, rng: random.Random) -> RecallItem:
+    """`length` random tokens (ids that are not special tokens) shown twice; length = L, the context is 2L + 1."""
+    special = set(tokenizer.all_special_ids)
+    vocab = len(tokenizer)
+    seq: list[int] = []
+    while len(seq) < length:
+        i = rng.randrange(vocab)
+        if i not in special:
+            seq.append(i)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([bos, *seq, *seq])
+    spans = [(length + 1 + i, length + 2 + i) for i in range(1, length)]
+    text = tokenizer.decode(ids[1 : length + 1])
+    return RecallItem("copy", length, text, ids, [tokenizer.decode([t]) for t in seq[1:]], [], spans, {"copied": length})
+
+
+TASKS = ("mqar", "passkey", "copy")
+
+
 def make_items(task: str, tokenizer: Any, lengths: list[int], n: int, seed: int = 0) -> list[RecallItem]:
-    """`n` items of `task` ("mqar" or "passkey") per length; passkey depths spread evenly over 0..1."""
+    """`n` items of `task` (one of TASKS) per length; passkey depths spread evenly over 0..1."""
     rng = random.Random(seed)
+    if task == "copy":
+        return [copy_item(tokenizer, length, rng) for length in lengths for _ in range(n)]
     if task == "mqar":
         return [mqar_item(tokenizer, length, rng) for length in lengths for _ in range(n)]
     if task == "passkey":
         return [passkey_item(tokenizer, length, rng, i / max(n - 1, 1)) for length in lengths for i in range(n)]
-    raise LinearizeError(f"unknown recall task {task!r}: use mqar or passkey")
+    raise LinearizeError(f"unknown recall task {task!r}: use {', '.join(TASKS)}")
 
 
 @torch.no_grad()
@@ -151,7 +175,7 @@ def recall_accuracy(
     model: Any, tokenizer: Any, tasks: list[str], lengths: list[int], *, items: int = 20, seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, dict[int, float]]:
-    """{task: {length: accuracy}}: the fraction of answers recalled (mqar: over all queries)."""
+    """{task: {length: accuracy}}: the fraction of answers recalled (mqar: over all queries; copy: over tokens)."""
     out: dict[str, dict[int, float]] = {}
     for task in tasks:
         for length in lengths:

@@ -32,6 +32,8 @@ def kind_class(name: str) -> type:
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
+    if typing.get_origin(hint) is tuple:  # tuple[int, ...]: a list of whole numbers
+        return isinstance(value, (list, tuple)) and all(_type_ok(x, typing.get_args(hint)[0]) for x in value)
     allowed = typing.get_args(hint) or (hint,)
     for t in allowed:
         if t is type(None) and value is None:
@@ -45,6 +47,13 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return False
 
 
+def _type_name(hint: Any) -> str:
+    """'int', 'int or None', 'a list of int': how a user reads a type hint."""
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return " or ".join("None" if t is type(None) else t.__name__ for t in (typing.get_args(hint) or (hint,)))
+
+
 def build_options(kind: str, options: dict[str, Any]) -> Any:
     """The kind's Options dataclass from user options; unknown names and bad values are PlanErrors."""
     cls = kind_class(kind).Options
@@ -54,8 +63,9 @@ def build_options(kind: str, options: dict[str, Any]) -> Any:
         if key not in names:
             raise PlanError(f"unknown option {key!r} for kind {kind!r}; valid options: {', '.join(names)}")
         if not _type_ok(value, hints[key]):
-            raise PlanError(f"option {key}={value!r} of kind {kind!r} must be {hints[key]}")
-    opts = cls(**{k: float(v) if hints[k] is float else v for k, v in options.items()})
+            raise PlanError(f"option {key}={value!r} of kind {kind!r} must be {_type_name(hints[key])}")
+    opts = cls(**{k: float(v) if hints[k] is float else tuple(sorted(v)) if isinstance(v, (list, tuple)) else v
+                  for k, v in options.items()})
     opts.check()
     return opts
 
@@ -83,3 +93,4 @@ from .hedgehog import HedgehogAttention  # noqa: E402,F401
 from .lizard import LizardAttention  # noqa: E402,F401
 from .lolcats import LolcatsAttention  # noqa: E402,F401
 from .mamba2 import Mamba2Attention  # noqa: E402,F401
+from .streaming import StreamingAttention  # noqa: E402,F401

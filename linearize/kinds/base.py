@@ -9,6 +9,7 @@ HF attention modules, so decoder layers call it unchanged.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -17,9 +18,38 @@ from torch import Tensor, nn
 from ..kernels import EPS, chunk_gla, gla_step, hybrid_attn, hybrid_step
 from ..adapters import Adapter, attention_geometry, key_validity, rotary_fn
 from ..cache import state_slot
-from ..errors import LinearizeError
+from ..errors import LinearizeError, PlanError
 
 State = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class KindOptions:
+    """Options every kind takes (each kind's Options dataclass derives from this)."""
+
+    # KV heads that keep exact softmax attention (with their query heads) and a growing KV cache;
+    # the kind's mixer runs on the other heads only (head-level hybrid, e.g. retrieval heads kept)
+    softmax_heads: tuple[int, ...] = ()
+
+    def check(self) -> None:
+        if any(h < 0 for h in self.softmax_heads) or len(set(self.softmax_heads)) != len(self.softmax_heads):
+            raise PlanError(f"softmax_heads must be distinct KV head indices >= 0, got {list(self.softmax_heads)}")
+
+
+def _runs(heads: list[int], rep: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) ranges covering KV heads `heads` scaled by `rep` (query heads per KV head)."""
+    out: list[tuple[int, int]] = []
+    for h in heads:
+        if out and out[-1][1] == h * rep:
+            out[-1] = (out[-1][0], (h + 1) * rep)
+        else:
+            out.append((h * rep, (h + 1) * rep))
+    return out
+
+
+def _take(x: Tensor, runs: list[tuple[int, int]]) -> Tensor:
+    """The heads (dim 2) of x in `runs`, contiguous (the kernels take dense [B,T,H,D] tensors)."""
+    return x[:, :, runs[0][0] : runs[0][1]].contiguous() if len(runs) == 1 else torch.cat([x[:, :, a:b] for a, b in runs], 2)
 
 
 class LinearizedAttention(nn.Module):
@@ -46,10 +76,85 @@ class LinearizedAttention(nn.Module):
             setattr(self, name, getattr(attn, name))
         self.mode = "student"
         self.on_transfer: Callable[..., None] | None = None
+        self._split_heads(tuple(getattr(options, "softmax_heads", ())))
         self.build(options)
         ref = next(attn.parameters())
         for _, p in self.new_named_parameters():
             p.data = p.data.to(device=ref.device, dtype=ref.dtype)
+
+    def _split_heads(self, softmax_kv: tuple[int, ...]) -> None:
+        """Which heads the kind's mixer runs on (`mixer_heads`, `mixer_kv_heads`, what `build` sizes
+        its parameters by) and which keep exact softmax; the projections keep every head."""
+        hk, rep = self.num_kv_heads, self.num_heads // self.num_kv_heads
+        bad = [h for h in softmax_kv if h >= hk]
+        if bad:
+            raise PlanError(f"layer {self.layer_idx}: softmax_heads {bad} out of range, this model has {hk} KV heads (0-{hk - 1})")
+        if len(softmax_kv) == hk:
+            raise PlanError(f"layer {self.layer_idx}: softmax_heads lists every KV head; give the layer kind 'softmax' instead")
+        self.softmax_kv = tuple(sorted(softmax_kv))
+        mixer_kv = [h for h in range(hk) if h not in self.softmax_kv]
+        self.mixer_kv_heads, self.mixer_heads = len(mixer_kv), len(mixer_kv) * rep
+        if self.softmax_kv:
+            self._runs = {"q": _runs(mixer_kv, rep), "kv": _runs(mixer_kv, 1),
+                          "sq": _runs(list(self.softmax_kv), rep), "skv": _runs(list(self.softmax_kv), 1)}
+            pieces = []  # (first query head, source, [start, stop) among that source's packed heads)
+            for src, runs in (("mixer", self._runs["q"]), ("softmax", self._runs["sq"])):
+                packed = 0
+                for a, b in runs:
+                    pieces.append((a, src, packed, packed + b - a))
+                    packed += b - a
+            self._merge = [(src, p0, p1) for _, src, p0, p1 in sorted(pieces)]
+
+    def mixer_qkv(self, q: Tensor, k: Tensor, v: Tensor | None = None) -> tuple[Tensor, ...]:
+        """q, k (and v) restricted to the heads the kind's mixer handles (all of them without softmax_heads)."""
+        if not self.softmax_kv:
+            return (q, k) if v is None else (q, k, v)
+        out = (_take(q, self._runs["q"]), _take(k, self._runs["kv"]))
+        return out if v is None else (*out, _take(v, self._runs["kv"]))
+
+    def student_mix(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, valid: Tensor | None, state: State | None) -> tuple[Tensor, State]:
+        """`mix` on the mixer's heads and, for `softmax_heads`, exact attention over their cached keys/values."""
+        if not self.softmax_kv:
+            return self.mix(q, k, v, x, valid, state)
+        mixer_state = None if state is None else {n: t for n, t in state.items() if not n.startswith("sm_")}
+        y_mix, new_state = self.mix(*self.mixer_qkv(q, k, v), x, valid, mixer_state)
+        qs, ks, vs = (_take(t, self._runs[r]) for t, r in ((q, "sq"), (k, "skv"), (v, "skv")))
+        y_sm, kv = self.cached_softmax(qs, ks, vs, valid, state)
+        out = {"mixer": y_mix, "softmax": y_sm}
+        y = torch.cat([out[src][:, :, p0:p1] for src, p0, p1 in self._merge], 2)
+        return y, {**new_state, **kv}
+
+    def cached_softmax(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, state: State | None) -> tuple[Tensor, State]:
+        """Exact causal softmax attention of the softmax heads over their cache plus these T tokens:
+        q [B,T,h,D], k/v [B,T,hk,D]; the cache keeps k, v (model dtype) and key validity."""
+        b, t = q.shape[:2]
+        kvalid = valid if valid is not None else torch.ones(b, t, dtype=torch.bool, device=q.device)
+        if state is not None and "sm_k" in state:
+            k, v = torch.cat([state["sm_k"], k], 1), torch.cat([state["sm_v"], v], 1)
+            kvalid = torch.cat([state["sm_valid"], kvalid], 1)
+        mask = None
+        if valid is not None or k.shape[1] > t:
+            causal = torch.ones(t, k.shape[1], dtype=torch.bool, device=q.device).tril(k.shape[1] - t)
+            mask = causal & kvalid[:, None, :]
+        y = self.attend_masked(q, k, v, mask)
+        return y, {"sm_k": k, "sm_v": v, "sm_valid": kvalid}
+
+    def attend_masked(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """Softmax attention of q [B,T,h,D] over k/v [B,S,hk,D] where mask [B,T,S] (bool) allows, or
+        causal (S = T) when mask is None; a query that may see no key sees all (padding: finite output)."""
+        rep = q.shape[2] // k.shape[2]
+        if mask is None and self.softcap:
+            mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()[None]
+        if mask is not None:
+            mask = (mask | ~mask.any(-1, keepdim=True))[:, None]
+        if self.softcap:  # SDPA cannot soft-cap logits
+            weights = self.softmax_weights(q, k, mask)
+            y = torch.einsum("bhij,bhjd->bhid", weights, v.transpose(1, 2).repeat_interleave(rep, 1).float()).to(v.dtype)
+        else:
+            kh, vh = (x.transpose(1, 2).repeat_interleave(rep, 1) for x in (k, v))
+            y = nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), kh, vh, attn_mask=mask, is_causal=mask is None, scale=self.scaling)
+        return y.transpose(1, 2)
 
     def new_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of what this kind added, not the projections it took over."""
@@ -83,7 +188,7 @@ class LinearizedAttention(nn.Module):
             return self._teacher_forward(q, k, v, hidden_states, attention_mask, cache), None
         slot = state_slot(cache, self.layer_idx) if cache is not None else None
         state = slot.state if slot is not None else None
-        y, new_state = self.mix(q, k, v, hidden_states, key_validity(attention_mask, t), state)
+        y, new_state = self.student_mix(q, k, v, hidden_states, key_validity(attention_mask, t), state)
         if slot is not None:
             slot.store(new_state, t)
         return self.o_proj(y.reshape(b, t, -1)), None
@@ -96,7 +201,7 @@ class LinearizedAttention(nn.Module):
         if self.mode == "teacher":
             return teacher
         with torch.enable_grad():
-            y, _ = self.mix(q, k, v, x, key_validity(attention_mask, t), None)
+            y, _ = self.student_mix(q, k, v, x, key_validity(attention_mask, t), None)
             student = self.o_proj(y.reshape(b, t, -1))
             self.on_transfer(self, student, teacher.detach(), q, k)
         return teacher.detach()

@@ -9,18 +9,19 @@ from torch import Tensor, nn
 
 from ..errors import PlanError
 from . import register
-from .base import LinearizedAttention
+from .base import KindOptions, LinearizedAttention
 from .feature_maps import FEATURE_MAPS, make_feature_maps
 
 
 @dataclass(frozen=True)
-class GLAOptions:
+class GLAOptions(KindOptions):
     feature_map: str = "hedgehog"  # hedgehog | elu (normalized) | identity (unnormalized GLA)
     feature_dim: int | None = None  # hedgehog only; default head_dim
     gate_rank: int = 16  # low-rank gate projection, as in GLA
     gate_norm: float = 16.0  # GLA's temperature: g = logsigmoid(.) / gate_norm
 
     def check(self) -> None:
+        super().check()
         if self.feature_map not in FEATURE_MAPS:
             raise PlanError(f"unknown feature_map {self.feature_map!r}; choose one of {', '.join(FEATURE_MAPS)}")
         if self.feature_dim is not None and self.feature_dim < 1:
@@ -61,10 +62,10 @@ class GLAAttention(LinearizedAttention):
 
     def build(self, options: GLAOptions) -> None:
         self.feature_map_q, self.feature_map_k, self.feature_size = make_feature_maps(
-            options.feature_map, self.num_heads, self.num_kv_heads, self.head_dim, options.feature_dim,
+            options.feature_map, self.mixer_heads, self.mixer_kv_heads, self.head_dim, options.feature_dim,
             self.scaling,
         )
-        self.gate = DecayGate(self.hidden_size, self.num_kv_heads, self.feature_size, options.gate_rank, options.gate_norm)
+        self.gate = DecayGate(self.hidden_size, self.mixer_kv_heads, self.feature_size, options.gate_rank, options.gate_norm)
 
     def mix(self, q, k, v, x, valid, state):
         fq, fk, g = self.feature_map_q(q), self.feature_map_k(k), self.gate(x)

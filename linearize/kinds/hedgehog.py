@@ -9,15 +9,16 @@ from torch import Tensor
 
 from ..errors import PlanError
 from . import register
-from .base import LinearizedAttention
+from .base import KindOptions, LinearizedAttention
 from .feature_maps import make_feature_maps
 
 
 @dataclass(frozen=True)
-class HedgehogOptions:
+class HedgehogOptions(KindOptions):
     feature_dim: int | None = None  # per-half size of phi; default: head_dim
 
     def check(self) -> None:
+        super().check()
         if self.feature_dim is not None and self.feature_dim < 1:
             raise PlanError(f"feature_dim must be >= 1, got {self.feature_dim}")
 
@@ -31,7 +32,7 @@ class HedgehogAttention(LinearizedAttention):
 
     def build(self, options: HedgehogOptions) -> None:
         self.feature_map_q, self.feature_map_k, self.feature_size = make_feature_maps(
-            "hedgehog", self.num_heads, self.num_kv_heads, self.head_dim, options.feature_dim, self.scaling
+            "hedgehog", self.mixer_heads, self.mixer_kv_heads, self.head_dim, options.feature_dim, self.scaling
         )
 
     def attention_weights(self, q: Tensor, k: Tensor) -> Tensor:

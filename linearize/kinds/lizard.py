@@ -34,7 +34,7 @@ class LizardAttention(GLAAttention):
 
     def build(self, options: LizardOptions) -> None:
         super().build(options)
-        self.window_logit = nn.Parameter(torch.zeros(self.num_heads))
+        self.window_logit = nn.Parameter(torch.zeros(self.mixer_heads))
 
     def mix(self, q, k, v, x, valid, state):
         fq, fk, g = self.feature_map_q(q), self.feature_map_k(k), self.gate(x)

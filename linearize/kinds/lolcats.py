@@ -31,7 +31,7 @@ class LolcatsAttention(HedgehogAttention):
 
     def build(self, options: LolcatsOptions) -> None:
         super().build(options)
-        self.window_logit = nn.Parameter(torch.zeros(self.num_heads))  # sigmoid: weight of the window part
+        self.window_logit = nn.Parameter(torch.zeros(self.mixer_heads))  # sigmoid: weight of the window part
 
     def mix(self, q, k, v, x, valid, state):
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)

@@ -33,16 +33,17 @@ from torch import Tensor, nn
 from ..kernels import chunk_gla, gla_step
 from ..errors import PlanError
 from . import register
-from .base import LinearizedAttention
+from .base import KindOptions, LinearizedAttention
 
 
 @dataclass(frozen=True)
-class Mamba2Options:
+class Mamba2Options(KindOptions):
     conv_size: int = 4  # width of the causal conv1d over x, B, C
     dt_min: float = 0.001  # initial step sizes spread over [dt_min, dt_max] across heads (Mamba's defaults)
     dt_max: float = 0.1
 
     def check(self) -> None:
+        super().check()
         if self.conv_size < 1:
             raise PlanError(f"conv_size must be >= 1, got {self.conv_size}")
         if not 0 < self.dt_min <= self.dt_max:
@@ -57,7 +58,7 @@ class Mamba2Attention(LinearizedAttention):
     Options = Mamba2Options
 
     def build(self, options: Mamba2Options) -> None:
-        h, d = self.num_heads, self.head_dim
+        h, d = self.mixer_heads, self.head_dim
         self.conv = nn.Parameter(torch.zeros(3 * h * d, options.conv_size))  # x, B, C after expanding the KV heads
         self.dt_proj = nn.Linear(self.hidden_size, h, bias=False)
         nn.init.zeros_(self.dt_proj.weight)
@@ -86,7 +87,7 @@ class Mamba2Attention(LinearizedAttention):
 
     def mix(self, q, k, v, x, valid, state):
         b, t, h, d = q.shape
-        rep = h // self.num_kv_heads
+        rep = h // k.shape[2]
         k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
         xbc = torch.cat([v, k, q * self.scaling], -1).reshape(b, t, -1)
         if valid is not None:  # padding writes nothing: no input to the conv or the state, no decay

@@ -1,0 +1,195 @@
+"""Recall on SmolLM2-135M (issue 17): the teacher, head-level plans under a cache budget (training-free
+and distilled), the 50% `lolcats` layer plan, each with copy, passkey, MQAR, WikiText-2 perplexity and
+the zero-shot tasks, in records of `{"plan", "cache_fraction", "metric", "context", "teacher",
+"converted", "train_tokens"}`.
+
+    python benchmarks/recall_smollm2.py --model /tmp/m/smollm2.gguf --data-dir .evaldata/evaldata \
+        --out benchmarks/results/recall_smollm2.json --workdir /tmp/recall --steps teacher heads free ours
+
+Steps (each skipped when --workdir already holds its result, so a cut-off call resumes):
+- teacher: every metric of the teacher;
+- heads: per-KV-head ablation scores and the plan under --budget (`linearize.autoplan.autoplan_heads`);
+- free: that plan's softmax heads, every other head `streaming(window=64, sinks=4)`, no training;
+- ours / ours-short / lolcats50 / ...: a distillation run from RUNS (plan, data, sequence length,
+  tokens), then every metric.
+Training data: text sampled from the teacher (cached), plus synthetic recall rows where a run says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import linearize
+from linearize.autoplan import autoplan_heads, calibration_rows, head_table
+from linearize.distill.config import DataConfig, DistillConfig, Stage1Config, Stage2Config
+from linearize.distill.run import distill
+from linearize.eval.perplexity import text_perplexity
+from linearize.eval.recall import recall_accuracy
+from linearize.eval.report import run_info
+from linearize.info import CacheMeter
+from linearize.plan import LayerPlan, LayerSpec, specs_to_string
+
+RECALL = {"copy": [256, 1024], "passkey": [1024, 4096, 8192], "mqar": [1024, 4096]}
+TASKS = {"local_hellaswag": ("hellaswag_acc_norm", "acc_norm"), "local_arc_easy": ("arc_easy_acc", "acc"),
+         "local_arc_challenge": ("arc_challenge_acc_norm", "acc_norm"), "local_piqa": ("piqa_acc", "acc"),
+         "local_lambada": ("lambada_acc", "acc")}
+# name: (plan: "heads" = the head plan's softmax heads with this kind elsewhere, or a plan string;
+#        seq_len, batch, stage-1 steps, stage-2 steps, recall_mix)
+RUNS = {
+    "ours": ("heads:lolcats(window=64)", 4096, 4, 150, 150, 0.25),
+    "ours-short": ("heads:lolcats(window=64)", 1024, 16, 150, 150, 0.0),
+    "ours-norecall": ("heads:lolcats(window=64)", 4096, 4, 150, 150, 0.0),
+    "lolcats50": (",".join(f"{i}:lolcats(window=64)" for i in range(0, 30, 2)), 1024, 16, 125, 125, 0.0),
+}
+
+
+def measure(model, tok, args, log) -> dict[str, float]:
+    """Every metric of one model: {"metric@context": value} (context "" for the zero-shot tasks)."""
+    from linearize.eval.harness import LinearizeLM, run_tasks
+
+    out: dict[str, float] = {}
+    t0 = time.time()
+    for task, lengths in RECALL.items():
+        items = args.copy_items if task == "copy" else args.recall_items
+        for n, acc in recall_accuracy(model, tok, [task], lengths, items=items)[task].items():
+            out[f"{task}@{n}"] = acc
+    out["wikitext2_ppl@1024"] = text_perplexity(model, tok, Path(args.data_dir) / "wikitext2" / "test.txt", context=1024,
+                                                stride=512, batch_size=16, max_tokens=args.ppl_tokens)["ppl"]
+    log(f"  recall + ppl {time.time() - t0:.0f}s: {json.dumps({k: round(v, 4) for k, v in out.items()})}")
+    res = run_tasks(LinearizeLM(model, tok, batch_size=args.batch_size), list(TASKS), data_dir=args.data_dir,
+                    limit=args.limit, bootstrap_iters=0)
+    for task, (name, metric) in TASKS.items():
+        out[f"{name}@"] = res[task][metric]
+    log(f"  all metrics {time.time() - t0:.0f}s: {json.dumps({k: round(v, 4) for k, v in out.items()})}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="the teacher (a GGUF path, a folder or smollm2-135m)")
+    ap.add_argument("--data-dir", required=True, help="the evaluation data folder (../shared/evaldata layout)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--workdir", default="/tmp/recall")
+    ap.add_argument("--steps", nargs="+", default=["teacher", "heads", "free", "ours"])
+    ap.add_argument("--budget", default="cache=25%")
+    ap.add_argument("--copy-items", type=int, default=20)
+    ap.add_argument("--recall-items", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=64, help="lm-eval batch")
+    ap.add_argument("--limit", type=int, default=None, help="lm-eval: first N documents per task (smoke runs only)")
+    ap.add_argument("--ppl-tokens", type=int, default=None, help="perplexity: first N tokens (smoke runs only)")
+    ap.add_argument("--teacher-sequences", type=int, default=512)
+    ap.add_argument("--scale-steps", type=float, default=1.0, help="multiply every run's steps (smoke runs)")
+    ap.add_argument("--smoke", action="store_true", help="tiny recall lengths for a CPU check of the whole script")
+    args = ap.parse_args()
+    if args.smoke:
+        RECALL.update(copy=[32], passkey=[256], mqar=[256])
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    state_file = work / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {"metrics": {}, "plans": {}, "log": []}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+
+    def save() -> None:
+        state_file.write_text(json.dumps(state, indent=1))
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        state["log"].append(msg)
+
+    meter = None
+    for step in args.steps:
+        if step in state["metrics"]:
+            log(f"{step}: done earlier")
+            continue
+        t0 = time.time()
+        if step in ("teacher", "heads", "free"):
+            model, tok = linearize.load(args.model)
+            model.to(device=device, dtype=dtype).eval()
+            meter = meter or CacheMeter(model.config)
+            if step == "heads":
+                small = args.smoke  # CPU check: few short rows
+                rows = calibration_rows(model, tok, str(Path(args.data_dir) / "wikitext2" / "valid.txt"),
+                                        sequences=4 if small else 16, seq_len=128 if small else 512)
+                plan, scores = autoplan_heads(model, rows, args.budget, kind="lolcats(window=64)",
+                                              copy_length=32 if small else 256, copy_items=4 if small else 16, log=log)
+                specs = plan.resolve(len(scores.score))
+                state["plans"]["heads"] = {"specs": [s.to_dict() for s in specs], "scores": scores.to_dict()}
+                log(head_table(scores, specs))
+                state["metrics"]["heads"] = {}
+            else:
+                if step == "free":
+                    model = linearize.convert(model, head_plan(state, "streaming(window=64, sinks=4)"))
+                state["plans"][step] = {"plan": linearize_plan(model), "train_tokens": 0,
+                                        "cache_fraction": meter.fraction(model.layer_plan) if step == "free" else 1.0}
+                state["metrics"][step] = measure(model, tok, args, log)
+        else:
+            plan_s, seq, batch, s1, s2, mix = RUNS[step]
+            s1, s2 = max(1, round(s1 * args.scale_steps)), max(1, round(s2 * args.scale_steps))
+            plan_s = head_plan(state, plan_s.split(":", 1)[1]) if plan_s.startswith("heads:") else plan_s
+            cfg = DistillConfig(
+                model=args.model, plan=plan_s, seed=0,
+                data=DataConfig(source="teacher", seq_len=seq, teacher_len=1024, teacher_sequences=args.teacher_sequences,
+                                val_fraction=0.05, recall_mix=mix, cache_dir=str(work / "cache")),
+                stage1=Stage1Config(steps=s1, batch_size=batch, lr=3e-2, save_every=50),
+                stage2=Stage2Config(steps=s2, batch_size=batch, lr=5e-4, kl_weight=1.0, ce_weight=0.0, save_every=50),
+            )
+            out_dir = work / step
+            if not out_dir.is_dir():
+                distill(cfg, out_dir, resume=(work / f"{step}.ckpt").is_dir(), log=log)
+            model, tok = linearize.load(out_dir)
+            model.to(device=device, dtype=dtype).eval()
+            meter = meter or CacheMeter(model.config)
+            state["plans"][step] = {"plan": linearize_plan(model), "cache_fraction": meter.fraction(model.layer_plan),
+                                    "train_tokens": (s1 + s2) * batch * seq, "seq_len": seq, "recall_mix": mix}
+            state["metrics"][step] = measure(model, tok, args, log)
+        log(f"{step}: {time.time() - t0:.0f}s")
+        save()
+        del model
+        gc.collect()
+        torch.cuda.empty_cache() if device == "cuda" else None
+    write_results(state, args)
+
+
+def head_plan(state: dict, kind: str) -> str:
+    """The head plan's softmax heads with `kind` in place of its converted kind."""
+    specs = [LayerSpec.from_dict(d) for d in state["plans"]["heads"]["specs"]]
+    base = linearize.plan.parse_spec(kind)
+    return specs_to_string([s if s.kind == "softmax" else LayerSpec(base.kind, {**base.options, **(
+        {"softmax_heads": s.options["softmax_heads"]} if s.options.get("softmax_heads") else {})}) for s in specs])
+
+
+def linearize_plan(model) -> str:
+    return model.config.linearize["plan"] if hasattr(model.config, "linearize") else "teacher"
+
+
+def write_results(state: dict, args: argparse.Namespace) -> None:
+    """The records of every run against the teacher's values, with the run's information."""
+    teacher = state["metrics"].get("teacher", {})
+    records = []
+    for name, metrics in state["metrics"].items():
+        if name in ("teacher", "heads"):
+            continue
+        info = state["plans"][name]
+        for key, value in metrics.items():
+            metric, _, ctx = key.partition("@")
+            records.append({"run": name, "plan": info["plan"], "cache_fraction": round(info["cache_fraction"], 4),
+                            "metric": metric, "context": int(ctx) if ctx else None, "teacher": teacher.get(key),
+                            "converted": value, "train_tokens": info["train_tokens"]})
+    out = {**run_info(shlex.join(["python", *sys.argv])), "settings": {k: v for k, v in vars(args).items() if k != "out"},
+           "runs": {k: v for k, v in state["plans"].items() if k != "heads"},
+           "head_scores": state["plans"].get("heads", {}).get("scores"), "records": records, "log": state["log"]}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
