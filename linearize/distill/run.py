@@ -19,9 +19,10 @@ from typing import Any, Callable, Iterator
 import torch
 import yaml
 
-from ..convert import atomic_dir, convert
+from ..convert import convert
 from ..errors import LinearizeError
 from ..loading import load
+from ..outputs import atomic_dir, check_out
 from ..plan import LayerPlan
 from . import fsdp
 from .config import DistillConfig
@@ -60,13 +61,14 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
 
 
 def distill(
-    cfg: DistillConfig, out: str | Path, *, resume: bool = False, log: Callable[[str], None] = print,
+    cfg: DistillConfig, out: str | Path, *, resume: bool = False, force: bool = False, log: Callable[[str], None] = print,
     evaluate: Callable[[torch.nn.Module, Any], dict] | None = None,
 ) -> dict[str, Any]:
     """Run the whole recipe; returns the summary also written to `<out>/metrics/summary.json`.
 
     `evaluate(model, tokenizer)`, if given, scores the teacher, the model after stage 1 and the
-    final model (summary keys teacher_eval, stage1_eval, final_eval).
+    final model (summary keys teacher_eval, stage1_eval, final_eval). `force` lets `out` replace a
+    folder that another command wrote (see `linearize.outputs`).
     """
     device, rank, world = _distributed()
     sharded = world > 1 and fsdp.requested()
@@ -74,21 +76,24 @@ def distill(
     work = Path(str(out) + ".ckpt")
     plan = LayerPlan.coerce(cfg.plan).check_kinds()
     recipe = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    if work.exists() and not resume:
-        if not (work / "complete").exists():
-            raise LinearizeError(f"checkpoints of an unfinished run are in {work}: pass --resume to continue, or delete it")
-        if rank == 0:
-            shutil.rmtree(work)  # the earlier run finished and saved its model: start afresh
-    if resume and (work / "recipe.yaml").is_file() and (work / "recipe.yaml").read_text() != recipe:
+    output = dict(force=force, inputs=[cfg.model, cfg.data.source])
+    check_out(out, "convert", **output)
+    trained = any(Checkpoint(work / s).exists() for s in ("stage1", "stage2"))
+    finished = (work / "complete").is_file()
+    if trained and not resume and not finished:
+        raise LinearizeError(f"checkpoints of an unfinished run are in {work}: pass --resume to continue, or delete it")
+    if trained and resume and not (work / "recipe.yaml").is_file():
+        raise LinearizeError(f"the checkpoints in {work} have no recipe.yaml, so they cannot be checked against this "
+                             "recipe: delete them to start afresh")
+    if trained and resume and (work / "recipe.yaml").read_text() != recipe:
         raise LinearizeError(f"the checkpoints in {work} were made with another recipe; resume with the same one, or delete them")
+    if finished and not resume and rank == 0:
+        shutil.rmtree(work)  # the earlier run finished and saved its model: start afresh
     if sharded and cfg.data.source == "teacher" and not teacher_cache(cfg.data, cfg.seed, str(cfg.model)).is_file():
         raise LinearizeError("FSDP runs cannot sample the teacher corpus (that needs the whole model on one device): set "
                              "data.source to a dataset or file, or fill the cache with one run of the same recipe without FSDP")
     if world > 1:
         torch.distributed.barrier()
-    if rank == 0:
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "recipe.yaml").write_text(recipe)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     # sharded: every process loads on the CPU and keeps only its shards on the GPU after `fsdp.shard`
@@ -130,6 +135,10 @@ def distill(
             teacher_ppl = measure(model, "teacher_eval")
     common = dict(seed=cfg.seed, device=device, rank=rank, world=world, log=log)
     summary: dict[str, Any] = {"model": str(cfg.model), "plan": model.config.linearize["plan"], "teacher_val_ppl": teacher_ppl}
+
+    if rank == 0:  # only now: a run that fails before training leaves no checkpoint folder
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "recipe.yaml").write_text(recipe)
 
     # Stage 1: attention transfer; only the new parameters train (adapters off).
     s1 = cfg.stage1
@@ -188,7 +197,7 @@ def distill(
     summary["seconds"] = round(time.time() - t0, 1)
 
     if rank == 0:
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, "convert", **output) as tmp:
             tmp = Path(tmp)
             if lora is not None and not s2.merge:
                 final.get_base_model().save_pretrained(tmp)

@@ -14,6 +14,7 @@ import torch
 from ..convert import is_converted
 from ..errors import LinearizeError
 from ..loading import load
+from ..outputs import check_out
 from .bench import bench_model
 from .perplexity import text_perplexity
 from .recall import recall_accuracy
@@ -107,10 +108,13 @@ def _header(title: str, info: dict[str, Any], settings: dict[str, Any]) -> str:
 def run_eval(
     spec: str, out: str | os.PathLike, *, compare_with: str | None = None, device: str | None = None,
     dtype: str | None = "auto", command: str | None = None, progress: Callable[[str], None] | None = print,
-    **options: Any,
+    force: bool = False, **options: Any,
 ) -> dict[str, Any]:
     """Evaluate `spec` (and `compare_with`, its teacher) with `evaluate(**options)`; write OUT/results.json
-    and OUT/report.md (the teacher-vs-converted table with recovery when comparing)."""
+    and OUT/report.md (the teacher-vs-converted table with recovery when comparing). `force`: `out` may
+    replace a folder another command wrote."""
+    output = dict(command="eval", force=force, inputs=[spec, compare_with])
+    check_out(out, **output)
     if not any(options.get(k) for k in ("tasks", "perplexity", "recall")):
         raise LinearizeError("nothing to evaluate: give --tasks, --perplexity and/or --recall")
     for path in options.get("perplexity", ()):
@@ -142,7 +146,7 @@ def run_eval(
     results = {**info, "model": spec, "teacher": compare_with, "settings": settings, "records": recs}
     if rows:
         results["comparison"] = [{k: v for k, v in r.items() if k != "stderr"} for r in rows]
-    write_run(out, results, report)
+    write_run(out, results, report, **output)
     if progress:
         progress(report)
     return results
@@ -151,10 +155,12 @@ def run_eval(
 def run_bench(
     spec: str, out: str | os.PathLike, *, compare_with: str | None = None, lengths: Sequence[int], batch_sizes: Sequence[int],
     decode_tokens: int = 64, repeats: int = 3, device: str | None = None, dtype: str | None = "auto",
-    command: str | None = None, progress: Callable[[str], None] | None = print,
+    command: str | None = None, progress: Callable[[str], None] | None = print, force: bool = False,
 ) -> dict[str, Any]:
     """Prefill/decode tokens/s and peak memory vs context of `spec` (and `compare_with`); writes
-    OUT/results.json, OUT/report.md and OUT/bench.png."""
+    OUT/results.json, OUT/report.md and OUT/bench.png (`force`: as in `run_eval`)."""
+    output = dict(command="bench", force=force, inputs=[spec, compare_with])
+    check_out(out, **output)
     dev = pick_device(device)
     rows: list[dict[str, Any]] = []
 
@@ -180,7 +186,7 @@ def run_bench(
     plot = bench_plot(rows)
     report += "\n![prefill, decode and memory vs context](bench.png)\n" if plot is not None else "\n(no plot: matplotlib is not installed)\n"
     results = {**info, "model": spec, "teacher": compare_with, "settings": settings, "rows": rows, "records": recs}
-    write_run(out, results, report, plot)
+    write_run(out, results, report, plot, **output)
     if progress:
         progress(report)
     return results

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..convert import CLASSES, atomic_dir
+from ..convert import CLASSES
 from ..errors import LinearizeError
 from ..loading import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID
+from ..outputs import MARKER, atomic_dir, check_out
 from .card import model_card
 from .code import ENTRY, auto_map, bundle, entry_module
 
@@ -81,17 +82,25 @@ def _place(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _files(root: Path) -> list[str]:
+    """The repo's files under a staged layout, repo-relative (not linearize's ownership marker)."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MARKER)
+
+
 def stage(model_dir: str | Path, out: str | Path, repo_id: str, *, eval_dir: str | Path | None = None,
-          base_model: str | None = None) -> list[str]:
-    """Write the repo's layout to `out` (complete or not at all); returns its files, repo-relative."""
+          base_model: str | None = None, force: bool = False) -> list[str]:
+    """Write the repo's layout to `out` (complete or not at all; `force`: replace a folder another command
+    wrote); returns its files, repo-relative."""
     model_dir = Path(model_dir)
+    results_dir = find_eval(model_dir, eval_dir)
+    output = dict(force=force, inputs=[model_dir, results_dir])
+    check_out(out, "push", **output)
     config = _read_config(model_dir)
     config_cls, model_cls = (c.__name__ for c in CLASSES[config["linearize"]["base_model_type"]])
-    results_dir = find_eval(model_dir, eval_dir)
     results = json.loads((results_dir / "results.json").read_text()) if results_dir else None
     card = model_card(model_dir, repo_id, base_model=base_model_id(model_dir, base_model), eval_results=results)
     code = {**bundle(), ENTRY: entry_module(config_cls, model_cls)}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "push", **output) as tmp:
         root = Path(tmp)
         for src in sorted(model_dir.rglob("*")):
             rel = src.relative_to(model_dir)
@@ -107,7 +116,7 @@ def stage(model_dir: str | Path, out: str | Path, repo_id: str, *, eval_dir: str
         for name, text in code.items():
             (root / name).write_text(text)
         (root / "README.md").write_text(card)
-    return sorted(p.relative_to(out).as_posix() for p in Path(out).rglob("*") if p.is_file())
+    return _files(Path(out))
 
 
 def upload_operations(staged: str | Path, existing: list[str] = ()) -> list:
@@ -115,7 +124,7 @@ def upload_operations(staged: str | Path, existing: list[str] = ()) -> list:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     staged = Path(staged)
-    files = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file())
+    files = _files(staged)
     adds = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(staged / f)) for f in files]
     deletes = [CommitOperationDelete(path_in_repo=f) for f in sorted(existing) if f not in files and f != ".gitattributes"]
     return adds + deletes
@@ -159,7 +168,7 @@ def push(model_dir: str | Path, repo_id: str, *, private: bool = False, revision
     model_dir = Path(model_dir)
     if dry_run:
         out = Path(out) if out is not None else model_dir.with_name(model_dir.name + "-hub")
-        stage(model_dir, out, repo_id, eval_dir=eval_dir, base_model=base_model)
+        stage(model_dir, out, repo_id, eval_dir=eval_dir, base_model=base_model, force=force)
         return upload_operations(out)
     _read_config(model_dir)  # a bad folder fails before anything touches the network
     if api is None:
