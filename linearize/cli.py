@@ -14,18 +14,18 @@ import os
 import sys
 from pathlib import Path
 
+from ._version import __version__
 from .errors import LinearizeError
 
 
 def _plan_arg(text: str) -> str | dict:
     """A plan string, or the `plan` of a YAML file (as `linearize plan --out` writes)."""
     if text.endswith((".yaml", ".yml")):
-        import yaml
+        from .plan import LayerPlan, read_plan_file
 
-        from .plan import LayerPlan
-
-        LayerPlan.from_file(text)  # checks the file and its plan
-        return yaml.safe_load(Path(text).read_text())["plan"]
+        plan = read_plan_file(text)
+        LayerPlan.coerce(plan)  # checks its syntax
+        return plan
     return text
 
 
@@ -37,7 +37,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     if args.model:
         overrides.append(f"model={args.model}")
     cfg = load_config(args.config, overrides)
-    if args.plan:
+    if args.plan is not None:
         cfg.plan = _plan_arg(args.plan)
     s = distill(cfg, args.out, resume=args.resume, force=args.force)  # checks the plan and --out before loading
     if int(os.environ.get("RANK", "0")):
@@ -61,9 +61,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     table; --out writes the plan as YAML for convert, --report the scores (json, table, plot)."""
     import yaml
 
-    from .plan import SOFTMAX, specs_to_string
-
     from .outputs import check_out, write_file
+    from .plan import SOFTMAX, specs_to_string
 
     if bool(args.plan) == bool(args.budget):
         raise LinearizeError("give either --plan (a plan to resolve) or --budget (choose one from layer scores)")
@@ -119,7 +118,7 @@ def cmd_push(args: argparse.Namespace) -> None:
     from .hub import push
 
     ops = push(args.model_dir, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run,
-               out=args.out, eval_dir=args.eval, base_model=args.base_model, force=args.force)
+               out=args.out, eval_dir=args.eval, base_model=args.base_model, license=args.license, force=args.force)
     for op in ops:
         size = getattr(op, "upload_info", None)
         print(f"  {'delete' if size is None else 'add'}  {op.path_in_repo}" + (f"  ({size.size:,} bytes)" if size else ""))
@@ -135,6 +134,15 @@ def _ints(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _count_or_fraction(text: str) -> int | float:
+    """--limit: N documents (an int) or a fraction of them."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    return int(value) if value.is_integer() else value
 
 
 def _names(text: str) -> list[str]:
@@ -182,7 +190,7 @@ def _force_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _recipes_help() -> str:
-    from .distill.config import recipes
+    from .recipes import recipes
 
     known = recipes()
     width = max((len(n) for n in known), default=0)
@@ -194,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="linearize", description=__doc__, epilog=_recipes_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"linearize {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="architecture, sizes, adapter and what each kind would add (no weights loaded)")
     p.add_argument("model", nargs="?", default="smollm2-135m", help="smollm2-135m (default), a .gguf, a folder or a Hub id")
@@ -242,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="--dry-run: where to write the layout (default MODEL_DIR-hub)")
     p.add_argument("--eval", default=None, metavar="DIR", help="eval results to publish (default: MODEL_DIR/eval or MODEL_DIR-eval)")
     p.add_argument("--base-model", default=None, help="Hub id of the original model (default: from recipe.yaml)")
+    p.add_argument("--license", default=None, help="the model card's license, a Hub license id (default: the base "
+                   "model's for the embedded SmolLM2, else 'other' with a link to the base model)")
     p.add_argument("--force", action="store_true", help="replace the files of a Hub repo that holds other content "
                    "(--dry-run: let --out replace a folder that push did not write)")
     p.set_defaults(func=cmd_push)
@@ -253,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                    "local_arc_challenge, local_piqa, local_lambada) or 'local' for every offline task with data")
     p.add_argument("--data-dir", default=None,
                    help="folder of the offline tasks' files (default: $LINEARIZE_EVAL_DATA)")
-    p.add_argument("--limit", type=float, default=None, help="lm-eval: at most N documents per task (or a fraction)")
+    p.add_argument("--limit", type=_count_or_fraction, default=None, help="lm-eval: at most N documents per task (or a fraction)")
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=None, help="lm-eval: window of rolling loglikelihoods (default: the model's)")
@@ -284,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     except LinearizeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted" + (" (continue with --resume)" if args.command == "convert" else ""), file=sys.stderr)
+        return 130
     return 0
 
 

@@ -84,6 +84,9 @@ def atomic_dir(path: str | os.PathLike, command: str, *, force: bool = False, in
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; give it a normal folder's mode
+        for f in Path(tmp).rglob("*"):  # and its files a normal file's (transformers writes safetensors 0600)
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, 0o666 & ~umask)
         if target.exists():
             old = tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)
             os.replace(target, Path(old) / "x")

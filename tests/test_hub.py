@@ -243,3 +243,19 @@ def test_push_errors_name_the_problem(distilled, tmp_path, monkeypatch, capsys):
         assert cli.main(["push", *args, "--dry-run", "--out", str(tmp_path / "stage")]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "stage").exists()
+
+
+@pytest.mark.parametrize("base, license", [(DEFAULT_MODEL_HUB_ID, "apache-2.0"), ("org/model", "other")])
+def test_dry_run_copies_the_model_and_its_card_has_license_and_clean_snippet(tmp_path, base, license):
+    from linearize.hub import stage
+
+    from conftest import tiny_folder, tiny_model
+
+    folder = tiny_folder(tmp_path / "model")
+    linearize.convert(tiny_model("llama"), "1:gla").save_pretrained(folder)
+    stage(folder, tmp_path / "hub", "me/x", base_model=base)
+    assert (tmp_path / "hub" / "model.safetensors").stat().st_nlink == 1  # a copy: editing it leaves the model alone
+    front, body = re.fullmatch(r"---\n(.*?)---\n(.*)", (tmp_path / "hub" / "README.md").read_text(), re.S).groups()
+    meta = yaml.safe_load(front)
+    assert meta["license"] == license and (license != "other" or meta["license_link"] == f"https://huggingface.co/{base}")
+    assert 'AutoTokenizer.from_pretrained("me/x", trust_remote_code=True)' in body and "=None" not in body

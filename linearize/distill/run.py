@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -21,6 +22,7 @@ import yaml
 
 from ..convert import convert
 from ..errors import LinearizeError
+from ..info import resolve_plan
 from ..loading import load
 from ..outputs import atomic_dir, check_out
 from ..plan import LayerPlan
@@ -55,6 +57,15 @@ def _lora_targets(model: torch.nn.Module, names: list[str]) -> list[str]:
     return targets
 
 
+def _with_lora(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
+    """peft's `get_peft_model`, without the FutureWarning its check of a deprecated transformers property raises."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(model, lora)
+
+
 def _table(rows: list[list[Any]], header: list[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
@@ -70,14 +81,16 @@ def distill(
     final model (summary keys teacher_eval, stage1_eval, final_eval). `force` lets `out` replace a
     folder that another command wrote (see `linearize.outputs`).
     """
-    device, rank, world = _distributed()
-    sharded = world > 1 and fsdp.requested()
-    out = Path(out)
-    work = Path(str(out) + ".ckpt")
+    cfg.check()
     plan = LayerPlan.coerce(cfg.plan).check_kinds()
-    recipe = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    out = Path(out)
     output = dict(force=force, inputs=[cfg.model, cfg.data.source])
     check_out(out, "convert", **output)
+    resolve_plan(cfg.model, plan)  # from the model's config: a plan that does not fit fails before any loading
+    device, rank, world = _distributed()
+    sharded = world > 1 and fsdp.requested()
+    work = Path(str(out) + ".ckpt")
+    recipe = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     trained = any(Checkpoint(work / s).exists() for s in ("stage1", "stage2"))
     finished = (work / "complete").is_file()
     if trained and not resume and not finished:
@@ -96,14 +109,12 @@ def distill(
         torch.distributed.barrier()
     torch.manual_seed(cfg.seed)
     t0 = time.time()
+    texts = None if cfg.data.source == "teacher" else read_texts(cfg.data)  # a missing file fails before loading
     # sharded: every process loads on the CPU and keeps only its shards on the GPU after `fsdp.shard`
     model, tok = load(cfg.model, dtype=torch.float32, device="cpu" if sharded else device)
     model.requires_grad_(False)
-
-    if cfg.data.source == "teacher":
+    if texts is None:
         texts = teacher_texts(model, tok, cfg.data, cfg.seed, model_id=str(cfg.model))
-    else:
-        texts = read_texts(cfg.data)
     train_rows, val_rows = split(pack(texts, tok, cfg.data.seq_len), cfg.data.val_fraction, cfg.seed)
     log(f"data: {len(train_rows)} train / {len(val_rows)} validation sequences of {cfg.data.seq_len} tokens")
     eval_bs = max(cfg.stage1.batch_size, cfg.stage2.batch_size)
@@ -124,10 +135,10 @@ def distill(
     s2 = cfg.stage2
     lora = None
     if s2.steps > 0:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
         lora = LoraConfig(r=s2.lora_r, lora_alpha=s2.lora_alpha, lora_dropout=s2.lora_dropout, target_modules=_lora_targets(model, s2.lora_targets))
-        model = get_peft_model(model, lora)
+        model = _with_lora(model, lora)
     params = {k: p.requires_grad_(True) for k, p in new_parameters(model).items()}
     if sharded:
         fsdp.shard(model, device, params.values())
@@ -184,9 +195,7 @@ def distill(
             model, _ = load(cfg.model, dtype=torch.float32, device="cpu")
             convert(model, plan)
             if lora is not None:
-                from peft import get_peft_model
-
-                model = get_peft_model(model, lora)
+                model = _with_lora(model, lora)
             model.load_state_dict(whole)
     if not sharded or rank == 0:
         final = model.merge_and_unload() if lora is not None and s2.merge else model
