@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from .adapters import decoder_layers
-from .convert import atomic_dir, converted
+from .convert import converted
+from .outputs import atomic_dir
 from .errors import PlanError
 from .kinds.base import LinearizedAttention
 from .plan import SOFTMAX, LayerPlan, LayerSpec, parse_spec, specs_to_string
@@ -334,13 +335,14 @@ def report_plot(scores: Scores, specs: list[LayerSpec]) -> Any:
     return fig
 
 
-def write_report(out: str | Path, scores: Scores, specs: list[LayerSpec], header: str = "") -> Path:
-    """OUT/scores.json, OUT/report.md (the table) and OUT/scores.png, all or nothing."""
+def write_report(out: str | Path, scores: Scores, specs: list[LayerSpec], header: str = "", **output: Any) -> Path:
+    """OUT/scores.json, OUT/report.md (the table) and OUT/scores.png, all or nothing; `output`: `atomic_dir`'s
+    force and inputs."""
     import json
 
     fig = report_plot(scores, specs)
     plan = specs_to_string(specs)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "plan", **output) as tmp:
         Path(tmp, "scores.json").write_text(json.dumps({"plan": plan, **scores.to_dict()}, indent=1) + "\n")
         Path(tmp, "report.md").write_text(f"{header}plan: `{plan}`\n\n{report_table(scores, specs)}\n")
         if fig is not None:

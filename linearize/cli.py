@@ -15,18 +15,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ._version import __version__
 from .errors import LinearizeError
 
 
 def _plan_arg(text: str) -> str | dict:
     """A plan string, or the `plan` of a YAML file (as `linearize plan --out` writes)."""
     if text.endswith((".yaml", ".yml")):
-        import yaml
+        from .plan import LayerPlan, read_plan_file
 
-        from .plan import LayerPlan
-
-        LayerPlan.from_file(text)  # checks the file and its plan
-        return yaml.safe_load(Path(text).read_text())["plan"]
+        plan = read_plan_file(text)
+        LayerPlan.coerce(plan)  # checks its syntax
+        return plan
     return text
 
 
@@ -38,9 +38,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
     if args.model:
         overrides.append(f"model={args.model}")
     cfg = load_config(args.config, overrides)
-    if args.plan:
+    if args.plan is not None:
         cfg.plan = _plan_arg(args.plan)
-    s = distill(cfg, args.out, resume=args.resume)  # checks the plan before loading
+    s = distill(cfg, args.out, resume=args.resume, force=args.force)  # checks the plan and --out before loading
     if int(os.environ.get("RANK", "0")):
         return  # several processes: the first one reports
     print(f"\nplan: {s['plan']}")
@@ -62,12 +62,17 @@ def cmd_plan(args: argparse.Namespace) -> None:
     table; --out writes the plan as YAML for convert, --report the scores (json, table, plot)."""
     import yaml
 
+    from .outputs import check_out, write_file
     from .plan import SOFTMAX, specs_to_string
 
     if bool(args.plan) == bool(args.budget):
         raise LinearizeError("give either --plan (a plan to resolve) or --budget (choose one from layer scores)")
+    output = dict(force=args.force, inputs=[args.model])
+    for path in (args.out, args.report):
+        if path:
+            check_out(path, "plan", **output)  # before any model loads
     if args.budget:
-        specs, costs = _auto_plan(args)
+        specs, costs = _auto_plan(args, output)
     else:
         from .info import plan_rows
 
@@ -85,15 +90,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(f"{sum(s.kind != SOFTMAX for s in specs)} of {len(specs)} layers converted, {sum(costs):,} parameters added")
     print(format_cache(summary))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")  # the file appears whole or not at all
-        tmp.write_text(yaml.safe_dump({"model": args.model, "plan": plan}, sort_keys=False))
-        os.replace(tmp, out)
-        print(f"wrote {out} (use: linearize convert --plan {out} ...)")
+        write_file(args.out, yaml.safe_dump({"model": args.model, "plan": plan}, sort_keys=False), "plan", **output)
+        print(f"wrote {args.out} (use: linearize convert --plan {args.out} ...)")
 
 
-def _auto_plan(args: argparse.Namespace) -> tuple[list, None]:
+def _auto_plan(args: argparse.Namespace, output: dict) -> tuple[list, None]:
     """Load the model, score its layers on calibration data, choose under the budget, print the table."""
     import torch
 
@@ -115,7 +116,7 @@ def _auto_plan(args: argparse.Namespace) -> tuple[list, None]:
     print(report_table(scores, specs))
     if args.report:
         header = f"# Layer scores of {args.model} (budget {budget})\n\n- settings: {scores.settings}\n\n"
-        print(f"wrote {write_report(args.report, scores, specs, header).resolve()}/ (scores.json, report.md, scores.png)")
+        print(f"wrote {write_report(args.report, scores, specs, header, **output).resolve()}/ (scores.json, report.md, scores.png)")
     return specs, None
 
 
@@ -138,7 +139,7 @@ def cmd_push(args: argparse.Namespace) -> None:
     from .hub import push
 
     ops = push(args.model_dir, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run,
-               out=args.out, eval_dir=args.eval, base_model=args.base_model, force=args.force)
+               out=args.out, eval_dir=args.eval, base_model=args.base_model, license=args.license, force=args.force)
     for op in ops:
         size = getattr(op, "upload_info", None)
         print(f"  {'delete' if size is None else 'add'}  {op.path_in_repo}" + (f"  ({size.size:,} bytes)" if size else ""))
@@ -156,6 +157,15 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _count_or_fraction(text: str) -> int | float:
+    """--limit: N documents (an int) or a fraction of them."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    return int(value) if value.is_integer() else value
+
+
 def _names(text: str) -> list[str]:
     return [x for x in text.split(",") if x]
 
@@ -167,7 +177,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     run_eval(args.model, args.out, compare_with=args.compare, device=args.device, dtype=args.dtype, tasks=args.tasks,
              data_dir=args.data_dir, limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
              max_length=args.max_length, perplexity=args.perplexity, context=args.context, stride=args.stride,
-             max_tokens=args.max_tokens,
+             max_tokens=args.max_tokens, force=args.force,
              recall=args.recall, recall_lengths=args.recall_lengths, recall_items=args.recall_items)
     print(f"wrote {Path(args.out).resolve()}/results.json and report.md")
 
@@ -181,7 +191,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     gpu = torch.cuda.is_available() and args.device != "cpu"
     run_bench(args.model, args.out, compare_with=args.compare, device=args.device, dtype=args.dtype,
               lengths=args.lengths or ([1024, 2048, 4096, 8192, 16384, 32768] if gpu else [128, 256, 512]),
-              batch_sizes=args.batch_sizes, decode_tokens=args.decode_tokens, repeats=args.repeats)
+              batch_sizes=args.batch_sizes, decode_tokens=args.decode_tokens, repeats=args.repeats, force=args.force)
     print(f"wrote {Path(args.out).resolve()}/results.json, report.md and bench.png")
 
 
@@ -192,10 +202,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is a GPU)")
     p.add_argument("--dtype", default="auto", help="bfloat16, float16 or float32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--out", required=True, help="output folder for results.json and report.md (appears when complete)")
+    _force_arg(p)
+
+
+def _force_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="let --out replace an existing folder that this command did not "
+                   "write (never the input model or the current folder)")
 
 
 def _recipes_help() -> str:
-    from .distill.config import recipes
+    from .recipes import recipes
 
     known = recipes()
     width = max((len(n) for n in known), default=0)
@@ -207,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="linearize", description=__doc__, epilog=_recipes_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"linearize {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="architecture, sizes, adapter and what each kind would add (no weights loaded)")
     p.add_argument("model", nargs="?", default="smollm2-135m", help="smollm2-135m (default), a .gguf, a folder or a Hub id")
@@ -236,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is a GPU)")
     g.add_argument("--report", default=None, metavar="DIR", help="write scores.json, report.md and scores.png here")
+    _force_arg(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("convert", help="convert a model by a recipe, distill it and save it",
@@ -245,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plan", default=None, help="overrides the recipe's plan: '2-27:lolcats(window=64)' or a YAML file")
     p.add_argument("--out", required=True, help="output folder (appears only when complete)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in OUT.ckpt/")
+    _force_arg(p)
     p.add_argument("overrides", nargs="*", help="recipe overrides as section.key=value, e.g. stage1.steps=100")
     p.set_defaults(func=cmd_convert)
 
@@ -257,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="--dry-run: where to write the layout (default MODEL_DIR-hub)")
     p.add_argument("--eval", default=None, metavar="DIR", help="eval results to publish (default: MODEL_DIR/eval or MODEL_DIR-eval)")
     p.add_argument("--base-model", default=None, help="Hub id of the original model (default: from recipe.yaml)")
-    p.add_argument("--force", action="store_true", help="replace the files of a repo that holds other content")
+    p.add_argument("--license", default=None, help="the model card's license, a Hub license id (default: the base "
+                   "model's for the embedded SmolLM2, else 'other' with a link to the base model)")
+    p.add_argument("--force", action="store_true", help="replace the files of a Hub repo that holds other content "
+                   "(--dry-run: let --out replace a folder that push did not write)")
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("eval", help="lm-eval tasks, perplexity and recall; teacher vs converted with --compare")
@@ -267,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                    "local_arc_challenge, local_piqa, local_lambada) or 'local' for every offline task with data")
     p.add_argument("--data-dir", default=None,
                    help="folder of the offline tasks' files (default: $LINEARIZE_EVAL_DATA)")
-    p.add_argument("--limit", type=float, default=None, help="lm-eval: at most N documents per task (or a fraction)")
+    p.add_argument("--limit", type=_count_or_fraction, default=None, help="lm-eval: at most N documents per task (or a fraction)")
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=None, help="lm-eval: window of rolling loglikelihoods (default: the model's)")
@@ -298,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     except LinearizeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted" + (" (continue with --resume)" if args.command == "convert" else ""), file=sys.stderr)
+        return 130
     return 0
 
 

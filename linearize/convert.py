@@ -12,8 +12,6 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,6 +27,7 @@ from .adapters import ADAPTERS, adapter_for, decoder_layers
 from .cache import LinearizeCache
 from .errors import LinearizeError
 from .kinds import build_options, full_options, kind_class
+from .outputs import atomic_dir
 from .plan import SOFTMAX, LayerPlan, LayerSpec, specs_to_string
 
 PREFIX = "linearize_"
@@ -89,8 +88,10 @@ class LinearizedMixin:
         return inputs
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any):
-        """Same as HF's, but the folder appears complete or not at all."""
-        with atomic_dir(save_directory) as tmp:
+        """Same as HF's, but a new folder appears complete or not at all (an existing one is written into, as HF does)."""
+        if Path(save_directory).exists():
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        with atomic_dir(save_directory, "save_pretrained") as tmp:
             return super().save_pretrained(tmp, *args, **kwargs)
 
 
@@ -174,26 +175,3 @@ def converted(model: PreTrainedModel, plan: LayerPlan | str | dict) -> Iterator[
             layer.self_attn = attn
         model.__class__, model.config.__class__ = model_cls, config_cls
         del model.config.linearize
-
-
-@contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary sibling folder; on success it replaces `path`, on error it is removed."""
-    target = Path(path).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; give it a normal folder's mode
-        if target.exists():
-            old = tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)
-            os.replace(target, Path(old) / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -15,3 +15,7 @@ class UnsupportedModelError(LinearizeError, ValueError):
 
 class ModelLoadError(LinearizeError, OSError):
     """A model that cannot be loaded: missing file, unreadable GGUF, Hub unreachable."""
+
+
+class OutputError(LinearizeError, OSError):
+    """An output path that cannot or must not be written: another's folder, the input, the current folder."""

@@ -186,10 +186,16 @@ def format_description(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plan_rows(name_or_path: str | os.PathLike | None, plan: LayerPlan | str | dict) -> tuple[list[LayerSpec], list[int]]:
-    """`plan` resolved against the model's layers, and each layer's added parameters."""
+def resolve_plan(name_or_path: str | os.PathLike | None, plan: LayerPlan | str | dict) -> tuple[PretrainedConfig, list[LayerSpec]]:
+    """The model's config and `plan` resolved against its layers, from the config alone: an unsupported
+    architecture or a plan that does not fit the model fails before any weights load."""
     config = _base_config(load_config(name_or_path))
     if config.model_type not in ADAPTERS:
         raise UnsupportedModelError(f"architecture {config.model_type!r} is not supported; supported: {', '.join(sorted(ADAPTERS))}")
-    specs = LayerPlan.coerce(plan).resolve(config.get_text_config(decoder=True).num_hidden_layers)
+    return config, LayerPlan.coerce(plan).resolve(config.get_text_config(decoder=True).num_hidden_layers)
+
+
+def plan_rows(name_or_path: str | os.PathLike | None, plan: LayerPlan | str | dict) -> tuple[list[LayerSpec], list[int]]:
+    """`plan` resolved against the model's layers, and each layer's added parameters."""
+    config, specs = resolve_plan(name_or_path, plan)
     return specs, layer_costs(skeleton(config), specs)

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import glob
 import importlib.util
+import json
 import os
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from .convert import register_auto_classes
 from .errors import LinearizeError, ModelLoadError
+
+register_auto_classes()  # a saved converted model loads back converted (`import linearize` imports this module)
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF holds (a model card's base_model)
+DEFAULT_MODEL_LICENSE = "apache-2.0"  # its license (a model card's license)
 
 
 def default_gguf() -> Path:
@@ -36,6 +45,31 @@ def _need_gguf_packages() -> None:
             raise ModelLoadError(f"loading a GGUF file needs the package {pkg!r}: pip install {pkg}")
 
 
+def check_gguf(path: Path) -> None:
+    """A GGUF whose tensors end past the end of the file (a cut-off download) is an error that says so
+    (called once reading failed: parsing the header takes seconds)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    class Header(GGUFReader):  # reads the header only: where each tensor starts and how long it is
+        def _build_tensors(self, start: int, fields: list) -> None:
+            def end(f: Any) -> int:
+                _, _, _, dims, dtype, offset = f.parts
+                block, size = GGML_QUANT_SIZES[GGMLQuantizationType(int(dtype[0]))]
+                return start + int(offset[0]) + int(np.prod(dims)) * size // block
+
+            self.expected = max(map(end, fields), default=start)
+
+    size = path.stat().st_size
+    try:
+        expected = Header(path).expected
+    except Exception as e:  # the header itself is cut short or not GGUF
+        raise ModelLoadError(f"cannot read the GGUF file {str(path)!r}: it is truncated or corrupt ({size:,} bytes; "
+                             f"its header does not parse: {e})") from None
+    if size < expected:
+        raise ModelLoadError(f"cannot read the GGUF file {str(path)!r}: it is truncated or corrupt ({size:,} of "
+                             f"{expected:,} bytes): download it again")
+
+
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     _need_gguf_packages()
     kwargs = {}
@@ -51,6 +85,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
     except Exception as e:  # the GGUF reader raises many types for files it cannot map
         import transformers
 
+        check_gguf(path)  # a cut-off file says so
         raise ModelLoadError(
             f"transformers {transformers.__version__} cannot read the GGUF file {str(path)!r} ({type(e).__name__}: {e}). "
             "Use a GGUF of an architecture transformers supports, upgrade transformers, or pass an HF folder instead."
@@ -72,12 +107,32 @@ def _source(name_or_path: str | os.PathLike | None) -> tuple[str, str | Path]:
             raise ModelLoadError(f"{name!r} is a file but not a .gguf: pass a .gguf file, a model folder or a Hub id")
         return "gguf", path
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"folder {name!r} has no config.json: it is not a Hugging Face model folder")
+        read_config_json(path)
         return "folder", path
     if name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"no such file or folder: {name!r}")
     return "hub", name
+
+
+def read_config_json(folder: str | os.PathLike) -> dict[str, Any]:
+    """A model folder's config.json as a dict; a missing or unparsable one is an error that names it."""
+    file = Path(folder) / "config.json"
+    if not file.is_file():
+        raise ModelLoadError(f"folder {str(folder)!r} has no config.json: it is not a Hugging Face model folder")
+    try:
+        config = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{str(file)!r} is not valid JSON ({e}): restore it, or save the model again") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{str(file)!r} is not a JSON object: restore it, or save the model again")
+    return config
+
+
+def _check_tokenizer(folder: Path) -> None:
+    """A model folder saved without its tokenizer is an error that says how to add it (before any weights load)."""
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        raise ModelLoadError(f"folder {str(folder)!r} has no tokenizer files: save the tokenizer there too "
+                             "(tok.save_pretrained(folder))")
 
 
 def load(
@@ -91,6 +146,8 @@ def load(
     if kind == "gguf":
         model, tok = _load_gguf(where, dtype)
     elif kind == "folder":
+        load_config(where)  # an architecture transformers does not know is the first thing to say
+        _check_tokenizer(where)
         model, tok = _folder_call(where, lambda: (AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype),
                                                   AutoTokenizer.from_pretrained(str(where))))
     else:
@@ -105,14 +162,22 @@ def load_config(name_or_path: str | os.PathLike | None = None) -> PretrainedConf
     """The config of the model `load` would load, without its weights (GGUF: read from the file's metadata)."""
     kind, where = _source(name_or_path)
     if kind == "gguf":
-        _need_gguf_packages()
-        try:
-            return AutoConfig.from_pretrained(str(where.parent), gguf_file=where.name)
-        except Exception as e:
-            raise ModelLoadError(f"cannot read the GGUF file {str(where)!r} ({type(e).__name__}: {e})") from e
+        stat = where.stat()
+        return copy.deepcopy(_gguf_config(where, stat.st_size, stat.st_mtime_ns))
     if kind == "folder":
         return _folder_call(where, lambda: AutoConfig.from_pretrained(str(where)))
     return _hub_call(where, lambda: AutoConfig.from_pretrained(where))
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(path: Path, size: int, mtime: int) -> PretrainedConfig:
+    """A GGUF's config, read once per file version (transformers parses the whole metadata: seconds)."""
+    _need_gguf_packages()
+    try:
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        check_gguf(path)  # a cut-off file says so
+        raise ModelLoadError(f"cannot read the GGUF file {str(path)!r} ({type(e).__name__}: {e})") from e
 
 
 def _folder_call(path: Path, fetch):
@@ -122,11 +187,9 @@ def _folder_call(path: Path, fetch):
     except (ValueError, KeyError) as e:
         if isinstance(e, LinearizeError):
             raise
-        import json
-
         import transformers
 
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        model_type = read_config_json(path).get("model_type")
         hint = (" (a model converted by linearize: `import linearize` first)" if str(model_type).startswith("linearize_")
                 else "; upgrade transformers if the architecture is newer than it")
         raise ModelLoadError(f"transformers {transformers.__version__} cannot load the folder {str(path)!r} "

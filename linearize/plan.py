@@ -120,6 +120,19 @@ def split_top_level(text: str) -> list[str]:
     return [p for p in parts if p.strip()]
 
 
+def read_plan_file(path: str | Path) -> str | dict:
+    """The ``plan`` value of a YAML file (a plan file `linearize plan --out` writes, or a recipe)."""
+    from .recipes import read_yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise PlanError(f"plan file {str(p)!r} does not exist")
+    data = read_yaml(p, "plan file", PlanError)
+    if "plan" not in data:
+        raise PlanError(f"{str(p)!r} has no 'plan' key")
+    return data["plan"]
+
+
 class LayerPlan:
     """Per-layer attention kinds for a model; build with `from_string`, `from_dict` or the helpers."""
 
@@ -182,15 +195,7 @@ class LayerPlan:
     @classmethod
     def from_file(cls, path: str | Path) -> "LayerPlan":
         """Read the ``plan`` key (a string or a mapping) of a YAML recipe."""
-        import yaml
-
-        p = Path(path)
-        if not p.is_file():
-            raise PlanError(f"plan file {str(p)!r} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
-        if "plan" not in data:
-            raise PlanError(f"{str(p)!r} has no 'plan' key")
-        return cls.coerce(data["plan"])
+        return cls.coerce(read_plan_file(path))
 
     @classmethod
     def coerce(cls, plan: "LayerPlan | str | Mapping[str, Any]") -> "LayerPlan":

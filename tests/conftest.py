@@ -28,6 +28,18 @@ def tiny_model(model_type: str, seed: int = 0):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+def tiny_folder(folder, model_type: str = "llama", seed: int = 0):
+    """`tiny_model` saved with a word-level tokenizer ("w0" .. "w127") to `folder`; returns the folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_model(model_type, seed).save_pretrained(folder)
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(TINY["vocab_size"])}, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", eos_token="w2", bos_token="w1").save_pretrained(folder)
+    return folder
+
+
 def perturb_new_params(model, scale: float = 0.3, seed: int = 0) -> None:
     """Move every converted layer's new parameters away from their initialization."""
     g = torch.Generator().manual_seed(seed)

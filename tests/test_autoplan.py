@@ -16,7 +16,7 @@ from linearize.autoplan import Budget, Scores, attention_statistics, autoplan, c
 from linearize.convert import converted
 from linearize.errors import PlanError
 
-from conftest import tiny_model
+from conftest import tiny_folder, tiny_model
 
 KINDS = ["lolcats(window=4)", "gla"]
 
@@ -128,16 +128,7 @@ def test_scores_are_deterministic_for_a_seed_and_budgets_hold_on_a_real_model():
 
 
 def test_plan_command_writes_scores_report_and_a_yaml_that_convert_reads(tmp_path, capsys):
-    folder = tmp_path / "tiny"
-    model = tiny_model("mistral")
-    model.save_pretrained(folder)
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {f"w{i}": i for i in range(128)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", eos_token="w2", bos_token="w1").save_pretrained(folder)
+    folder = tiny_folder(tmp_path / "tiny", "mistral")
     text = tmp_path / "calib.txt"
     g = torch.Generator().manual_seed(0)
     text.write_text("\n".join(" ".join(f"w{int(i)}" for i in torch.randint(3, 128, (40,), generator=g)) for _ in range(30)))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import linearize
 from linearize import cli
@@ -28,6 +28,7 @@ def test_readme_python_example_runs(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2-27:lolcats(window=64)" in run.stdout
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "my-model").config.linearize["layers"][2]["kind"] == "lolcats"
+    assert AutoTokenizer.from_pretrained(tmp_path / "out" / "my-model").eos_token  # eval and push read it there
 
 
 def test_cli_reports_plan_errors_without_a_traceback(tmp_path, capsys):

@@ -21,6 +21,7 @@ from linearize import cli
 from linearize.errors import LinearizeError
 from linearize.hub import code, push, upload_operations
 from linearize.loading import DEFAULT_MODEL_HUB_ID
+from linearize.outputs import MARKER
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAN = "0:softmax,1-/5:lolcats(window=16),2-/5:lizard(window=16),3-/5:mamba2,4-/5:gla,5-/5:hedgehog"
@@ -81,7 +82,7 @@ def test_dry_run_lists_the_layout_and_writes_a_valid_card(distilled, capsys):
     stage = distilled / "stage"
     assert cli.main(["push", str(distilled / "model"), "me/smollm2-mixed", "--dry-run", "--out", str(stage)]) == 0
     printed = capsys.readouterr().out
-    files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
+    files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file() and p.name != MARKER)
     expected = {"README.md", "config.json", "generation_config.json", "model.safetensors", "plan.yaml", "recipe.yaml",
                 "tokenizer.json", "tokenizer_config.json", "metrics/summary.json", "metrics/stage1.json",
                 "metrics/stage2.json", "eval/results.json", "eval/report.md", "modeling_linearize.py", *code.bundle()}
@@ -193,7 +194,7 @@ def test_push_operations_new_repo_update_and_foreign_repo(distilled):
     stage = distilled / "stage"
     if not stage.exists():
         push(distilled / "model", "me/smollm2-mixed", dry_run=True, out=stage)
-    layout = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
+    layout = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file() and p.name != MARKER)
     adds = [("CommitOperationAdd", f) for f in layout]
 
     api = RecordingApi()  # a new repo: created (private), then one commit adding exactly the staged layout
@@ -242,3 +243,19 @@ def test_push_errors_name_the_problem(distilled, tmp_path, monkeypatch, capsys):
         assert cli.main(["push", *args, "--dry-run", "--out", str(tmp_path / "stage")]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "stage").exists()
+
+
+@pytest.mark.parametrize("base, license", [(DEFAULT_MODEL_HUB_ID, "apache-2.0"), ("org/model", "other")])
+def test_dry_run_copies_the_model_and_its_card_has_license_and_clean_snippet(tmp_path, base, license):
+    from linearize.hub import stage
+
+    from conftest import tiny_folder, tiny_model
+
+    folder = tiny_folder(tmp_path / "model")
+    linearize.convert(tiny_model("llama"), "1:gla").save_pretrained(folder)
+    stage(folder, tmp_path / "hub", "me/x", base_model=base)
+    assert (tmp_path / "hub" / "model.safetensors").stat().st_nlink == 1  # a copy: editing it leaves the model alone
+    front, body = re.fullmatch(r"---\n(.*?)---\n(.*)", (tmp_path / "hub" / "README.md").read_text(), re.S).groups()
+    meta = yaml.safe_load(front)
+    assert meta["license"] == license and (license != "other" or meta["license_link"] == f"https://huggingface.co/{base}")
+    assert 'AutoTokenizer.from_pretrained("me/x", trust_remote_code=True)' in body and "=None" not in body

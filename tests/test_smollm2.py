@@ -11,7 +11,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import linearize
-from linearize.convert import atomic_dir
 
 from conftest import rel_err
 
@@ -92,14 +91,6 @@ def test_failed_save_leaves_no_folder(smollm2, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path / "out")
     assert os.listdir(tmp_path) == []
-
-
-def test_atomic_dir_replaces_an_existing_folder(tmp_path):
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "old.txt").write_text("old")
-    with atomic_dir(tmp_path / "d") as tmp:
-        Path(tmp, "new.txt").write_text("new")
-    assert sorted(os.listdir(tmp_path)) == ["d"] and os.listdir(tmp_path / "d") == ["new.txt"]
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from ..errors import LinearizeError
+from ..recipes import read_yaml, recipes
 
 
 class ConfigError(LinearizeError, ValueError):
@@ -76,6 +77,22 @@ class DistillConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def check(self) -> None:
+        """Refuse values no run can use (before any model loads): sizes and counts must be positive."""
+        bad = [f"{k}={v}" for k, v, ok in [
+            ("data.seq_len", self.data.seq_len, self.data.seq_len >= 2),
+            ("data.val_fraction", self.data.val_fraction, 0 < self.data.val_fraction < 1),
+            ("data.teacher_sequences", self.data.teacher_sequences, self.data.teacher_sequences > 0),
+            ("data.teacher_len", self.data.teacher_len, self.data.teacher_len is None or self.data.teacher_len > 0),
+            ("data.recall_mix", self.data.recall_mix, 0 <= self.data.recall_mix < 1),
+            *[(f"{name}.{k}", getattr(s, k), getattr(s, k) > 0) for name, s in (("stage1", self.stage1), ("stage2", self.stage2))
+              for k in ("batch_size", "save_every")],
+            *[(f"{name}.steps", s.steps, s.steps >= 0) for name, s in (("stage1", self.stage1), ("stage2", self.stage2))],
+        ] if not ok]
+        if bad:
+            raise ConfigError(f"{', '.join(bad)}: sequence length must be at least 2, val_fraction between 0 and 1, "
+                              "recall_mix in [0, 1), batch sizes, lengths and counts positive, steps 0 or more")
+
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     args = typing.get_args(hint)
@@ -112,7 +129,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 continue
         if origin is str:
             return str(value)
-    raise ConfigError(f"{key}={value!r} does not fit the type {hint}")
+    raise ConfigError(f"{key}={value!r} does not fit the type {getattr(hint, '__name__', hint)}")
 
 
 def _update(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
@@ -131,25 +148,6 @@ def _update(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, hints[key], full))
 
 
-def recipes_dir() -> Path | None:
-    """The recipes folder: configs/ beside the package (a source checkout) or inside it (an installed wheel)."""
-    here = Path(__file__).resolve().parent.parent
-    for d in (here / "configs", here.parent / "configs"):
-        if d.is_dir():
-            return d
-    return None
-
-
-def recipes() -> dict[str, tuple[Path, str]]:
-    """{name: (file, its first comment line)} of the shipped recipes."""
-    d = recipes_dir()
-    out = {}
-    for f in sorted(d.glob("*.yaml")) if d else []:
-        first = next((line for line in f.read_text().splitlines() if line.startswith("#")), "# ")
-        out[f.stem] = (f, first.lstrip("# ").strip())
-    return out
-
-
 def recipe_path(name_or_path: str | Path) -> Path:
     """A recipe file from its path or its name (`smollm2-135m` for configs/smollm2-135m.yaml)."""
     p = Path(name_or_path).expanduser()
@@ -166,7 +164,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """A recipe from YAML (a file or a recipe name; or the defaults), then ``a.b=value`` overrides on top."""
     cfg = DistillConfig()
     if path is not None:
-        _update(cfg, yaml.safe_load(recipe_path(path).read_text()) or {})
+        _update(cfg, read_yaml(recipe_path(path), "recipe", ConfigError))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")

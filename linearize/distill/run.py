@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,9 +20,11 @@ from typing import Any, Callable, Iterator
 import torch
 import yaml
 
-from ..convert import atomic_dir, convert
+from ..convert import convert
 from ..errors import LinearizeError
+from ..info import resolve_plan
 from ..loading import load
+from ..outputs import atomic_dir, check_out
 from ..plan import LayerPlan
 from . import fsdp
 from .config import DistillConfig
@@ -55,53 +58,64 @@ def _lora_targets(model: torch.nn.Module, names: list[str]) -> list[str]:
     return targets
 
 
+def _with_lora(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
+    """peft's `get_peft_model`, without the FutureWarning its check of a deprecated transformers property raises."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return get_peft_model(model, lora)
+
+
 def _table(rows: list[list[Any]], header: list[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
 def distill(
-    cfg: DistillConfig, out: str | Path, *, resume: bool = False, log: Callable[[str], None] = print,
+    cfg: DistillConfig, out: str | Path, *, resume: bool = False, force: bool = False, log: Callable[[str], None] = print,
     evaluate: Callable[[torch.nn.Module, Any], dict] | None = None,
 ) -> dict[str, Any]:
     """Run the whole recipe; returns the summary also written to `<out>/metrics/summary.json`.
 
     `evaluate(model, tokenizer)`, if given, scores the teacher, the model after stage 1 and the
-    final model (summary keys teacher_eval, stage1_eval, final_eval).
+    final model (summary keys teacher_eval, stage1_eval, final_eval). `force` lets `out` replace a
+    folder that another command wrote (see `linearize.outputs`).
     """
+    cfg.check()
+    plan = LayerPlan.coerce(cfg.plan).check_kinds()
+    out = Path(out)
+    output = dict(force=force, inputs=[cfg.model, cfg.data.source])
+    check_out(out, "convert", **output)
+    resolve_plan(cfg.model, plan)  # from the model's config: a plan that does not fit fails before any loading
     device, rank, world = _distributed()
     sharded = world > 1 and fsdp.requested()
-    out = Path(out)
     work = Path(str(out) + ".ckpt")
-    plan = LayerPlan.coerce(cfg.plan).check_kinds()
-    if not 0 <= cfg.data.recall_mix < 1:
-        raise LinearizeError(f"data.recall_mix={cfg.data.recall_mix} must be in [0, 1): the fraction of training rows that are recall rows")
     recipe = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    if work.exists() and not resume:
-        if not (work / "complete").exists():
-            raise LinearizeError(f"checkpoints of an unfinished run are in {work}: pass --resume to continue, or delete it")
-        if rank == 0:
-            shutil.rmtree(work)  # the earlier run finished and saved its model: start afresh
-    if resume and (work / "recipe.yaml").is_file() and (work / "recipe.yaml").read_text() != recipe:
+    trained = any(Checkpoint(work / s).exists() for s in ("stage1", "stage2"))
+    finished = (work / "complete").is_file()
+    if trained and not resume and not finished:
+        raise LinearizeError(f"checkpoints of an unfinished run are in {work}: pass --resume to continue, or delete it")
+    if trained and resume and not (work / "recipe.yaml").is_file():
+        raise LinearizeError(f"the checkpoints in {work} have no recipe.yaml, so they cannot be checked against this "
+                             "recipe: delete them to start afresh")
+    if trained and resume and (work / "recipe.yaml").read_text() != recipe:
         raise LinearizeError(f"the checkpoints in {work} were made with another recipe; resume with the same one, or delete them")
+    if finished and not resume and rank == 0:
+        shutil.rmtree(work)  # the earlier run finished and saved its model: start afresh
     if sharded and cfg.data.source == "teacher" and not teacher_cache(cfg.data, cfg.seed, str(cfg.model)).is_file():
         raise LinearizeError("FSDP runs cannot sample the teacher corpus (that needs the whole model on one device): set "
                              "data.source to a dataset or file, or fill the cache with one run of the same recipe without FSDP")
     if world > 1:
         torch.distributed.barrier()
-    if rank == 0:
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "recipe.yaml").write_text(recipe)
     torch.manual_seed(cfg.seed)
     t0 = time.time()
+    texts = None if cfg.data.source == "teacher" else read_texts(cfg.data)  # a missing file fails before loading
     # sharded: every process loads on the CPU and keeps only its shards on the GPU after `fsdp.shard`
     model, tok = load(cfg.model, dtype=torch.float32, device="cpu" if sharded else device)
     model.requires_grad_(False)
-
-    if cfg.data.source == "teacher":
+    if texts is None:
         texts = teacher_texts(model, tok, cfg.data, cfg.seed, model_id=str(cfg.model))
-    else:
-        texts = read_texts(cfg.data)
     train_rows, val_rows = split(pack(texts, tok, cfg.data.seq_len), cfg.data.val_fraction, cfg.seed)
     if cfg.data.recall_mix:  # validation stays plain text, comparable across recipes
         extra = recall_rows(tok, texts, round(len(train_rows) * cfg.data.recall_mix / (1 - cfg.data.recall_mix)), cfg.data.seq_len, cfg.seed)
@@ -126,10 +140,10 @@ def distill(
     s2 = cfg.stage2
     lora = None
     if s2.steps > 0:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
         lora = LoraConfig(r=s2.lora_r, lora_alpha=s2.lora_alpha, lora_dropout=s2.lora_dropout, target_modules=_lora_targets(model, s2.lora_targets))
-        model = get_peft_model(model, lora)
+        model = _with_lora(model, lora)
     params = {k: p.requires_grad_(True) for k, p in new_parameters(model).items()}
     if sharded:
         fsdp.shard(model, device, params.values())
@@ -137,6 +151,10 @@ def distill(
             teacher_ppl = measure(model, "teacher_eval")
     common = dict(seed=cfg.seed, device=device, rank=rank, world=world, log=log)
     summary: dict[str, Any] = {"model": str(cfg.model), "plan": model.config.linearize["plan"], "teacher_val_ppl": teacher_ppl}
+
+    if rank == 0:  # only now: a run that fails before training leaves no checkpoint folder
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "recipe.yaml").write_text(recipe)
 
     # Stage 1: attention transfer; only the new parameters train (adapters off).
     s1 = cfg.stage1
@@ -182,9 +200,7 @@ def distill(
             model, _ = load(cfg.model, dtype=torch.float32, device="cpu")
             convert(model, plan)
             if lora is not None:
-                from peft import get_peft_model
-
-                model = get_peft_model(model, lora)
+                model = _with_lora(model, lora)
             model.load_state_dict(whole)
     if not sharded or rank == 0:
         final = model.merge_and_unload() if lora is not None and s2.merge else model
@@ -195,7 +211,7 @@ def distill(
     summary["seconds"] = round(time.time() - t0, 1)
 
     if rank == 0:
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, "convert", **output) as tmp:
             tmp = Path(tmp)
             if lora is not None and not s2.merge:
                 final.get_base_model().save_pretrained(tmp)

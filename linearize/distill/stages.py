@@ -14,6 +14,7 @@ with adapters disabled and layers in "teacher" mode: no second copy in memory.
 from __future__ import annotations
 
 import math
+import pickle
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,9 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from ..convert import atomic_dir
+from ..errors import LinearizeError
 from ..eval.perplexity import autocast, token_nll
 from ..kinds.base import LinearizedAttention
+from ..outputs import atomic_dir
 from .fsdp import clip_grad_norm_, full, gather_optimizer_state, like, scatter_optimizer_state
 
 
@@ -162,11 +164,18 @@ class Checkpoint:
         state = {"params": {k: full(p.detach()).cpu() for k, p in params.items()}, "optimizer": gather_optimizer_state(opt.state_dict()),
                  "scheduler": sched.state_dict(), "step": step, "done": done, "history": history}
         if write:
-            with atomic_dir(self.folder) as tmp:
+            with atomic_dir(self.folder, "checkpoint") as tmp:
                 torch.save(state, Path(tmp) / "state.pt")
 
     def load(self) -> dict[str, Any]:
-        return torch.load(self.folder / "state.pt", map_location="cpu", weights_only=False)
+        """The saved state; tensors and plain values only (nothing else is unpickled: no code runs)."""
+        try:
+            return torch.load(self.folder / "state.pt", map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            why = "holds objects other than tensors and plain values (not loaded: unpickling them could run code)"
+        except (RuntimeError, EOFError) as e:
+            why = f"is damaged ({str(e).splitlines()[0]})"
+        raise LinearizeError(f"checkpoint {self.folder / 'state.pt'} {why}: delete {self.folder.parent} to start afresh")
 
     def restore_params(self, params: dict[str, nn.Parameter], saved: dict[str, Tensor]) -> None:
         missing = set(params) ^ set(saved)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import constants as hf_constants
 
 from ..errors import LinearizeError
 from ..loading import load
@@ -61,8 +62,12 @@ def expand_tasks(tasks: list[str], data_dir: str | os.PathLike | None) -> list[s
     data_dir = data_dir or os.environ.get(loaders.DATA_ENV)
     out: list[str] = []
     for name in tasks:
-        if name != "local" and name not in LOCAL_TASKS:
-            out.append(name)  # lm-eval's own task: its data comes from the Hub
+        if name != "local" and name not in LOCAL_TASKS:  # lm-eval's own task: its data comes from the Hub
+            if hf_constants.HF_HUB_OFFLINE:
+                local = f"local_{name}"
+                raise LinearizeError(f"task {name!r} downloads its data from the Hub, but HF_HUB_OFFLINE is set"
+                                     + (f": use {local!r}, which reads the offline copy in --data-dir" if local in LOCAL_TASKS else ""))
+            out.append(name)
             continue
         if data_dir is None:
             raise LinearizeError(f"task {name!r} reads local files: pass --data-dir DIR (or set ${loaders.DATA_ENV})")

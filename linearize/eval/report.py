@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..convert import atomic_dir
+from ..outputs import atomic_dir
 
 LOWER_IS_BETTER = ("perplexity", "ppl", "bits_per_byte", "nll", "mem_gib")  # metric names containing these
 
@@ -93,9 +93,10 @@ def run_info(command: str | None = None) -> dict[str, Any]:
             "device": device, "versions": versions}
 
 
-def write_run(out: str | Path, results: dict[str, Any], report: str, plot: Any = None) -> Path:
-    """Write OUT/results.json, OUT/report.md and (given a matplotlib figure) OUT/bench.png, all or nothing."""
-    with atomic_dir(out) as tmp:
+def write_run(out: str | Path, results: dict[str, Any], report: str, plot: Any = None, **output: Any) -> Path:
+    """Write OUT/results.json, OUT/report.md and (given a matplotlib figure) OUT/bench.png, all or nothing;
+    `output`: `atomic_dir`'s command, force and inputs."""
+    with atomic_dir(out, **output) as tmp:
         Path(tmp, "results.json").write_text(json.dumps(results, indent=1) + "\n")
         Path(tmp, "report.md").write_text(report)
         if plot is not None:

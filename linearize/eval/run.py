@@ -4,7 +4,6 @@ turn (one in memory at a time), written as results.json + report.md (+ bench.png
 from __future__ import annotations
 
 import gc
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -13,7 +12,8 @@ import torch
 
 from ..convert import is_converted
 from ..errors import LinearizeError
-from ..loading import load
+from ..loading import load, read_config_json
+from ..outputs import check_out
 from .bench import bench_model
 from .perplexity import text_perplexity
 from .recall import recall_accuracy
@@ -71,10 +71,18 @@ def evaluate(
     return records(label(model), results)
 
 
+def _positive(**values: Any) -> None:
+    """Refuse sizes and counts below 1 (None: not given) before any model loads."""
+    bad = [f"--{k.replace('_', '-')} {v}" for k, v in values.items()
+           if any(x is not None and x <= 0 for x in (v if isinstance(v, (list, tuple)) else [v]))]
+    if bad:
+        raise LinearizeError(f"{', '.join(bad)}: must be positive")
+
+
 def _saved_plan(spec: str) -> str:
     """The plan recorded in a model folder's config.json; "teacher" for anything else."""
-    config = Path(spec).expanduser() / "config.json"
-    plan = json.loads(config.read_text()).get("linearize", {}).get("plan") if config.is_file() else None
+    folder = Path(spec).expanduser()
+    plan = read_config_json(folder).get("linearize", {}).get("plan") if (folder / "config.json").is_file() else None
     return plan or "teacher"
 
 
@@ -85,6 +93,9 @@ def _each_model(spec: str, compare_with: str | None, device: torch.device, dtype
     if len(names) == 2 and _saved_plan(spec) == _saved_plan(compare_with):
         raise LinearizeError(f"{spec!r} and {compare_with!r} are both {_saved_plan(spec)!r}: compare a converted "
                              "model with its teacher")
+    if len(names) == 2 and _saved_plan(spec) == "teacher":
+        raise LinearizeError(f"{spec!r} is not converted and --compare {compare_with!r} is: swap them "
+                             "(MODEL is the converted one, --compare its teacher)")
     labels = []
     for name in names:
         model, tok = load(name)
@@ -107,10 +118,15 @@ def _header(title: str, info: dict[str, Any], settings: dict[str, Any]) -> str:
 def run_eval(
     spec: str, out: str | os.PathLike, *, compare_with: str | None = None, device: str | None = None,
     dtype: str | None = "auto", command: str | None = None, progress: Callable[[str], None] | None = print,
-    **options: Any,
+    force: bool = False, **options: Any,
 ) -> dict[str, Any]:
     """Evaluate `spec` (and `compare_with`, its teacher) with `evaluate(**options)`; write OUT/results.json
-    and OUT/report.md (the teacher-vs-converted table with recovery when comparing)."""
+    and OUT/report.md (the teacher-vs-converted table with recovery when comparing). `force`: `out` may
+    replace a folder another command wrote."""
+    output = dict(command="eval", force=force, inputs=[spec, compare_with])
+    check_out(out, **output)
+    _positive(**{k: options.get(k) for k in ("context", "stride", "max_tokens", "batch_size", "limit", "max_length",
+                                             "recall_lengths", "recall_items")})
     if not any(options.get(k) for k in ("tasks", "perplexity", "recall")):
         raise LinearizeError("nothing to evaluate: give --tasks, --perplexity and/or --recall")
     for path in options.get("perplexity", ()):
@@ -130,8 +146,8 @@ def run_eval(
 
     labels = _each_model(spec, compare_with, dev, pick_dtype(dtype, dev), work)
     info = run_info(command)
-    settings = {"plan": labels[0], **{k: options.get(k) for k in ("tasks", "data_dir", "limit", "num_fewshot",
-                                                                  "recall_items", "recall_lengths")}}
+    recall = ("recall_items", "recall_lengths") if options.get("recall") else ()
+    settings = {"plan": labels[0], **{k: options.get(k) for k in ("tasks", "data_dir", "limit", "num_fewshot", *recall)}}
     if options.get("perplexity"):
         context = options.get("context", 1024)
         settings["perplexity"] = f"context {context}, stride {options.get('stride') or context}" + (
@@ -142,7 +158,7 @@ def run_eval(
     results = {**info, "model": spec, "teacher": compare_with, "settings": settings, "records": recs}
     if rows:
         results["comparison"] = [{k: v for k, v in r.items() if k != "stderr"} for r in rows]
-    write_run(out, results, report)
+    write_run(out, results, report, **output)
     if progress:
         progress(report)
     return results
@@ -151,10 +167,13 @@ def run_eval(
 def run_bench(
     spec: str, out: str | os.PathLike, *, compare_with: str | None = None, lengths: Sequence[int], batch_sizes: Sequence[int],
     decode_tokens: int = 64, repeats: int = 3, device: str | None = None, dtype: str | None = "auto",
-    command: str | None = None, progress: Callable[[str], None] | None = print,
+    command: str | None = None, progress: Callable[[str], None] | None = print, force: bool = False,
 ) -> dict[str, Any]:
     """Prefill/decode tokens/s and peak memory vs context of `spec` (and `compare_with`); writes
-    OUT/results.json, OUT/report.md and OUT/bench.png."""
+    OUT/results.json, OUT/report.md and OUT/bench.png (`force`: as in `run_eval`)."""
+    output = dict(command="bench", force=force, inputs=[spec, compare_with])
+    check_out(out, **output)
+    _positive(lengths=lengths, batch_sizes=batch_sizes, decode_tokens=decode_tokens, repeats=repeats)
     dev = pick_device(device)
     rows: list[dict[str, Any]] = []
 
@@ -180,7 +199,7 @@ def run_bench(
     plot = bench_plot(rows)
     report += "\n![prefill, decode and memory vs context](bench.png)\n" if plot is not None else "\n(no plot: matplotlib is not installed)\n"
     results = {**info, "model": spec, "teacher": compare_with, "settings": settings, "rows": rows, "records": recs}
-    write_run(out, results, report, plot)
+    write_run(out, results, report, plot, **output)
     if progress:
         progress(report)
     return results

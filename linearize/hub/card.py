@@ -45,8 +45,9 @@ def _front_matter(meta: dict[str, Any]) -> str:
 
 
 def model_card(model_dir: str | Path, repo_id: str, *, base_model: str | None = None,
-               eval_results: dict[str, Any] | None = None) -> str:
-    """README.md text for the converted model in `model_dir`, to be pushed as `repo_id`."""
+               eval_results: dict[str, Any] | None = None, license: str = "other") -> str:
+    """README.md text for the converted model in `model_dir`, to be pushed as `repo_id`; `license`: a Hub
+    license id (a converted model keeps its base model's license; "other" links to the base model)."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     lin = config["linearize"]
@@ -58,7 +59,9 @@ def model_card(model_dir: str | Path, repo_id: str, *, base_model: str | None = 
     recipe = recipe_file.read_text() if recipe_file.is_file() else None
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
 
-    meta: dict[str, Any] = {}
+    meta: dict[str, Any] = {"license": license}
+    if license == "other" and base_model:
+        meta.update(license_name="same-as-base-model", license_link=f"https://huggingface.co/{base_model}")
     if base_model:
         meta["base_model"] = base_model
     meta.update({"library_name": "transformers", "pipeline_tag": "text-generation",
@@ -73,17 +76,18 @@ def model_card(model_dir: str | Path, repo_id: str, *, base_model: str | None = 
         "constant-size recurrent state (plus a fixed window for the hybrid kinds) instead of a growing KV cache.\n",
         "## Use\n",
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'tok = AutoTokenizer.from_pretrained("{repo_id}")\n'
         "# with linearize installed (`import linearize` first): its classes and Triton kernels\n"
-        f'import linearize\nmodel = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
+        f'import linearize\ntok = AutoTokenizer.from_pretrained("{repo_id}")\n'
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
         f"# without linearize: the code shipped in this repo ({ENTRY} and linearize_*.py)\n"
+        f'tok = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)\n'
         f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)\n```\n',
         "The shipped code is generated from the linearize package at push time. It needs torch and "
         "transformers (and triton on Linux, for the GPU kernels).\n",
         "## Layer plan\n",
         f"`{lin['plan']}`\n",
         table(["layer", "kind", "options", "new parameters"],
-              [[str(i), s.kind, ", ".join(f"{k}={v}" for k, v in s.options.items()) or "—",
+              [[str(i), s.kind, ", ".join(f"{k}={v}" for k, v in s.options.items() if v is not None) or "—",
                 f"{added.get(i, 0):,}" if s.kind != SOFTMAX else "—"] for i, s in enumerate(specs)]) + "\n",
         f"New parameters in all: {sum(added.values()):,}.\n",
     ]

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..convert import CLASSES, atomic_dir
+from ..convert import CLASSES
 from ..errors import LinearizeError
-from ..loading import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID
+from ..loading import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_LICENSE, read_config_json
+from ..outputs import MARKER, atomic_dir, check_out
 from .card import model_card
 from .code import ENTRY, auto_map, bundle, entry_module
 
@@ -32,7 +33,7 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
     if not (model_dir / "config.json").is_file():
         raise LinearizeError(f"{str(model_dir)!r} is not a saved model folder (no config.json): pass the --out folder of "
                              "`linearize convert` or a folder written by save_pretrained")
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_config_json(model_dir)
     if "linearize" not in config:
         raise LinearizeError(f"{str(model_dir)!r} holds a model that linearize did not convert (config.json has no "
                              "'linearize' entry): convert it first (linearize convert, or linearize.convert + save_pretrained)")
@@ -73,41 +74,55 @@ def find_eval(model_dir: str | Path, eval_dir: str | Path | None = None) -> Path
     return None
 
 
-def _place(src: Path, dst: Path) -> None:
+def _place(src: Path, dst: Path, link: bool) -> None:
+    """Copy `src` to `dst`; or hard-link it where the file system allows (a temporary staging of many-GB weights)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)  # weights can be many GB: link where the file system allows
-    except OSError:
-        shutil.copy2(src, dst)
+    if link:
+        try:
+            return os.link(src, dst)
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
+
+
+def _files(root: Path) -> list[str]:
+    """The repo's files under a staged layout, repo-relative (not linearize's ownership marker)."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MARKER)
 
 
 def stage(model_dir: str | Path, out: str | Path, repo_id: str, *, eval_dir: str | Path | None = None,
-          base_model: str | None = None) -> list[str]:
-    """Write the repo's layout to `out` (complete or not at all); returns its files, repo-relative."""
+          base_model: str | None = None, license: str | None = None, force: bool = False, link: bool = False) -> list[str]:
+    """Write the repo's layout to `out` (complete or not at all; `force`: replace a folder another command
+    wrote; `link`: hard-link the model's files instead of copying them); returns its files, repo-relative.
+    `license` (a Hub license id) defaults to the embedded model's, else "other" (see the base model)."""
     model_dir = Path(model_dir)
+    results_dir = find_eval(model_dir, eval_dir)
+    output = dict(force=force, inputs=[model_dir, results_dir])
+    check_out(out, "push", **output)
     config = _read_config(model_dir)
     config_cls, model_cls = (c.__name__ for c in CLASSES[config["linearize"]["base_model_type"]])
-    results_dir = find_eval(model_dir, eval_dir)
     results = json.loads((results_dir / "results.json").read_text()) if results_dir else None
-    card = model_card(model_dir, repo_id, base_model=base_model_id(model_dir, base_model), eval_results=results)
+    base = base_model_id(model_dir, base_model)
+    license = license or (DEFAULT_MODEL_LICENSE if base == DEFAULT_MODEL_HUB_ID else "other")
+    card = model_card(model_dir, repo_id, base_model=base, eval_results=results, license=license)
     code = {**bundle(), ENTRY: entry_module(config_cls, model_cls)}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "push", **output) as tmp:
         root = Path(tmp)
         for src in sorted(model_dir.rglob("*")):
             rel = src.relative_to(model_dir)
             if src.is_file() and not any(p.startswith(".") for p in rel.parts) and rel.as_posix() != "README.md":
-                _place(src, root / rel)
+                _place(src, root / rel, link)
         config["auto_map"] = auto_map(config_cls, model_cls)
         (root / "config.json").unlink()  # it may be a hard link to the model folder's: never write through it
         (root / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if results_dir is not None and model_dir.resolve() not in results_dir.resolve().parents:
             for name in EVAL_FILES:
                 if (results_dir / name).is_file():
-                    _place(results_dir / name, root / "eval" / name)
+                    _place(results_dir / name, root / "eval" / name, link)
         for name, text in code.items():
             (root / name).write_text(text)
         (root / "README.md").write_text(card)
-    return sorted(p.relative_to(out).as_posix() for p in Path(out).rglob("*") if p.is_file())
+    return _files(Path(out))
 
 
 def upload_operations(staged: str | Path, existing: list[str] = ()) -> list:
@@ -115,7 +130,7 @@ def upload_operations(staged: str | Path, existing: list[str] = ()) -> list:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     staged = Path(staged)
-    files = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file())
+    files = _files(staged)
     adds = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(staged / f)) for f in files]
     deletes = [CommitOperationDelete(path_in_repo=f) for f in sorted(existing) if f not in files and f != ".gitattributes"]
     return adds + deletes
@@ -141,7 +156,8 @@ def _hub(what: str, call, *args: Any, **kwargs: Any) -> Any:
 
 def push(model_dir: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
          dry_run: bool = False, out: str | Path | None = None, eval_dir: str | Path | None = None,
-         base_model: str | None = None, force: bool = False, token: str | None = None, api: Any = None) -> list:
+         base_model: str | None = None, license: str | None = None, force: bool = False, token: str | None = None,
+         api: Any = None) -> list:
     """Upload a converted model folder as `repo_id` in one commit; returns the commit's operations.
 
     `dry_run`: write the layout to `out` (default `<model_dir>-hub`) and upload nothing. A repo that
@@ -159,7 +175,7 @@ def push(model_dir: str | Path, repo_id: str, *, private: bool = False, revision
     model_dir = Path(model_dir)
     if dry_run:
         out = Path(out) if out is not None else model_dir.with_name(model_dir.name + "-hub")
-        stage(model_dir, out, repo_id, eval_dir=eval_dir, base_model=base_model)
+        stage(model_dir, out, repo_id, eval_dir=eval_dir, base_model=base_model, license=license, force=force)
         return upload_operations(out)
     _read_config(model_dir)  # a bad folder fails before anything touches the network
     if api is None:
@@ -170,7 +186,7 @@ def push(model_dir: str | Path, repo_id: str, *, private: bool = False, revision
         api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "repo"
-        stage(model_dir, staged, repo_id, eval_dir=eval_dir, base_model=base_model)
+        stage(model_dir, staged, repo_id, eval_dir=eval_dir, base_model=base_model, license=license, link=True)
         existing: list[str] = []
         if _hub(f"looking up {repo_id}", api.repo_exists, repo_id):
 
