@@ -51,6 +51,18 @@ def perturb_new_params(model, scale: float = 0.3, seed: int = 0) -> None:
                     p.add_(scale * torch.randn(p.shape, generator=g).to(p.dtype))
 
 
+def assert_left_padding_changes_nothing(model) -> None:
+    """A left-padded batch of two prompts generates what each prompt generates alone (greedy)."""
+    a = torch.tensor([[5, 9, 33, 17, 8, 60, 7]])
+    b = torch.tensor([[40, 41, 90]])
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    mask = (torch.arange(7)[None] >= torch.tensor([[0], [4]])).long()
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    batched = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(batched[0:1, 7:], model.generate(input_ids=a, **kw)[:, 7:])
+    assert torch.equal(batched[1:2, 7:], model.generate(input_ids=b, **kw)[:, 3:])
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 

@@ -21,7 +21,7 @@ from linearize.eval import recall as recall_mod
 from linearize.info import cache_summary, format_cache, layer_cache, plan_cache, skeleton
 from linearize.plan import LayerSpec
 
-from conftest import TINY, perturb_new_params, rel_err, tiny_model
+from conftest import assert_left_padding_changes_nothing, TINY, perturb_new_params, rel_err, tiny_model
 
 # tiny llama: 4 query heads, 2 KV heads (2 query heads each), head_dim 16, hidden 64, 3 layers
 PLANS = {
@@ -113,14 +113,7 @@ def test_parallel_equals_token_by_token_decoding(request, which, plan):
                          ids=[*KINDS[1:], "streaming-plain", "wide"])
 def test_left_padded_batch_generates_like_single_sequences(request, which, plan):
     model = converted(request.getfixturevalue(which), plan)
-    a = torch.tensor([[5, 9, 33, 17, 8, 60, 7]])
-    b = torch.tensor([[40, 41, 90]])
-    ids = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
-    mask = (torch.arange(7)[None] >= torch.tensor([[0], [4]])).long()
-    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
-    batched = model.generate(input_ids=ids, attention_mask=mask, **kw)
-    assert torch.equal(batched[0:1, 7:], model.generate(input_ids=a, **kw)[:, 7:])
-    assert torch.equal(batched[1:2, 7:], model.generate(input_ids=b, **kw)[:, 3:])
+    assert_left_padding_changes_nothing(model)
 
 
 @pytest.mark.parametrize("spec", ["hedgehog", "lolcats(window=2)", "gla", "gla(feature_map=identity)", "lizard(window=2)",

@@ -10,7 +10,7 @@ import torch
 import linearize
 from linearize.kinds.base import LinearizedAttention
 
-from conftest import perturb_new_params, rel_err, tiny_model
+from conftest import assert_left_padding_changes_nothing, perturb_new_params, rel_err, tiny_model
 
 PLANS = {
     "hedgehog": "*:hedgehog",
@@ -59,14 +59,7 @@ def test_parallel_equals_token_by_token_decoding(base, name):
 @pytest.mark.parametrize("name", ["hedgehog", "lolcats", "gla", "lizard", "mamba2"])
 def test_left_padded_batch_generates_like_single_sequences(base, name):
     model = converted(base, PLANS[name])
-    a = torch.tensor([[5, 9, 33, 17, 8, 60, 7]])
-    b = torch.tensor([[40, 41, 90]])
-    ids = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
-    mask = (torch.arange(7)[None] >= torch.tensor([[0], [4]])).long()
-    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
-    batched = model.generate(input_ids=ids, attention_mask=mask, **kw)
-    assert torch.equal(batched[0:1, 7:], model.generate(input_ids=a, **kw)[:, 7:])
-    assert torch.equal(batched[1:2, 7:], model.generate(input_ids=b, **kw)[:, 3:])
+    assert_left_padding_changes_nothing(model)
 
 
 @pytest.mark.parametrize(
