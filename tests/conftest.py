@@ -63,6 +63,19 @@ def assert_left_padding_changes_nothing(model) -> None:
     assert torch.equal(batched[1:2, 7:], model.generate(input_ids=b, **kw)[:, 3:])
 
 
+def bf16_parallel_and_stepwise(model):
+    """`model` in bf16 on 9 tokens: (parallel logits, token-by-token logits, the cache after the steps);
+    checks the logits are bf16 and finite."""
+    model = model.to(torch.bfloat16)
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = model.new_cache()
+        steps = torch.cat([model(ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits for i in range(9)], 1)
+    assert full.dtype == torch.bfloat16 and torch.isfinite(full).all()
+    return full, steps, cache
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 

@@ -21,7 +21,7 @@ from linearize.eval import recall as recall_mod
 from linearize.info import cache_summary, format_cache, layer_cache, plan_cache, skeleton
 from linearize.plan import LayerSpec
 
-from conftest import assert_left_padding_changes_nothing, TINY, perturb_new_params, rel_err, tiny_model
+from conftest import assert_left_padding_changes_nothing, bf16_parallel_and_stepwise, TINY, perturb_new_params, rel_err, tiny_model
 
 # tiny llama: 4 query heads, 2 KV heads (2 query heads each), head_dim 16, hidden 64, 3 layers
 PLANS = {
@@ -281,13 +281,7 @@ def test_cache_grows_only_by_the_softmax_heads(request, which, plan, grow):
 
 @pytest.mark.parametrize("name", ["lolcats", "mamba2", "streaming", "mixed"])
 def test_bf16_model_runs_and_decodes_consistently(base, name):
-    model = converted(base, PLANS[name]).to(torch.bfloat16)
-    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        cache = model.new_cache()
-        steps = torch.cat([model(ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits for i in range(9)], 1)
-    assert full.dtype == torch.bfloat16 and torch.isfinite(full).all()
+    full, steps, cache = bf16_parallel_and_stepwise(converted(base, PLANS[name]))
     state = cache.layers[0].state
     assert state["sm_k"].dtype == state["sm_v"].dtype == torch.bfloat16 and state["sm_k"].shape[1] == 9  # keys in model dtype
     if name != "streaming":  # streaming keeps keys/values (model dtype); the recurrent states are fp32

@@ -10,7 +10,7 @@ import torch
 import linearize
 from linearize.kinds.base import LinearizedAttention
 
-from conftest import assert_left_padding_changes_nothing, perturb_new_params, rel_err, tiny_model
+from conftest import assert_left_padding_changes_nothing, bf16_parallel_and_stepwise, perturb_new_params, rel_err, tiny_model
 
 PLANS = {
     "hedgehog": "*:hedgehog",
@@ -120,12 +120,6 @@ def test_converting_twice_and_foreign_cache_are_clear_errors(base):
 
 @pytest.mark.parametrize("name", ["hedgehog", "lolcats", "gla", "lizard", "mamba2"])
 def test_bf16_model_runs_and_decodes_consistently(base, name):
-    model = converted(base, PLANS[name]).to(torch.bfloat16)
-    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        cache = model.new_cache()
-        steps = torch.cat([model(ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits for i in range(9)], 1)
-    assert full.dtype == torch.bfloat16 and torch.isfinite(full).all()
+    full, steps, cache = bf16_parallel_and_stepwise(converted(base, PLANS[name]))
     assert all(t.dtype == torch.float32 for t in cache.layers[0].state.values() if t.is_floating_point())
     assert rel_err(steps, full) < 2e-2  # bf16 projections; the mixing itself runs in fp32
