@@ -34,8 +34,9 @@ from linearize.distill.run import distill
 from linearize.eval.perplexity import text_perplexity
 from linearize.eval.recall import recall_accuracy
 from linearize.eval.report import run_info
+from linearize.eval.run import label
 from linearize.info import CacheMeter
-from linearize.plan import LayerPlan, LayerSpec, specs_to_string
+from linearize.plan import LayerSpec, specs_to_string
 
 RECALL = {"copy": [256, 1024], "passkey": [1024, 4096, 8192], "mqar": [1024, 4096]}
 TASKS = {"local_hellaswag": ("hellaswag_acc_norm", "acc_norm"), "local_arc_easy": ("arc_easy_acc", "acc"),
@@ -128,7 +129,7 @@ def main() -> None:
             else:
                 if step == "free":
                     model = linearize.convert(model, head_plan(state, "streaming(window=64, sinks=4)"))
-                state["plans"][step] = {"plan": linearize_plan(model), "train_tokens": 0,
+                state["plans"][step] = {"plan": label(model), "train_tokens": 0,
                                         "cache_fraction": meter.fraction(model.layer_plan) if step == "free" else 1.0}
                 state["metrics"][step] = measure(model, tok, args, log)
         else:
@@ -148,7 +149,7 @@ def main() -> None:
             model, tok = linearize.load(out_dir)
             model.to(device=device, dtype=dtype).eval()
             meter = meter or CacheMeter(model.config)
-            state["plans"][step] = {"plan": linearize_plan(model), "cache_fraction": meter.fraction(model.layer_plan),
+            state["plans"][step] = {"plan": label(model), "cache_fraction": meter.fraction(model.layer_plan),
                                     "train_tokens": (s1 + s2) * batch * seq, "seq_len": seq, "recall_mix": mix}
             state["metrics"][step] = measure(model, tok, args, log)
         log(f"{step}: {time.time() - t0:.0f}s")
@@ -165,10 +166,6 @@ def head_plan(state: dict, kind: str) -> str:
     base = linearize.plan.parse_spec(kind)
     return specs_to_string([s if s.kind == "softmax" else LayerSpec(base.kind, {**base.options, **(
         {"softmax_heads": s.options["softmax_heads"]} if s.options.get("softmax_heads") else {})}) for s in specs])
-
-
-def linearize_plan(model) -> str:
-    return model.config.linearize["plan"] if hasattr(model.config, "linearize") else "teacher"
 
 
 def write_results(state: dict, args: argparse.Namespace) -> None:

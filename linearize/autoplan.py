@@ -338,13 +338,18 @@ def report_plot(scores: Scores, specs: list[LayerSpec]) -> Any:
 def write_report(out: str | Path, scores: Scores, specs: list[LayerSpec], header: str = "", **output: Any) -> Path:
     """OUT/scores.json, OUT/report.md (the table) and OUT/scores.png, all or nothing; `output`: `atomic_dir`'s
     force and inputs."""
+    return _write_scores(out, "scores.json", scores, specs, report_table(scores, specs), header, report_plot(scores, specs), **output)
+
+
+def _write_scores(out: str | Path, name: str, scores: Any, specs: list[LayerSpec], table_md: str, header: str,
+                  fig: Any = None, **output: Any) -> Path:
+    """OUT/<name> (the plan and the scores as JSON), OUT/report.md and, given a figure, OUT/scores.png: all or nothing."""
     import json
 
-    fig = report_plot(scores, specs)
     plan = specs_to_string(specs)
     with atomic_dir(out, "plan", **output) as tmp:
-        Path(tmp, "scores.json").write_text(json.dumps({"plan": plan, **scores.to_dict()}, indent=1) + "\n")
-        Path(tmp, "report.md").write_text(f"{header}plan: `{plan}`\n\n{report_table(scores, specs)}\n")
+        Path(tmp, name).write_text(json.dumps({"plan": plan, **scores.to_dict()}, indent=1) + "\n")
+        Path(tmp, "report.md").write_text(f"{header}plan: `{plan}`\n\n{table_md}\n")
         if fig is not None:
             fig.savefig(Path(tmp, "scores.png"), dpi=110, bbox_inches="tight")
     return Path(out)
@@ -480,12 +485,6 @@ def autoplan_heads(model: nn.Module, text_rows: torch.Tensor, budget: Budget | s
     return LayerPlan.from_string(specs_to_string(specs)), scores
 
 
-def write_head_report(out: str | Path, scores: HeadScores, specs: list[LayerSpec], header: str = "") -> Path:
-    """OUT/head_scores.json and OUT/report.md (per-head table), all or nothing."""
-    import json
-
-    plan = specs_to_string(specs)
-    with atomic_dir(out) as tmp:
-        Path(tmp, "head_scores.json").write_text(json.dumps({"plan": plan, **scores.to_dict()}, indent=1) + "\n")
-        Path(tmp, "report.md").write_text(f"{header}plan: `{plan}`\n\n{head_table(scores, specs)}\n")
-    return Path(out)
+def write_head_report(out: str | Path, scores: HeadScores, specs: list[LayerSpec], header: str = "", **output: Any) -> Path:
+    """OUT/head_scores.json and OUT/report.md (per-head table), all or nothing; `output`: `atomic_dir`'s force and inputs."""
+    return _write_scores(out, "head_scores.json", scores, specs, head_table(scores, specs), header, **output)

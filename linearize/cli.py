@@ -109,7 +109,7 @@ def _auto_plan(args: argparse.Namespace, output: dict) -> tuple[list, None]:
     rows = calibration_rows(model, tok, args.data, sequences=args.sequences, seq_len=args.seq_len, seed=args.seed,
                             model_id=str(args.model))
     if budget.kind == "cache":
-        return _head_plan(args, model, rows, budget, kinds[0])
+        return _head_plan(args, model, rows, budget, kinds[0], output)
     plan, scores = autoplan(model, rows, budget, kinds=kinds, window=args.window, scores=args.scores, steps=args.steps,
                             batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     specs = plan.resolve(scores.num_layers)
@@ -120,7 +120,7 @@ def _auto_plan(args: argparse.Namespace, output: dict) -> tuple[list, None]:
     return specs, None
 
 
-def _head_plan(args: argparse.Namespace, model: Any, rows: Any, budget: Any, kind: str) -> tuple[list, None]:
+def _head_plan(args: argparse.Namespace, model: Any, rows: Any, budget: Any, kind: str, output: dict) -> tuple[list, None]:
     """Head-level plan under a cache budget: per-head ablation scores, the kept heads, the report."""
     from .autoplan import autoplan_heads, head_table, write_head_report
 
@@ -130,7 +130,7 @@ def _head_plan(args: argparse.Namespace, model: Any, rows: Any, budget: Any, kin
     print(head_table(scores, specs))
     if args.report:
         header = f"# Head scores of {args.model} (budget {budget})\n\n- settings: {scores.settings}\n\n"
-        print(f"wrote {write_head_report(args.report, scores, specs, header).resolve()}/ (head_scores.json, report.md)")
+        print(f"wrote {write_head_report(args.report, scores, specs, header, **output).resolve()}/ (head_scores.json, report.md)")
     return specs, None
 
 

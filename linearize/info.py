@@ -81,13 +81,6 @@ def cache_summary(rows: list[tuple[int, int]], teacher_per_token: int, context: 
             "teacher_bytes": teacher, "cache_fraction": total / teacher}
 
 
-def plan_cache(name_or_path: str | os.PathLike | None, specs: list[LayerSpec], context: int = CACHE_CONTEXT) -> tuple[list[tuple[int, int]], dict[str, Any]]:
-    """Per-layer cache rows of `specs` on the model's config (no weights) and their summary at `context`."""
-    model = skeleton(_base_config(load_config(name_or_path)))
-    rows = layer_cache(model, specs)
-    return rows, cache_summary(rows, layer_cache(model, [LayerSpec(SOFTMAX)])[0][0] * len(specs), context)
-
-
 class CacheMeter:
     """cache_fraction of plans for one model config, memoized per layer spec (planners ask often)."""
 
@@ -106,6 +99,12 @@ class CacheMeter:
 
     def fraction(self, specs: list[LayerSpec]) -> float:
         return self.summary(specs)["cache_fraction"]
+
+
+def plan_cache(name_or_path: str | os.PathLike | None, specs: list[LayerSpec], context: int = CACHE_CONTEXT) -> tuple[list[tuple[int, int]], dict[str, Any]]:
+    """Per-layer cache rows of `specs` on the model's config (no weights) and their summary at `context`."""
+    meter = CacheMeter(load_config(name_or_path), context)
+    return meter.rows(specs), meter.summary(specs)
 
 
 def format_cache(summary: dict[str, Any]) -> str:
@@ -145,9 +144,9 @@ def describe(name_or_path: str | os.PathLike | None = None) -> dict[str, Any]:
         info["plan"] = config.linearize["plan"]
         specs = [LayerSpec.from_dict(d) for d in config.linearize["layers"]]
         info["added_parameters"] = sum(layer_costs(model, specs))
-        info["cache"] = cache_summary(layer_cache(model, specs), layer_cache(model, [LayerSpec(SOFTMAX)])[0][0] * len(specs))
+        info["cache"] = CacheMeter(base).summary(specs)
     else:
-        info["kv_cache_bytes_per_token"] = layer_cache(model, [LayerSpec(SOFTMAX)])[0][0] * info["layers"]
+        info["kv_cache_bytes_per_token"] = CacheMeter(base).teacher_per_token * info["layers"]
     n = info["layers"]
     info["kinds"] = {}
     for kind in sorted(KINDS):

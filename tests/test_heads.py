@@ -480,8 +480,8 @@ def test_choose_heads_keeps_the_best_scored_heads_that_fit():
         choose_heads(scores, Budget.parse("cache=10%"), "lolcats", lambda specs: 0.5)
 
 
-def test_autoplan_heads_fits_the_budget_and_keeps_the_costliest_heads(base):
-    from linearize.autoplan import autoplan_heads
+def test_autoplan_heads_fits_the_budget_and_keeps_the_costliest_heads(base, tmp_path):
+    from linearize.autoplan import autoplan_heads, write_head_report
     from linearize.info import CacheMeter
 
     rows = torch.randint(3, 128, (4, 24), generator=torch.Generator().manual_seed(0))
@@ -494,6 +494,9 @@ def test_autoplan_heads_fits_the_budget_and_keeps_the_costliest_heads(base):
     flat = sorted(((v, i, h) for i, row in enumerate(scores.score) for h, v in enumerate(row)), reverse=True)
     assert (flat[0][1], flat[0][2]) in kept  # the head whose loss costs most stays softmax
     assert all(s.kind == "lolcats" and s.options["window"] == 4 for s in specs)
+    report = write_head_report(tmp_path / "report", scores, specs, "# heads\n\n")
+    assert json.loads((report / "head_scores.json").read_text())["plan"] == plan.to_string(3)
+    assert (report / "report.md").read_text().startswith("# heads") and "| head 0: copy / text |" in (report / "report.md").read_text()
 
 
 def test_recall_rows_are_seeded_token_rows_with_repeats():

@@ -68,7 +68,7 @@ class StreamingAttention(LinearizedAttention):
 
     def _next_state(self, st, k, v, pos, valid, new_sink, t) -> dict[str, Tensor]:
         """Sinks: the first `sinks` flagged tokens by position; window: the last window - 1 tokens."""
-        n, w = self.options.sinks, self.options.window - 1
+        n = self.options.sinks
         out = {"t": st["t"] + t}
         flag = torch.cat([st["sink_valid"], new_sink], 1)
         cpos = torch.cat([st["sink_pos"], pos], 1)
