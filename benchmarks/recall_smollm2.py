@@ -6,7 +6,8 @@ the zero-shot tasks, in records of `{"plan", "cache_fraction", "metric", "contex
     python benchmarks/recall_smollm2.py --model /tmp/m/smollm2.gguf --data-dir .evaldata/evaldata \
         --out benchmarks/results/recall_smollm2.json --workdir /tmp/recall --steps teacher heads free ours
 
-Steps (each skipped when --workdir already holds its result, so a cut-off call resumes):
+Steps (each skipped when --workdir already holds its result, so a cut-off call resumes; --resume-from
+an earlier results file carries its finished runs into the workdir, so a later session adds rows):
 - teacher: every metric of the teacher;
 - heads: per-KV-head ablation scores and the plan under --budget (`linearize.autoplan.autoplan_heads`);
 - free: that plan's softmax heads, every other head `streaming(window=64, sinks=4)`, no training;
@@ -48,6 +49,7 @@ RUNS = {
     "ours": ("heads:lolcats(window=64)", 4096, 4, 150, 150, 0.25),
     "ours-short": ("heads:lolcats(window=64)", 1024, 16, 150, 150, 0.0),
     "ours-norecall": ("heads:lolcats(window=64)", 4096, 4, 150, 150, 0.0),
+    "ours-sinks": ("heads:lolcats(window=64, sinks=4)", 4096, 4, 150, 150, 0.25),
     "lolcats50": (",".join(f"{i}:lolcats(window=64)" for i in range(0, 30, 2)), 1024, 16, 125, 125, 0.0),
 }
 
@@ -89,6 +91,7 @@ def main() -> None:
     ap.add_argument("--teacher-sequences", type=int, default=512)
     ap.add_argument("--scale-steps", type=float, default=1.0, help="multiply every run's steps (smoke runs)")
     ap.add_argument("--smoke", action="store_true", help="tiny recall lengths for a CPU check of the whole script")
+    ap.add_argument("--resume-from", help="an earlier --out file whose finished runs (and head plan) this one keeps")
     args = ap.parse_args()
     if args.smoke:
         RECALL.update(copy=[32], passkey=[256], mqar=[256])
@@ -96,6 +99,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     state_file = work / "state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {"metrics": {}, "plans": {}, "log": []}
+    if args.resume_from and not state["metrics"]:
+        state = earlier_state(json.loads(Path(args.resume_from).read_text()))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
@@ -160,6 +165,20 @@ def main() -> None:
     write_results(state, args)
 
 
+def earlier_state(results: dict) -> dict:
+    """The workdir state of an earlier results file: each run's metrics, the teacher's, the plans, the log."""
+    metrics: dict[str, dict[str, float]] = {"teacher": {}}
+    for r in results["records"]:
+        key = r["metric"] + (f"@{r['context']}" if r["context"] else "")
+        metrics.setdefault(r["run"], {})[key] = r["converted"]
+        if r["teacher"] is not None:
+            metrics["teacher"][key] = r["teacher"]
+    plans = dict(results["runs"])
+    if "head_plan" in results:
+        plans["heads"], metrics["heads"] = {"specs": results["head_plan"], "scores": results["head_scores"]}, {}
+    return {"metrics": metrics, "plans": plans, "log": [f"(from {results['date']}) {m}" for m in results["log"]]}
+
+
 def head_plan(state: dict, kind: str) -> str:
     """The head plan's softmax heads with `kind` in place of its converted kind."""
     specs = [LayerSpec.from_dict(d) for d in state["plans"]["heads"]["specs"]]
@@ -183,7 +202,8 @@ def write_results(state: dict, args: argparse.Namespace) -> None:
                             "converted": value, "train_tokens": info["train_tokens"]})
     out = {**run_info(shlex.join(["python", *sys.argv])), "settings": {k: v for k, v in vars(args).items() if k != "out"},
            "runs": {k: v for k, v in state["plans"].items() if k != "heads"},
-           "head_scores": state["plans"].get("heads", {}).get("scores"), "records": records, "log": state["log"]}
+           "head_scores": state["plans"].get("heads", {}).get("scores"), "head_plan": state["plans"].get("heads", {}).get("specs"),
+           "records": records, "log": state["log"]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 

@@ -327,6 +327,32 @@ def test_streaming_matches_a_brute_force_reference_in_parallel_and_recurrently(b
     assert all(s.shape[1] == n for s, n in ((state["sink_k"], sinks), (state["win_k"], window - 1)))
 
 
+@pytest.mark.parametrize("kind", ["lolcats", "lizard"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_window_hybrids_with_their_linear_part_off_are_streaming(base, kind, padded):
+    """lolcats/lizard(window, sinks) with the mix all on the window: the streaming kind (same sinks, same
+    window), in parallel and token by token; with the mix open the linear part (and its sinks rule) counts."""
+    plan = f"0:{kind}(window=3, sinks=2)"
+    model, stream = converted(base, plan), converted(base, "0:streaming(window=3, sinks=2)")
+    attn = model.model.layers[0].self_attn
+    valid = torch.ones(2, 11, dtype=torch.bool)
+    valid[1, :4] = padded
+    m = valid if padded else None
+    with torch.no_grad():
+        attn.window_logit.fill_(100.0)  # sigmoid: exactly 1 in fp32
+        _, x, q, k, v = qkv(model, t=11)
+        want, _ = stream.model.layers[0].self_attn.mix(q, k, v, x, m, None)
+        par, _ = attn.mix(q, k, v, x, m, None)
+        state, outs = None, []
+        for a in range(11):
+            y, state = attn.mix(q[:, a : a + 1], k[:, a : a + 1], v[:, a : a + 1], x[:, a : a + 1], None if m is None else m[:, a : a + 1], state)
+            outs.append(y)
+        attn.window_logit.fill_(0.0)
+        mixed, _ = attn.mix(q, k, v, x, m, None)
+    assert rel_err(par[valid], want[valid]) < 1e-5 and rel_err(torch.cat(outs, 1)[valid], want[valid]) < 1e-5
+    assert rel_err(mixed[valid], want[valid]) > 1e-2
+
+
 @pytest.mark.parametrize("plan", ["*:streaming(window=16, sinks=0)", "*:streaming(window=13, sinks=4)",
                                   "*:streaming(window=16, sinks=0, softmax_heads=[1])"])
 def test_streaming_with_the_whole_context_in_its_window_is_the_teacher(base, plan):

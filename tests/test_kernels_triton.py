@@ -53,12 +53,14 @@ from linearize.kernels.hybrid.naive import hybrid_attn_ref, hybrid_step_ref  # n
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize(
-    "window,prefix,steps,softcap,vd,f",
-    [(1, 3, 3, None, 24, 32), (5, 2, 11, None, 24, 32), (8, 11, 3, 30.0, 24, 32), (64, 70, 2, None, 24, 32), (4, 6, 5, None, 130, 128)],
+    "window,prefix,steps,softcap,vd,f,sinks",
+    [(1, 3, 3, None, 24, 32, 0), (5, 2, 11, None, 24, 32, 0), (8, 11, 3, 30.0, 24, 32, 0), (64, 70, 2, None, 24, 32, 0),
+     (4, 6, 5, None, 130, 128, 0), (1, 1, 5, None, 24, 32, 2), (5, 2, 11, 30.0, 24, 32, 4)],
 )
-def test_hybrid_step_kernel_matches_reference(dtype, gated, window, prefix, steps, softcap, vd, f):
+def test_hybrid_step_kernel_matches_reference(dtype, gated, window, prefix, steps, softcap, vd, f, sinks):
     """Prefill with the reference, then decode: the kernel updates the ring state in place (wrapping
-    around for short windows; value channels in several blocks for vd=130) like the reference step."""
+    around for short windows; value channels in several blocks for vd=130) like the reference step;
+    with sinks the prompt is shorter than them, so decode steps fill the free slots (not padded ones)."""
     b, h, hk, d = 2, 6, 2, 16
     r = lambda *s: torch.randn(*s, device=DEVICE)  # noqa: E731
     t = prefix + steps
@@ -71,7 +73,7 @@ def test_hybrid_step_kernel_matches_reference(dtype, gated, window, prefix, step
     valid[0, prefix + 1 :: 3] = False  # padded decode tokens (they must not enter window or memory)
     cut = lambda x: None if x is None else x[:, :prefix]  # noqa: E731
     kw = dict(window=window, scale=d**-0.5, softcap=softcap)
-    _, state = hybrid_attn_ref(*(cut(x) for x in (q, k, v, fq, fk, g)), mix, valid=valid[:, :prefix], **kw)
+    _, state = hybrid_attn_ref(*(cut(x) for x in (q, k, v, fq, fk, g)), mix, valid=valid[:, :prefix], sinks=sinks, **kw)
     state = {name: x.clone() for name, x in state.items()}  # compact: the kernel writes in place
     ref_state = {name: x.clone() for name, x in state.items()}
     ptrs = {name: x.data_ptr() for name, x in state.items()}
@@ -240,15 +242,15 @@ def _window_err(got, ref):
 def test_window_softmax_kernel_matches_reference_with_gradients(window, t, d, vd, dtype, softcap, pad):
     b, h, hk = 2, 6, 2
     q, ek, ev, valid = _window_inputs(b, t, h, hk, d, vd, window, dtype, pad)
-    num, den = window_ops.window_softmax(q, ek, ev, valid, window, d**-0.5, softcap)
-    dnum, dden = torch.randn_like(num), torch.randn_like(den)
-    grads = torch.autograd.grad((num * dnum).sum() + (den * dden).sum(), [q, ek, ev])
-    num_ref, den_ref = window_softmax_ref(q.float(), ek.float(), ev.float(), valid, window, d**-0.5, softcap)
-    refs = torch.autograd.grad((num_ref * dnum).sum() + (den_ref * dden).sum(), [q, ek, ev])
+    num, den, m = window_ops.window_softmax(q, ek, ev, valid, window, d**-0.5, softcap, return_max=True)
+    dnum, dden, dm = torch.randn_like(num), torch.randn_like(den), torch.randn_like(den)  # m carries gradient too
+    grads = torch.autograd.grad((num * dnum).sum() + (den * dden).sum() + (m * dm).sum(), [q, ek, ev])
+    num_ref, den_ref, m_ref = window_softmax_ref(q.float(), ek.float(), ev.float(), valid, window, d**-0.5, softcap, return_max=True)
+    refs = torch.autograd.grad((num_ref * dnum).sum() + (den_ref * dden).sum() + (m_ref * dm).sum(), [q, ek, ev])
     fp32_cpu = dtype == torch.float32 and DEVICE == "cpu"
     tol = 1e-5 if fp32_cpu else (3e-3 if dtype == torch.float32 else 1e-2)  # GPU: TF32 products
     assert num.dtype == den.dtype == torch.float32 and not torch.isnan(num).any() and not torch.isnan(den).any()
-    assert rel_err(num, num_ref) < tol and rel_err(den, den_ref) < tol
+    assert rel_err(num, num_ref) < tol and rel_err(den, den_ref) < tol and rel_err(m, m_ref) < tol
     if pad:  # rows that see no valid key: 0, like the reference
         assert num[0, : min(t, 3)].abs().max() == 0 and den[0, : min(t, 3)].abs().max() == 0
     gtol = 1e-5 if fp32_cpu else (5e-3 if dtype == torch.float32 else 2e-2)  # bf16: rounding of the gradients
@@ -285,8 +287,10 @@ def test_window_combine_kernel_matches_reference_with_gradients(dtype, softcap, 
         assert _window_err(got, r) < (1e-5 if fp32_cpu else (5e-3 if dtype == torch.float32 else 2e-2))
 
 
-@pytest.mark.parametrize("t,window,softcap", [(40, 9, None), (13, 4, 30.0)])  # both parts non-empty
-def test_hybrid_on_the_window_kernel_matches_reference_with_gradients(t, window, softcap):
+@pytest.mark.parametrize("t,window,softcap,sinks", [(40, 9, None, 0), (13, 4, 30.0, 0), (40, 9, None, 3)])  # both parts non-empty
+def test_hybrid_on_the_window_kernel_matches_reference_with_gradients(t, window, softcap, sinks):
+    """With sinks: the window kernel's max and its gradient, sinks added in PyTorch (first segment
+    shorter than the sinks: the second one takes the rest)."""
     b, h, hk, d, f = 2, 6, 2, 16, 32
     leaf = lambda *s: torch.randn(*s, device=DEVICE).requires_grad_()  # noqa: E731
     q, k, v = leaf(b, t, h, d), leaf(b, t, hk, d), leaf(b, t, hk, d)
@@ -295,12 +299,12 @@ def test_hybrid_on_the_window_kernel_matches_reference_with_gradients(t, window,
     valid = torch.ones(b, t, dtype=torch.bool, device=DEVICE)
     cut = t // 2
     valid[1, : cut - 1] = False  # left padding, into the W-1 window tokens of the state
-    kw = dict(window=window, scale=0.25, softcap=softcap, chunk_size=16)
+    kw = dict(window=window, scale=0.25, softcap=softcap, chunk_size=16, sinks=sinks)
     # a first segment gives the state (the W-1 window tokens, through which the gradients reach its
     # k and v); the second continues from it on the kernels and on the references
     args = lambda a, z: [x[:, a:z] for x in (q, k, v)] + [fq[:, a:z].softmax(-1), fk[:, a:z].softmax(-1), None, mix]  # noqa: E731
     _, state = hybrid_attn_ref(*args(0, cut), valid=valid[:, :cut], **kw)
-    kernels = dict(scan=chunk_ops.chunk_gla_triton, combine=window_ops.window_combine)
+    kernels = dict(scan=chunk_ops.chunk_gla_triton, combine=window_ops.window_combine, window_softmax=window_ops.window_softmax)
     y, st = hybrid_attn_ref(*args(cut, t), valid=valid[:, cut:], state=state, **kernels, **kw)
     y_ref, st_ref = hybrid_attn_ref(*args(cut, t), valid=valid[:, cut:], state=state, **kw)
     dy = torch.randn_like(y)

@@ -19,6 +19,8 @@ PLANS = {
     "gla-elu": "*:gla(feature_map=elu)",
     "gla-identity": "*:gla(feature_map=identity)",
     "lizard": "*:lizard(window=5)",
+    "lolcats-sinks": "*:lolcats(window=3, sinks=2)",
+    "lizard-sinks": "*:lizard(window=2, sinks=3, softmax_heads=[0])",
     "mamba2": "*:mamba2",
     "mamba2-conv1": "*:mamba2(conv_size=1)",
     "mixed": "0:lolcats(window=3),1:softmax,2:lizard(window=2, feature_dim=8)",
@@ -56,7 +58,7 @@ def test_parallel_equals_token_by_token_decoding(base, name):
     assert rel_err(torch.cat([first, rest], 1), full) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["hedgehog", "lolcats", "gla", "lizard", "mamba2"])
+@pytest.mark.parametrize("name", ["hedgehog", "lolcats", "gla", "lizard", "mamba2", "lolcats-sinks"])
 def test_left_padded_batch_generates_like_single_sequences(base, name):
     model = converted(base, PLANS[name])
     assert_left_padding_changes_nothing(model)

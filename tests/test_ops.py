@@ -115,9 +115,11 @@ def test_hybrid_ignores_padding(gated):
 
 @pytest.mark.parametrize("window", [1, 2, 5])
 @pytest.mark.parametrize("gated", [False, True])
-def test_hybrid_ring_prefill_decode_prefill_equals_one_pass(window, gated):
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_hybrid_ring_prefill_decode_prefill_equals_one_pass(window, gated, sinks):
     """Prefill 3 tokens, decode 26 (the ring wraps around many times), prefill 9 more from the rotated
-    ring: outputs and final state equal one pass; the in-place steps keep every state tensor's address."""
+    ring: outputs and final state equal one pass; the in-place steps keep every state tensor's address.
+    With 4 sinks the prompt is too short to fill them: decode steps take the rest (row 1 later, padded)."""
     from linearize import kernels
 
     q, k, v, fq, fk, g, mix = _hybrid_inputs(38, gated, seed=window)
@@ -125,9 +127,9 @@ def test_hybrid_ring_prefill_decode_prefill_equals_one_pass(window, gated):
     valid[1, :2] = False  # left padding: invalid ring slots
     valid[0, [7, 20]] = False  # padded decode tokens enter neither the window nor the memory
     kw = dict(window=window, scale=0.35)
-    y, final = hybrid_attn_ref(q, k, v, fq, fk, g, mix, valid=valid, chunk_size=8, **kw)
+    y, final = hybrid_attn_ref(q, k, v, fq, fk, g, mix, valid=valid, chunk_size=8, sinks=sinks, **kw)
     cut = lambda x, a, b: None if x is None else x[:, a:b]  # noqa: E731
-    y1, state = hybrid_attn_ref(*(cut(x, 0, 3) for x in (q, k, v, fq, fk, g)), mix, valid=valid[:, :3], chunk_size=8, **kw)
+    y1, state = hybrid_attn_ref(*(cut(x, 0, 3) for x in (q, k, v, fq, fk, g)), mix, valid=valid[:, :3], chunk_size=8, sinks=sinks, **kw)
     state = {name: t.clone() for name, t in state.items()}
     ptrs = {name: t.data_ptr() for name, t in state.items()}
     ys = [y1]
@@ -137,16 +139,18 @@ def test_hybrid_ring_prefill_decode_prefill_equals_one_pass(window, gated):
         assert new is state and {name: t.data_ptr() for name, t in state.items()} == ptrs
         ys.append(yi[:, None])
     assert window == 1 or int(state["pos"][0]) > 3 * (window - 1)
-    y3, end = hybrid_attn_ref(*(cut(x, 29, 38) for x in (q, k, v, fq, fk, g)), mix, valid=valid[:, 29:], state=state, chunk_size=8, **kw)
+    y3, end = hybrid_attn_ref(*(cut(x, 29, 38) for x in (q, k, v, fq, fk, g)), mix, valid=valid[:, 29:], state=state,
+                              chunk_size=8, sinks=sinks, **kw)
     assert rel_err(torch.cat(ys + [y3], 1), y) < 1e-5
+    assert set(final) == set(end) and sinks == 0 or final["sink_pos"].tolist() == [[0, 1, 2, 3], [2, 3, 4, 5]]
     for name in final:
         assert torch.allclose(final[name].float(), end[name].float(), atol=1e-5), name
 
 
 @pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("window", [1, 4, 9])
-def test_packed_hybrid_equals_separate_sequences(gated, window):
-    """cu_seqlens: one packed pass gives each sequence what it gets alone (no window or memory crosses)."""
+@pytest.mark.parametrize("window,sinks", [(1, 0), (4, 0), (9, 0), (4, 3)])
+def test_packed_hybrid_equals_separate_sequences(gated, window, sinks):
+    """cu_seqlens: one packed pass gives each sequence what it gets alone (no window, memory or sinks cross)."""
     lens = [5, 30, 1, 12]
     cu = torch.tensor([0] + lens).cumsum(0)
     t, h, hk, d, f = sum(lens), 4, 2, 16, 32
@@ -154,8 +158,44 @@ def test_packed_hybrid_equals_separate_sequences(gated, window):
     fq, fk = torch.randn(1, t, h, f).softmax(-1), torch.randn(1, t, hk, f).softmax(-1)
     g = F.logsigmoid(torch.randn(1, t, hk, f) + 2) if gated else None
     mix = torch.rand(h)
-    kw = dict(window=window, scale=0.25, chunk_size=16)
+    kw = dict(window=window, scale=0.25, chunk_size=16, sinks=sinks)
     y, state = hybrid_attn_ref(q, k, v, fq, fk, g, mix, cu_seqlens=cu, **kw)
     cut = lambda x, a, e: None if x is None else x[:, a:e]  # noqa: E731
     parts = [hybrid_attn_ref(*(cut(x, a, e) for x in (q, k, v, fq, fk, g)), mix, **kw)[0] for a, e in zip(cu[:-1].tolist(), cu[1:].tolist())]
     assert state is None and rel_err(y, torch.cat(parts, 1)) < 1e-5
+
+
+def _hybrid_brute_force(q, k, v, fq, fk, mix, valid, window, sinks, scale):
+    """The hybrid with sinks token by token: query i's softmax sees the real keys in (i-W, i] and the
+    first `sinks` real tokens further back, under one max; its linear part every other real key <= i-W."""
+    b, t, h, _ = q.shape
+    rep, j = h // k.shape[2], torch.arange(t)
+    y = torch.zeros(b, t, h, v.shape[-1])
+    for n in range(b):
+        real = valid[n]
+        sink = real & (real.long().cumsum(0) <= sinks)
+        for i in range(t):
+            far = i - j >= window
+            soft, lin = (j <= i) & ~far & real | far & sink, far & real & ~sink
+            for hh in range(h):
+                kv = hh // rep
+                s = (k[n, :, kv] @ q[n, i, hh] * scale).masked_fill(~soft, float("-inf"))
+                a, w = (s - s.max()).exp(), (fk[n, :, kv] @ fq[n, i, hh]) * lin
+                num = mix[hh] * a @ v[n, :, kv] + (1 - mix[hh]) * w @ v[n, :, kv]
+                y[n, i, hh] = num / (mix[hh] * a.sum() + (1 - mix[hh]) * w.sum())
+    return y
+
+
+@pytest.mark.parametrize("window,sinks", [(5, 3), (1, 2), (6, 40)])
+def test_hybrid_sinks_match_a_brute_force_reference(window, sinks):
+    """Sinks: seen by the window softmax once they left the window, never in the linear memory; left
+    padding and a padded token among the sinks do not count as sinks."""
+    q, k, v, fq, fk, _, mix = _hybrid_inputs(30, False, seed=3)
+    valid = torch.ones(2, 30, dtype=torch.bool)
+    valid[1, :3] = False
+    valid[0, 1] = False
+    y, _ = hybrid_attn_ref(q, k, v, fq, fk, None, mix, window=window, scale=0.4, valid=valid, sinks=sinks, chunk_size=8)
+    ref = _hybrid_brute_force(q, k, v, fq, fk, mix, valid, window, sinks, 0.4)
+    assert rel_err(y[valid], ref[valid]) < 1e-5
+    without, _ = hybrid_attn_ref(q, k, v, fq, fk, None, mix, window=window, scale=0.4, valid=valid, chunk_size=8)
+    assert rel_err(without[valid], ref[valid]) > 1e-2  # the sinks change the output

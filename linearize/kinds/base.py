@@ -259,7 +259,7 @@ class LinearizedAttention(nn.Module):
         self, q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None,
         valid: Tensor | None, state: State | None,
     ) -> tuple[Tensor, State]:
-        """Sliding-window softmax + linear attention beyond the window, one shared normalizer."""
+        """Sliding-window softmax (plus attention sinks) + linear attention beyond the window, one shared normalizer."""
         mix = torch.sigmoid(self.window_logit.float())
         common = dict(window=self.options.window, scale=self.scaling, softcap=self.softcap)
         if state is not None and q.shape[1] == 1:
@@ -268,4 +268,4 @@ class LinearizedAttention(nn.Module):
                 valid=None if valid is None else valid[:, 0], state=state, **common,
             )
             return y[:, None], new
-        return hybrid_attn(q, k, v, fq, fk, g, mix, valid=valid, state=state, **common)
+        return hybrid_attn(q, k, v, fq, fk, g, mix, valid=valid, state=state, sinks=self.options.sinks, **common)

@@ -15,11 +15,12 @@ from .hedgehog import HedgehogAttention, HedgehogOptions
 @dataclass(frozen=True)
 class LolcatsOptions(HedgehogOptions):
     window: int = 64  # tokens (including the current one) under exact softmax
+    sinks: int = 0  # first tokens every query's window softmax also sees (attention sinks, kept out of the linear part)
 
     def check(self) -> None:
         super().check()
-        if self.window < 1:
-            raise PlanError(f"window must be >= 1, got {self.window}")
+        if self.window < 1 or self.sinks < 0:
+            raise PlanError(f"window must be >= 1 and sinks >= 0, got window={self.window}, sinks={self.sinks}")
 
 
 @register

@@ -8,7 +8,9 @@ it adds the oldest window token to the memory and writes this token into that to
 The program owns its (batch, KV head) slice of every state tensor (value channels are looped over,
 not split across programs, since all of them need the normalizer column and the ring slot before
 either is overwritten). The per-row `valid` slot and `pos` are shared by a row's KV heads, so a
-second one-program-per-row kernel advances them once the first has finished reading.
+second one-program-per-row kernel advances them once the first has finished reading. Sink slots
+(when the state has them) are NS more window rows, seen once they are W tokens back; a real token
+that finds a free slot writes its key/value there (first kernel) and its position (second kernel).
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from .naive import EPS
 def _hybrid_step_kernel(
     q, k, v, fq, fk, g, valid, mix,  # this token: q [B,H,D], k [B,HK,D], v [B,HK,V], fq [B,H,F], fk/g [B,HK,F], valid [B]
     s, rk, rv, rfk, rg, rvalid, pos,  # state: S [B,HK,F,V+1], ring k/v/fk/g [B,P,HK,*], ring valid [B,P], pos [B]
+    sk, sv, spos, n,  # sinks: k/v [B,NS,HK,*], positions [B,NS] (empty: NO_SINK), n [B] this token's position
     y, scale, softcap,
-    H: tl.constexpr, HK: tl.constexpr, P: tl.constexpr, D: tl.constexpr, F: tl.constexpr, V: tl.constexpr,
-    BW: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr,
+    H: tl.constexpr, HK: tl.constexpr, P: tl.constexpr, D: tl.constexpr, F: tl.constexpr, V: tl.constexpr, NS: tl.constexpr,
+    BW: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr,
     HAS_G: tl.constexpr, HAS_VALID: tl.constexpr, HAS_CAP: tl.constexpr, EPS_: tl.constexpr,
 ):
     bh = tl.program_id(0)  # b * HK + kv head
@@ -48,8 +51,20 @@ def _hybrid_step_kernel(
     kw = tl.where(is_new[:, None], kn[None, :], kw)
     ok = tl.load(rvalid + b * P + rw, mask=in_ring, other=0) != 0
     ok = tl.where(is_new, keep > 0, ok)
+    if NS > 0:  # sink rows P+1 .. P+NS; a free slot (position beyond this token's) takes a real token
+        is_sink = (rw > P) & (rw <= P + NS)
+        sink_row = (b * NS + rw - P - 1) * HK + hk
+        now = tl.load(n + b)
+        ks = tl.load(sk + sink_row[:, None] * D + rd[None, :], mask=is_sink[:, None] & md[None, :], other=0.0)
+        kw = tl.where(is_sink[:, None], ks, kw)
+        ok = tl.where(is_sink, now - tl.load(spos + b * NS + rw - P - 1, mask=is_sink, other=0) > P, ok)
+        rs = tl.arange(0, BS)
+        taken = tl.sum(((rs < NS) & (tl.load(spos + b * NS + rs, mask=rs < NS, other=0) < now)).to(tl.int32), axis=0)
+        to_sink = (keep > 0) & (taken < NS)
     # this token's key features and log-decay (zero for padding), the oldest token's, the query decay
     fkn = tl.load(fk + bh * F + rf, mask=mf, other=0.0).to(tl.float32) * keep
+    if NS > 0:
+        fkn = tl.where(to_sink, 0.0, fkn)  # a sink never enters the linear memory
     f0 = tl.load(rfk + old * F + rf, mask=mf, other=0.0) if P > 0 else fkn
     if HAS_G:
         gn = tl.load(g + bh * F + rf, mask=mf, other=0.0).to(tl.float32) * keep
@@ -64,6 +79,9 @@ def _hybrid_step_kernel(
         vn = tl.load(v + bh * V + rv_, mask=mv, other=0.0).to(tl.float32)
         vw = tl.load(rv + ring_row[:, None] * V + rv_[None, :], mask=in_ring[:, None] & mv[None, :], other=0.0)
         vw = tl.where(is_new[:, None], vn[None, :], vw)
+        if NS > 0:
+            vs = tl.load(sv + sink_row[:, None] * V + rv_[None, :], mask=is_sink[:, None] & mv[None, :], other=0.0)
+            vw = tl.where(is_sink[:, None], vs, vw)
         s_off = rf[:, None] * (V + 1) + rv_[None, :]
         mem = tl.load(s_base + s_off, mask=mf[:, None] & mv[None, :], other=0.0)
         for j in range(G):
@@ -96,6 +114,13 @@ def _hybrid_step_kernel(
     if HAS_G:
         z = z * d0
     tl.store(s_base + rf * (V + 1) + V, z + f0, mask=mf)
+    if NS > 0:  # a free sink slot takes this token (no thread reads a free slot)
+        slot = (b * NS + taken) * HK + hk
+        tl.store(sk + slot * D + rd, kn, mask=rd < tl.where(to_sink, D, 0))
+        for v_start in range(0, V, BV):
+            rv_ = v_start + tl.arange(0, BV)
+            mv = rv_ < V
+            tl.store(sv + slot * V + rv_, tl.load(v + bh * V + rv_, mask=mv, other=0.0).to(tl.float32), mask=rv_ < tl.where(to_sink, V, 0))
     if P > 0:  # this token takes the oldest token's slot, once every thread has read it
         tl.debug_barrier()
         tl.store(rk + old * D + rd, kn, mask=md)
@@ -109,15 +134,22 @@ def _hybrid_step_kernel(
 
 
 @triton.jit
-def _ring_advance_kernel(valid, rvalid, pos, P: tl.constexpr, HAS_VALID: tl.constexpr):
+def _ring_advance_kernel(valid, rvalid, pos, spos, n, P: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr, HAS_VALID: tl.constexpr):
     b = tl.program_id(0)
     p = tl.load(pos + b)
+    if HAS_VALID:
+        real = tl.load(valid + b)
+    else:
+        real = tl.full((), 1, tl.uint8)
     if P > 0:
-        if HAS_VALID:
-            tl.store(rvalid + b * P + p % P, tl.load(valid + b))
-        else:
-            tl.store(rvalid + b * P + p % P, 1)
+        tl.store(rvalid + b * P + p % P, real)
     tl.store(pos + b, p + 1)
+    if NS > 0:
+        now = tl.load(n + b)
+        rs = tl.arange(0, BS)
+        taken = tl.sum(((rs < NS) & (tl.load(spos + b * NS + rs, mask=rs < NS, other=0) < now)).to(tl.int32), axis=0)
+        tl.store(spos + b * NS + taken, now, mask=tl.where(real != 0, taken, NS) < NS)
+        tl.store(n + b, now + 1)
 
 
 def hybrid_step_triton(
@@ -140,17 +172,19 @@ def hybrid_step_triton(
     rvalid = ring["valid"].view(torch.uint8)
     new_valid = valid.contiguous().view(torch.uint8) if valid is not None else rvalid
     rg = ring.get("g", ring["fk"])
+    ns = state["sink_k"].shape[1] if "sink_k" in state else 0
+    sinks = [state[name] if ns else state["pos"] for name in ("sink_k", "sink_v", "sink_pos", "n")]
     bf = triton.next_power_of_2(f)
     bv = min(triton.next_power_of_2(vd), max(16, 8192 // bf))  # keep the [BF, BV] memory tile in registers
     _hybrid_step_kernel[(b * hk,)](
         q.contiguous(), k.contiguous(), v.contiguous(), fq.contiguous(), fk.contiguous(),
         g.contiguous() if g is not None else fk, new_valid, mix.float().contiguous(),
-        state["S"], ring["k"], ring["v"], ring["fk"], rg, rvalid, state["pos"],
+        state["S"], ring["k"], ring["v"], ring["fk"], rg, rvalid, state["pos"], *sinks,
         y, float(scale), float(softcap or 1.0),
-        h, hk, p, d, f, vd,
-        triton.next_power_of_2(window), triton.next_power_of_2(d), bf, bv,
+        h, hk, p, d, f, vd, ns,
+        triton.next_power_of_2(window + ns), triton.next_power_of_2(d), bf, bv, triton.next_power_of_2(max(ns, 1)),
         g is not None, valid is not None, bool(softcap), EPS,
-        num_warps=4 if bf * bv + triton.next_power_of_2(window) * (triton.next_power_of_2(d) + bv) <= 8192 else 8,
+        num_warps=4 if bf * bv + triton.next_power_of_2(window + ns) * (triton.next_power_of_2(d) + bv) <= 8192 else 8,
     )
-    _ring_advance_kernel[(b,)](new_valid, rvalid, state["pos"], p, valid is not None)
+    _ring_advance_kernel[(b,)](new_valid, rvalid, state["pos"], sinks[2], sinks[3], p, ns, triton.next_power_of_2(max(ns, 1)), valid is not None)
     return y, state

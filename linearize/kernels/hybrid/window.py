@@ -137,12 +137,13 @@ def _window_fwd_kernel(
 
 @triton.jit
 def _window_dq_kernel(
-    q, k, v, valid, lnum, lden, mix, do, dd, cw, rmax, rarg, delta, dq, dlnum, dlden, dmix, T, L, scale, cap, LNS, LDS,
+    q, k, v, valid, lnum, lden, mix, do, dd, dm, cw, rmax, rarg, delta, dq, dlnum, dlden, dmix, T, L, scale, cap, LNS, LDS,
     H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, NC: tl.constexpr,
     HAS_CAP: tl.constexpr, MIX: tl.constexpr, EPS_: tl.constexpr,
 ):
     # do: dnum, or dy when fused (then dnum = cw dy). dd: dden, an input, or written here when fused.
+    # dm: the gradient of the returned max m (not fused)
     b, h, hk, t0, rm, row, mt, rd, rv, md, mv, qt, qseg = _query_block(q, valid, T, L, H, HK, D, V, W, BM, BD, BV)
     m = tl.load(rmax + row, mask=mt, other=0.0)
     arg = tl.load(rarg + row, mask=mt, other=-1)
@@ -179,6 +180,7 @@ def _window_dq_kernel(
         e = e * c_win
     else:
         dden = tl.load(dd + row, mask=mt, other=0.0)
+        e -= tl.load(dm + row, mask=mt, other=0.0)  # m's own gradient reaches the key holding it
     # delta = sum_j a_tj dP_tj from the very products it cancels in dS (so the rounding of the
     # products, TF32 on a GPU, cancels too: a row with one visible key gets dS = 0)
     dlt = e + dden * den_w
@@ -270,7 +272,8 @@ def _config(window: int, kd: int, vd: int, backward: bool = False, dtype: torch.
 
 class WindowSoftmaxFunction(torch.autograd.Function):
     """The window softmax (num_l, den_l, mix None: returns num, den) or the fused hybrid output
-    (returns y) on the Triton kernels; gradients for q, ext_k, ext_v and, fused, num_l, den_l and mix."""
+    (returns y) on the Triton kernels; gradients for q, ext_k, ext_v and, fused, num_l, den_l and mix.
+    Not fused, it also returns the max m (the shift of num and den), which carries gradient too."""
 
     @staticmethod
     def forward(ctx, q, k, v, valid, num_l, den_l, mix, window: int, scale: float, softcap: float | None, dtype: torch.dtype):
@@ -294,7 +297,9 @@ class WindowSoftmaxFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(q, k, v, valid, num_l, den_l, mix, rmax, rarg)
         ctx.window, ctx.scale, ctx.softcap, ctx.strides = window, scale, softcap, strides
-        return out if fused else (out, den)
+        if fused:
+            return out
+        return out, den, rmax.clone()
 
     @staticmethod
     def backward(ctx, *grads):
@@ -308,14 +313,16 @@ class WindowSoftmaxFunction(torch.autograd.Function):
         if fused:
             dd, cw, dlden, dmix = (torch.empty_like(rmax) for _ in range(4))
             dlnum = torch.empty(b, t, h, vd, dtype=num_l.dtype, device=q.device)
-        else:  # dd is the gradient of den; cw, dlnum, dlden, dmix unused
+            dm = delta
+        else:  # dd, dm: the gradients of den and m; cw, dlnum, dlden, dmix unused
             dd = grads[1].float().contiguous()
+            dm = torch.zeros_like(rmax) if grads[2] is None else grads[2].float().contiguous()
             cw = dlnum = dlden = dmix = delta
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         shared = dict(HAS_CAP=bool(ctx.softcap), MIX=fused)
         common = (t, length, ctx.scale, ctx.softcap or 1.0, h, hk, kd, vd, ctx.window)
         _window_dq_kernel[(b * h, triton.cdiv(t, cfg["BM"]))](
-            q, k, v, valid, num_l if fused else q, den_l if fused else q, mix if fused else q, do, dd, cw, rmax, rarg,
+            q, k, v, valid, num_l if fused else q, den_l if fused else q, mix if fused else q, do, dd, dm, cw, rmax, rarg,
             delta, dq, dlnum, dlden, dmix, *common[:4], *ctx.strides, *common[4:], **cfg, **shared, EPS_=EPS,
         )
         _window_dkv_kernel[(b * hk, triton.cdiv(length, cfg["BM"]))](
@@ -349,12 +356,15 @@ def _check(q: Tensor, ext_k: Tensor, ext_v: Tensor, ext_valid: Tensor, window: i
 
 def window_softmax(
     q: Tensor, ext_k: Tensor, ext_v: Tensor, ext_valid: Tensor, window: int, scale: float, softcap: float | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Differentiable banded softmax numerator [B,T,H,V] and normalizer [B,T,H] (fp32) on the
-    Triton kernels: `window_softmax_ref`'s maths, for q [B,T,H,D] and ext_* [B,W-1+T,Hk,*]."""
+    return_max: bool = False,
+) -> tuple[Tensor, ...]:
+    """Differentiable banded softmax numerator [B,T,H,V] and normalizer [B,T,H] (fp32), and with
+    `return_max` their shift m [B,T,H], on the Triton kernels: `window_softmax_ref`'s maths, for
+    q [B,T,H,D] and ext_* [B,W-1+T,Hk,*]."""
     _check(q, ext_k, ext_v, ext_valid, window)
     ext_k, ext_v = ext_k.to(q.dtype), ext_v.to(q.dtype)  # the products take one operand dtype
-    return WindowSoftmaxFunction.apply(q, ext_k, ext_v, ext_valid, None, None, None, window, scale, softcap, torch.float32)
+    num, den, m = WindowSoftmaxFunction.apply(q, ext_k, ext_v, ext_valid, None, None, None, window, scale, softcap, torch.float32)
+    return (num, den, m) if return_max else (num, den)
 
 
 def window_combine(
