@@ -9,8 +9,10 @@ the zero-shot tasks, in records of `{"plan", "cache_fraction", "metric", "contex
 Steps (each skipped when --workdir already holds its result, so a cut-off call resumes; --resume-from
 an earlier results file carries its finished runs into the workdir, so a later session adds rows):
 - teacher: every metric of the teacher;
-- heads: per-KV-head ablation scores and the plan under --budget (`linearize.autoplan.autoplan_heads`);
-- free: that plan's softmax heads, every other head `streaming(window=64, sinks=4)`, no training;
+- heads: per-KV-head ablation scores and the plan under --budget (`linearize.autoplan.autoplan_heads`)
+  with --plan-kind as the converted heads' kind (their cache cost); heads-NAME: another plan from the
+  same scores (another kind or budget);
+- free (free-NAME): that plan's softmax heads, every other head `streaming(window=64, sinks=4)`, no training;
 - ours / ours-short / lolcats50 / ...: a distillation run from RUNS (plan, data, sequence length,
   tokens), then every metric.
 Training data: text sampled from the teacher (cached), plus synthetic recall rows where a run says so.
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 
 import linearize
-from linearize.autoplan import autoplan_heads, calibration_rows, head_table
+from linearize.autoplan import Budget, HeadScores, autoplan_heads, calibration_rows, choose_heads, head_table
 from linearize.distill.config import DataConfig, DistillConfig, Stage1Config, Stage2Config
 from linearize.distill.run import distill
 from linearize.eval.perplexity import text_perplexity
@@ -43,13 +45,14 @@ RECALL = {"copy": [256, 1024], "passkey": [1024, 4096, 8192], "mqar": [1024, 409
 TASKS = {"local_hellaswag": ("hellaswag_acc_norm", "acc_norm"), "local_arc_easy": ("arc_easy_acc", "acc"),
          "local_arc_challenge": ("arc_challenge_acc_norm", "acc_norm"), "local_piqa": ("piqa_acc", "acc"),
          "local_lambada": ("lambada_acc", "acc")}
-# name: (plan: "heads" = the head plan's softmax heads with this kind elsewhere, or a plan string;
+# name: (plan: "heads[-NAME]:KIND" = that head plan's softmax heads with KIND elsewhere, or a plan string;
 #        seq_len, batch, stage-1 steps, stage-2 steps, recall_mix)
 RUNS = {
     "ours": ("heads:lolcats(window=64)", 4096, 4, 150, 150, 0.25),
     "ours-short": ("heads:lolcats(window=64)", 1024, 16, 150, 150, 0.0),
     "ours-norecall": ("heads:lolcats(window=64)", 4096, 4, 150, 150, 0.0),
     "ours-sinks": ("heads:lolcats(window=64, sinks=4)", 4096, 4, 150, 150, 0.25),
+    "ours-sinks-v2": ("heads-v2:lolcats(window=64, sinks=4)", 4096, 4, 150, 150, 0.25),
     "lolcats50": (",".join(f"{i}:lolcats(window=64)" for i in range(0, 30, 2)), 1024, 16, 125, 125, 0.0),
 }
 
@@ -83,6 +86,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/recall")
     ap.add_argument("--steps", nargs="+", default=["teacher", "heads", "free", "ours"])
     ap.add_argument("--budget", default="cache=25%")
+    ap.add_argument("--plan-kind", default="lolcats(window=64)", help="the kind whose cache the head planner counts")
     ap.add_argument("--copy-items", type=int, default=20)
     ap.add_argument("--recall-items", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=64, help="lm-eval batch")
@@ -117,30 +121,37 @@ def main() -> None:
             log(f"{step}: done earlier")
             continue
         t0 = time.time()
-        if step in ("teacher", "heads", "free"):
+        if step == "teacher" or step.startswith(("heads", "free")):
             model, tok = linearize.load(args.model)
             model.to(device=device, dtype=dtype).eval()
             meter = meter or CacheMeter(model.config)
-            if step == "heads":
+            if step.startswith("heads") and "heads" in state["plans"]:  # another kind or budget: the same scores
+                scores = HeadScores(**{k: v for k, v in state["plans"]["heads"]["scores"].items() if k != "score"})
+                specs = choose_heads(scores, Budget.parse(args.budget), args.plan_kind, meter.fraction)
+                scores.settings.update({"budget": args.budget, "kind": args.plan_kind, "cache": meter.summary(specs)})
+            elif step.startswith("heads"):
                 small = args.smoke  # CPU check: few short rows
                 rows = calibration_rows(model, tok, str(Path(args.data_dir) / "wikitext2" / "valid.txt"),
                                         sequences=4 if small else 16, seq_len=128 if small else 512)
-                plan, scores = autoplan_heads(model, rows, args.budget, kind="lolcats(window=64)",
+                plan, scores = autoplan_heads(model, rows, args.budget, kind=args.plan_kind,
                                               copy_length=32 if small else 256, copy_items=4 if small else 16, log=log)
                 specs = plan.resolve(len(scores.score))
-                state["plans"]["heads"] = {"specs": [s.to_dict() for s in specs], "scores": scores.to_dict()}
+            if step.startswith("heads"):
+                state["plans"][step] = {"specs": [s.to_dict() for s in specs], "scores": scores.to_dict(), "kind": args.plan_kind}
                 log(head_table(scores, specs))
-                state["metrics"]["heads"] = {}
+                state["metrics"][step] = {}
             else:
-                if step == "free":
-                    model = linearize.convert(model, head_plan(state, "streaming(window=64, sinks=4)"))
+                free = step.startswith("free")
+                if free:
+                    model = linearize.convert(model, head_plan(state, "heads" + step[4:], "streaming(window=64, sinks=4)"))
                 state["plans"][step] = {"plan": label(model), "train_tokens": 0,
-                                        "cache_fraction": meter.fraction(model.layer_plan) if step == "free" else 1.0}
+                                        "cache_fraction": meter.fraction(model.layer_plan) if free else 1.0}
                 state["metrics"][step] = measure(model, tok, args, log)
         else:
             plan_s, seq, batch, s1, s2, mix = RUNS[step]
             s1, s2 = max(1, round(s1 * args.scale_steps)), max(1, round(s2 * args.scale_steps))
-            plan_s = head_plan(state, plan_s.split(":", 1)[1]) if plan_s.startswith("heads:") else plan_s
+            if plan_s.startswith("heads"):
+                plan_s = head_plan(state, *plan_s.split(":", 1))
             cfg = DistillConfig(
                 model=args.model, plan=plan_s, seed=0,
                 data=DataConfig(source="teacher", seq_len=seq, teacher_len=1024, teacher_sequences=args.teacher_sequences,
@@ -174,14 +185,15 @@ def earlier_state(results: dict) -> dict:
         if r["teacher"] is not None:
             metrics["teacher"][key] = r["teacher"]
     plans = dict(results["runs"])
-    if "head_plan" in results:
-        plans["heads"], metrics["heads"] = {"specs": results["head_plan"], "scores": results["head_scores"]}, {}
+    heads = results.get("head_plans") or {"heads": {"specs": results["head_plan"], "scores": results["head_scores"]}}
+    for name, plan in heads.items():
+        plans[name], metrics[name] = plan, {}
     return {"metrics": metrics, "plans": plans, "log": [f"(from {results['date']}) {m}" for m in results["log"]]}
 
 
-def head_plan(state: dict, kind: str) -> str:
-    """The head plan's softmax heads with `kind` in place of its converted kind."""
-    specs = [LayerSpec.from_dict(d) for d in state["plans"]["heads"]["specs"]]
+def head_plan(state: dict, source: str, kind: str) -> str:
+    """The head plan `source`'s softmax heads with `kind` in place of its converted kind."""
+    specs = [LayerSpec.from_dict(d) for d in state["plans"][source]["specs"]]
     base = linearize.plan.parse_spec(kind)
     return specs_to_string([s if s.kind == "softmax" else LayerSpec(base.kind, {**base.options, **(
         {"softmax_heads": s.options["softmax_heads"]} if s.options.get("softmax_heads") else {})}) for s in specs])
@@ -192,7 +204,7 @@ def write_results(state: dict, args: argparse.Namespace) -> None:
     teacher = state["metrics"].get("teacher", {})
     records = []
     for name, metrics in state["metrics"].items():
-        if name in ("teacher", "heads"):
+        if name == "teacher" or name.startswith("heads"):
             continue
         info = state["plans"][name]
         for key, value in metrics.items():
@@ -201,8 +213,9 @@ def write_results(state: dict, args: argparse.Namespace) -> None:
                             "metric": metric, "context": int(ctx) if ctx else None, "teacher": teacher.get(key),
                             "converted": value, "train_tokens": info["train_tokens"]})
     out = {**run_info(shlex.join(["python", *sys.argv])), "settings": {k: v for k, v in vars(args).items() if k != "out"},
-           "runs": {k: v for k, v in state["plans"].items() if k != "heads"},
+           "runs": {k: v for k, v in state["plans"].items() if not k.startswith("heads")},
            "head_scores": state["plans"].get("heads", {}).get("scores"), "head_plan": state["plans"].get("heads", {}).get("specs"),
+           "head_plans": {k: v for k, v in state["plans"].items() if k.startswith("heads")},
            "records": records, "log": state["log"]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")

@@ -76,6 +76,17 @@ def bf16_parallel_and_stepwise(model):
     return full, steps, cache
 
 
+# decode state tensors kept in the model's dtype (inputs the model made: keys, values, key features);
+# memories, log-decays and conv inputs stay fp32
+MODEL_DTYPE_STATE = ("k", "v", "fk", "sink_k", "sink_v", "win_k", "win_v", "sm_k", "sm_v")
+
+
+def assert_state_dtypes(state: dict, model_dtype: torch.dtype) -> None:
+    for name, t in state.items():
+        if t.is_floating_point():
+            assert t.dtype == (model_dtype if name in MODEL_DTYPE_STATE else torch.float32), (name, t.dtype)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 

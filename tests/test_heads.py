@@ -21,7 +21,9 @@ from linearize.eval import recall as recall_mod
 from linearize.info import cache_summary, format_cache, layer_cache, plan_cache, skeleton
 from linearize.plan import LayerSpec
 
-from conftest import assert_left_padding_changes_nothing, bf16_parallel_and_stepwise, TINY, perturb_new_params, rel_err, tiny_model
+from conftest import (
+    TINY, assert_left_padding_changes_nothing, assert_state_dtypes, bf16_parallel_and_stepwise, perturb_new_params, rel_err, tiny_model,
+)
 
 # tiny llama: 4 query heads, 2 KV heads (2 query heads each), head_dim 16, hidden 64, 3 layers
 PLANS = {
@@ -283,9 +285,8 @@ def test_cache_grows_only_by_the_softmax_heads(request, which, plan, grow):
 def test_bf16_model_runs_and_decodes_consistently(base, name):
     full, steps, cache = bf16_parallel_and_stepwise(converted(base, PLANS[name]))
     state = cache.layers[0].state
-    assert state["sm_k"].dtype == state["sm_v"].dtype == torch.bfloat16 and state["sm_k"].shape[1] == 9  # keys in model dtype
-    if name != "streaming":  # streaming keeps keys/values (model dtype); the recurrent states are fp32
-        assert all(t.dtype == torch.float32 for n, t in state.items() if t.is_floating_point() and not n.startswith("sm_"))
+    assert state["sm_k"].shape[1] == 9
+    assert_state_dtypes(state, torch.bfloat16)
     assert rel_err(steps, full) < 2e-2
 
 

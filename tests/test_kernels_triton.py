@@ -65,7 +65,7 @@ def test_hybrid_step_kernel_matches_reference(dtype, gated, window, prefix, step
     r = lambda *s: torch.randn(*s, device=DEVICE)  # noqa: E731
     t = prefix + steps
     q, k, v = r(b, t, h, d).to(dtype), r(b, t, hk, d).to(dtype), r(b, t, hk, vd).to(dtype)
-    fq, fk = r(b, t, h, f).softmax(-1), r(b, t, hk, f).softmax(-1)
+    fq, fk = r(b, t, h, f).softmax(-1).to(dtype), r(b, t, hk, f).softmax(-1).to(dtype)  # model dtype, like the window ring
     g = F.logsigmoid(r(b, t, hk, f) + 2) if gated else None
     mix = torch.rand(h, device=DEVICE)
     valid = torch.ones(b, t, dtype=torch.bool, device=DEVICE)

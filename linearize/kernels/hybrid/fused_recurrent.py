@@ -47,7 +47,7 @@ def _hybrid_step_kernel(
         old = (b * P + tl.load(pos + b) % P) * HK + hk  # ring row of the oldest token
     # window keys [BW, BD] and validity [BW]
     kn = tl.load(k + bh * D + rd, mask=md, other=0.0).to(tl.float32)
-    kw = tl.load(rk + ring_row[:, None] * D + rd[None, :], mask=in_ring[:, None] & md[None, :], other=0.0)
+    kw = tl.load(rk + ring_row[:, None] * D + rd[None, :], mask=in_ring[:, None] & md[None, :], other=0.0).to(tl.float32)
     kw = tl.where(is_new[:, None], kn[None, :], kw)
     ok = tl.load(rvalid + b * P + rw, mask=in_ring, other=0) != 0
     ok = tl.where(is_new, keep > 0, ok)
@@ -55,7 +55,7 @@ def _hybrid_step_kernel(
         is_sink = (rw > P) & (rw <= P + NS)
         sink_row = (b * NS + rw - P - 1) * HK + hk
         now = tl.load(n + b)
-        ks = tl.load(sk + sink_row[:, None] * D + rd[None, :], mask=is_sink[:, None] & md[None, :], other=0.0)
+        ks = tl.load(sk + sink_row[:, None] * D + rd[None, :], mask=is_sink[:, None] & md[None, :], other=0.0).to(tl.float32)
         kw = tl.where(is_sink[:, None], ks, kw)
         ok = tl.where(is_sink, now - tl.load(spos + b * NS + rw - P - 1, mask=is_sink, other=0) > P, ok)
         rs = tl.arange(0, BS)
@@ -65,7 +65,7 @@ def _hybrid_step_kernel(
     fkn = tl.load(fk + bh * F + rf, mask=mf, other=0.0).to(tl.float32) * keep
     if NS > 0:
         fkn = tl.where(to_sink, 0.0, fkn)  # a sink never enters the linear memory
-    f0 = tl.load(rfk + old * F + rf, mask=mf, other=0.0) if P > 0 else fkn
+    f0 = tl.load(rfk + old * F + rf, mask=mf, other=0.0).to(tl.float32) if P > 0 else fkn
     if HAS_G:
         gn = tl.load(g + bh * F + rf, mask=mf, other=0.0).to(tl.float32) * keep
         gw = tl.load(rg + ring_row[:, None] * F + rf[None, :], mask=in_ring[:, None] & mf[None, :], other=0.0)
@@ -77,10 +77,10 @@ def _hybrid_step_kernel(
         rv_ = v_start + tl.arange(0, BV)
         mv = rv_ < V
         vn = tl.load(v + bh * V + rv_, mask=mv, other=0.0).to(tl.float32)
-        vw = tl.load(rv + ring_row[:, None] * V + rv_[None, :], mask=in_ring[:, None] & mv[None, :], other=0.0)
+        vw = tl.load(rv + ring_row[:, None] * V + rv_[None, :], mask=in_ring[:, None] & mv[None, :], other=0.0).to(tl.float32)
         vw = tl.where(is_new[:, None], vn[None, :], vw)
         if NS > 0:
-            vs = tl.load(sv + sink_row[:, None] * V + rv_[None, :], mask=is_sink[:, None] & mv[None, :], other=0.0)
+            vs = tl.load(sv + sink_row[:, None] * V + rv_[None, :], mask=is_sink[:, None] & mv[None, :], other=0.0).to(tl.float32)
             vw = tl.where(is_sink[:, None], vs, vw)
         s_off = rf[:, None] * (V + 1) + rv_[None, :]
         mem = tl.load(s_base + s_off, mask=mf[:, None] & mv[None, :], other=0.0)
@@ -106,7 +106,7 @@ def _hybrid_step_kernel(
             out = (w * num_w + (1.0 - w) * num_l) / (w * den_w + (1.0 - w) * den_l + EPS_)
             tl.store(y + h * V + rv_, out.to(y.dtype.element_ty), mask=mv)
         # the oldest token enters the memory, once every thread has read this block and z
-        v0 = tl.load(rv + old * V + rv_, mask=mv, other=0.0) if P > 0 else vn
+        v0 = tl.load(rv + old * V + rv_, mask=mv, other=0.0).to(tl.float32) if P > 0 else vn
         if HAS_G:
             mem = mem * d0[:, None]
         tl.debug_barrier()
@@ -116,21 +116,21 @@ def _hybrid_step_kernel(
     tl.store(s_base + rf * (V + 1) + V, z + f0, mask=mf)
     if NS > 0:  # a free sink slot takes this token (no thread reads a free slot)
         slot = (b * NS + taken) * HK + hk
-        tl.store(sk + slot * D + rd, kn, mask=rd < tl.where(to_sink, D, 0))
+        tl.store(sk + slot * D + rd, kn.to(sk.dtype.element_ty), mask=rd < tl.where(to_sink, D, 0))
         for v_start in range(0, V, BV):
             rv_ = v_start + tl.arange(0, BV)
             mv = rv_ < V
-            tl.store(sv + slot * V + rv_, tl.load(v + bh * V + rv_, mask=mv, other=0.0).to(tl.float32), mask=rv_ < tl.where(to_sink, V, 0))
+            tl.store(sv + slot * V + rv_, tl.load(v + bh * V + rv_, mask=mv, other=0.0).to(sv.dtype.element_ty), mask=rv_ < tl.where(to_sink, V, 0))
     if P > 0:  # this token takes the oldest token's slot, once every thread has read it
         tl.debug_barrier()
-        tl.store(rk + old * D + rd, kn, mask=md)
-        tl.store(rfk + old * F + rf, fkn, mask=mf)
+        tl.store(rk + old * D + rd, kn.to(rk.dtype.element_ty), mask=md)
+        tl.store(rfk + old * F + rf, fkn.to(rfk.dtype.element_ty), mask=mf)
         if HAS_G:
             tl.store(rg + old * F + rf, gn, mask=mf)
         for v_start in range(0, V, BV):
             rv_ = v_start + tl.arange(0, BV)
             mv = rv_ < V
-            tl.store(rv + old * V + rv_, tl.load(v + bh * V + rv_, mask=mv, other=0.0).to(tl.float32), mask=mv)
+            tl.store(rv + old * V + rv_, tl.load(v + bh * V + rv_, mask=mv, other=0.0).to(rv.dtype.element_ty), mask=mv)
 
 
 @triton.jit

@@ -41,25 +41,26 @@ RING = ("k", "v", "fk", "g", "valid")  # the state's window ring buffers
 
 def empty_state(
     batch: int, window: int, num_kv_heads: int, head_dim: int, value_dim: int,
-    feature_dim: int, gated: bool, device: torch.device, sinks: int = 0,
+    feature_dim: int, gated: bool, device: torch.device, sinks: int = 0, dtype: torch.dtype = torch.float32,
 ) -> dict[str, Tensor]:
     """State before the first token: empty memory, W-1 invalid (padding) window slots, ring position 0
-    (and `sinks` empty sink slots)."""
+    (and `sinks` empty sink slots). The memory and log-decays are fp32; the window's keys, values and
+    key features are kept in `dtype`, the model's (they come from its projections: no rounding)."""
     p = window - 1
-    z = dict(dtype=torch.float32, device=device)
+    z, zt = dict(dtype=torch.float32, device=device), dict(dtype=dtype, device=device)
     state = {
         "S": torch.zeros(batch, num_kv_heads, feature_dim, value_dim + 1, **z),
-        "k": torch.zeros(batch, p, num_kv_heads, head_dim, **z),
-        "v": torch.zeros(batch, p, num_kv_heads, value_dim, **z),
-        "fk": torch.zeros(batch, p, num_kv_heads, feature_dim, **z),
+        "k": torch.zeros(batch, p, num_kv_heads, head_dim, **zt),
+        "v": torch.zeros(batch, p, num_kv_heads, value_dim, **zt),
+        "fk": torch.zeros(batch, p, num_kv_heads, feature_dim, **zt),
         "valid": torch.zeros(batch, p, dtype=torch.bool, device=device),
         "pos": torch.zeros(batch, dtype=torch.long, device=device),
     }
     if gated:
         state["g"] = torch.zeros(batch, p, num_kv_heads, feature_dim, **z)
     if sinks:
-        state["sink_k"] = torch.zeros(batch, sinks, num_kv_heads, head_dim, **z)
-        state["sink_v"] = torch.zeros(batch, sinks, num_kv_heads, value_dim, **z)
+        state["sink_k"] = torch.zeros(batch, sinks, num_kv_heads, head_dim, **zt)
+        state["sink_v"] = torch.zeros(batch, sinks, num_kv_heads, value_dim, **zt)
         state["sink_pos"] = torch.full((batch, sinks), NO_SINK, dtype=torch.long, device=device)
         state["n"] = torch.zeros(batch, dtype=torch.long, device=device)
     return state
@@ -167,7 +168,7 @@ def hybrid_attn_ref(
         valid = seg[None] * (1 if valid is None else valid.long())  # segment ids, 0 for padding
         group, groups = seg[None] - 1, len(cu_seqlens) - 1
     if state is None:
-        state = empty_state(b, window, hk, d, vd, f, g is not None, q.device, sinks)
+        state = empty_state(b, window, hk, d, vd, f, g is not None, q.device, sinks, k.dtype)
     elif sinks and state.get("sink_k", k[:, :0]).shape[1] != sinks:
         raise ValueError(f"the state was made for another number of sinks than {sinks}")
     state = token_order(state)
@@ -204,7 +205,7 @@ def hybrid_attn_ref(
         y = _combine(num, den, o_l[..., :vd].float(), o_l[..., vd].float(), mix).to(v.dtype)
     if packed:
         return y, None
-    out = shift_window(ext, mem, t)
+    out = shift_window(ext, mem, t, state)
     if sink is not None:
         out.update(sink_k=sink["k"][:, :sinks], sink_v=sink["v"][:, :sinks], sink_pos=sink["pos"][:, :sinks], n=state["n"] + t)
     return y, out
@@ -215,7 +216,7 @@ def sink_table(
 ) -> dict[str, Tensor]:
     """The sinks after T new tokens: the state's, then the first real tokens of each sequence (group
     [B,T], 0..groups-1) until each has `sinks`. Returns `new` [B,T] (which tokens became sinks) and
-    `k`, `v` (fp32), `pos` [B, groups*sinks + 1, ...]: sequence g's sinks in slots g*sinks.. (the last
+    `k`, `v` (the state's dtype), `pos` [B, groups*sinks + 1, ...]: sequence g's sinks in slots g*sinks.. (the last
     slot collects the other tokens), and `at` [B,T], the new tokens' positions (from the state's `n`)."""
     b, t = real.shape
     pos = state["n"][:, None] + torch.arange(t, device=k.device)
@@ -226,8 +227,9 @@ def sink_table(
     new = real & (rank < sinks)
     slot = torch.where(new, group * sinks + rank, groups * sinks)
     out = {"new": new, "at": pos}
-    for name, x in (("k", k.float()), ("v", v.float()), ("pos", pos)):
+    for name, x in (("k", k), ("v", v), ("pos", pos)):
         old = state[f"sink_{name}"]
+        x = x.to(old.dtype)
         fill = NO_SINK if name == "pos" else 0
         base = torch.cat([old, old.new_full((b, (groups - 1) * sinks + 1, *old.shape[2:]), fill)], 1)
         out[name] = base.scatter(1, slot.view(b, t, *[1] * (x.dim() - 2)).expand_as(x), x)
@@ -243,7 +245,7 @@ def add_sinks(
     b, t, h, d = q.shape
     hk = sink["k"].shape[2]
     groups = (sink["k"].shape[1] - 1) // sinks
-    ks, vs, ps = (x[:, : groups * sinks].unflatten(1, (groups, sinks)) for x in (sink["k"], sink["v"], sink["pos"]))
+    ks, vs, ps = (x[:, : groups * sinks].unflatten(1, (groups, sinks)) for x in (sink["k"].float(), sink["v"].float(), sink["pos"]))
     qg = q.float().reshape(b, t, hk, h // hk, d)
     if groups == 1:  # every query of a row sees its row's sinks
         ks, vs, ps = ks[:, 0], vs[:, 0], ps[:, 0, None]
@@ -303,10 +305,11 @@ def extend_window(
     return ext
 
 
-def shift_window(ext: dict[str, Tensor], memory: Tensor, num_tokens: int) -> dict[str, Tensor]:
-    """The state after `num_tokens` new tokens: the new memory and the last W-1 window tokens, in order."""
+def shift_window(ext: dict[str, Tensor], memory: Tensor, num_tokens: int, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The state after `num_tokens` new tokens: the new memory and the last W-1 window tokens, in order,
+    in the dtypes of the state `like`."""
     pos = torch.zeros(memory.shape[0], dtype=torch.long, device=memory.device)
-    window = {name: t[:, num_tokens:] if name == "valid" else t[:, num_tokens:].float() for name, t in ext.items()}
+    window = {name: t[:, num_tokens:].to(like[name].dtype) for name, t in ext.items()}
     return {"S": memory, **window, "pos": pos}
 
 
@@ -336,7 +339,7 @@ def hybrid_step_ref(
     ext_g = ext.get("g")
     keys_k, keys_v, seen = ext["k"], ext["v"], ext["valid"]
     if ns:
-        keys_k, keys_v = torch.cat([keys_k, state["sink_k"]], 1), torch.cat([keys_v, state["sink_v"]], 1)
+        keys_k, keys_v = torch.cat([keys_k, state["sink_k"].float()], 1), torch.cat([keys_v, state["sink_v"].float()], 1)
         seen = torch.cat([seen, state["n"][:, None] - state["sink_pos"] >= window], 1)
 
     qg = q.float().reshape(b, 1, hk, h // hk, d)
@@ -361,11 +364,11 @@ def hybrid_step_ref(
     hit = torch.arange(p, device=q.device) == slot[:, None]  # [B,P]
     new = {"S": mem, "pos": state["pos"] + 1}
     for name, t in ext.items():
-        new[name] = torch.where(hit.view(b, p, *[1] * (t.dim() - 2)), t[:, p:], t[:, :p])
+        new[name] = torch.where(hit.view(b, p, *[1] * (t.dim() - 2)), t[:, p:], t[:, :p]).to(state[name].dtype)
     if ns:
         take = (torch.arange(ns, device=q.device) == taken[:, None]) & new_sink[:, None]  # [B,NS]
-        new["sink_k"] = torch.where(take[..., None, None], k.float()[:, None], state["sink_k"])
-        new["sink_v"] = torch.where(take[..., None, None], v.float()[:, None], state["sink_v"])
+        new["sink_k"] = torch.where(take[..., None, None], k[:, None].to(state["sink_k"].dtype), state["sink_k"])
+        new["sink_v"] = torch.where(take[..., None, None], v[:, None].to(state["sink_v"].dtype), state["sink_v"])
         new["sink_pos"] = torch.where(take, state["n"][:, None], state["sink_pos"])
         new["n"] = state["n"] + 1
     return y.to(v.dtype), new
