@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, references only (checks the script)")
     ap.add_argument("--ops", nargs="*", help="time only these ops (linear_attn, simple_gla, gla, lolcats_hybrid, softmax_attn)")
-    ap.add_argument("--impls", nargs="*", help="time only these implementations (ours, fla, sdpa, reference, torch_window)")
+    ap.add_argument("--impls", nargs="*", help="time only these implementations (ours, ours_sinks4, fla, sdpa, reference, torch_window)")
     ap.add_argument("--lengths", nargs="*", type=int, help="sequence lengths (default 2048 8192 32768 on a GPU)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
@@ -141,7 +141,9 @@ def main() -> None:
         if cuda:
             hybrid_leaves = [x.clone().requires_grad_() for x in (q, k, v, fq, fk, mix)]
             torch_window = lambda *a: hybrid_attn_ref(*a, scan=kernels.chunk_gla, **hybrid_kw)  # noqa: E731
-            for impl, hybrid in (("ours", lambda *a: kernels.hybrid_attn(*a, **hybrid_kw)), ("torch_window", torch_window)):
+            sinks = lambda *a: kernels.hybrid_attn(*a, sinks=4, **hybrid_kw)  # noqa: E731  (window kernel + sinks in PyTorch)
+            for impl, hybrid in (("ours", lambda *a: kernels.hybrid_attn(*a, **hybrid_kw)), ("ours_sinks4", sinks),
+                                 ("torch_window", torch_window)):
                 record("lolcats_hybrid", impl, t, "fwd", lambda: hybrid(q, k, v, fq, fk, None, mix))
                 record("lolcats_hybrid", impl, t, "fwdbwd",
                        lambda: torch.autograd.backward(hybrid(*hybrid_leaves[:5], None, hybrid_leaves[5])[0], do))

@@ -290,3 +290,20 @@ def test_hedgehog_attention_weights_match_its_outputs_and_ce_trains(smollm2, row
     ce0 = ce()
     _loop(params, lambda b: sum(v[0] for v in transfer_losses(model, b, train=True, attn_ce_weight=1.0).values()), rows, 10, tmp_path)
     assert ce() < ce0
+
+
+def test_cli_convert_of_a_plan_without_new_parameters(smollm2_base, tmp_path, monkeypatch, capsys):
+    """A streaming plan adds no parameters: stage 1 is skipped (not an empty optimizer's traceback), stage 2
+    trains its LoRA; with no steps at all the folder holds the training-free model."""
+    from linearize import cli
+    from linearize.distill import run
+
+    monkeypatch.setattr(run, "load", lambda *a, **k: (copy.deepcopy(smollm2_base[0]), smollm2_base[1]))
+    (tmp_path / "d.txt").write_text("\n".join([TEXT, TEXT[::-1], TEXT.lower(), TEXT.upper()] * 2))
+    base = ["convert", "--config", "configs/smollm2-135m.yaml", "--plan", "4:streaming(window=8, sinks=2, softmax_heads=[1])",
+            f"data.source={tmp_path / 'd.txt'}", "data.seq_len=64", "stage1.steps=2"]
+    assert cli.main(base + ["--out", str(tmp_path / "a"), "stage2.steps=2"]) == 0
+    assert "stage1: nothing to train" in capsys.readouterr().out
+    assert json.loads((tmp_path / "a" / "metrics" / "stage2.json").read_text())["steps"] == 2
+    assert cli.main(base + ["--out", str(tmp_path / "b"), "stage1.steps=0", "stage2.steps=0"]) == 0
+    assert linearize.load(tmp_path / "b")[0].config.linearize["layers"][4]["kind"] == "streaming"

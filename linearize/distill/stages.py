@@ -200,6 +200,9 @@ def train_loop(
     sees the same batches); `step_fn` runs forward and backward and returns the loss."""
     from tqdm.auto import tqdm
 
+    if not params:  # e.g. stage 1 of a plan whose kinds add no parameters (streaming)
+        log(f"{name}: nothing to train (the plan's kinds add no parameters), skipped")
+        return {"steps": 0, "history": [], "train_tokens": 0}
     opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps))
     start, history = 0, []
