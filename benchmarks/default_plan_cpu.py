@@ -1,7 +1,8 @@
 """`make convert`'s default recipe on a CPU (issue 17): its old layer plan against head-level plans at the
 same cache, trained on the recipe's CPU budget, and the training-free baseline; WikiText-2 perplexity and
 recall (copy, passkey, MQAR) at 512 tokens, in records of `{"run", "plan", "cache_fraction", "metric",
-"context", "teacher", "converted", "train_tokens"}`.
+"context", "teacher", "converted", "train_tokens"}` (and `val_ppl`, the recipe's held-out teacher samples: what
+choices were made on).
 
     python benchmarks/default_plan_cpu.py --out benchmarks/results/default_plan_cpu.json
 
@@ -60,6 +61,8 @@ def main() -> None:
         "layers-sinks": (OLD_DEFAULT.replace("window=64)", "window=64, sinks=4)"), []),
         "heads-sinks": (heads, []),
         "heads-free": (free, ["stage1.steps=0", "stage2.steps=0"]),
+        # the hybrid started at the window's side (sigmoid(3) = 0.95: nearly the training-free plan)
+        "heads-sinks-init3": (head_plan(args.scores, "lolcats(window=64, sinks=4, window_init=3)", budget, meter), []),
     }
     cli = [sys.executable, "-m", "linearize.cli"]
     evals = [a.format(data=args.data_dir) for a in EVAL]
@@ -91,7 +94,9 @@ def main() -> None:
     for name, (plan, _) in runs.items():
         summary = json.loads((work / name / "metrics" / "summary.json").read_text())
         specs = LayerPlan.from_string(plan).resolve(model.config.num_hidden_layers)
-        for (metric, ctx), value in values(results[name]).items():
+        got = {**values(results[name]), ("val_ppl", 256): summary["student_val_ppl"]}  # held-out teacher samples: the tuning data
+        teacher[("val_ppl", 256)] = summary["teacher_val_ppl"]
+        for (metric, ctx), value in got.items():
             records.append({"run": name, "plan": plan, "cache_fraction": round(meter.fraction(specs), 4), "metric": metric,
                             "context": ctx, "teacher": teacher[(metric, ctx)], "converted": value,
                             "train_tokens": sum(summary["train_tokens"].values())})

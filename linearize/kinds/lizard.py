@@ -16,6 +16,7 @@ from .gla import GLAAttention, GLAOptions
 class LizardOptions(GLAOptions):
     window: int = 64  # tokens (including the current one) under exact softmax
     sinks: int = 0  # first tokens every query's window softmax also sees (attention sinks, kept out of the linear part)
+    window_init: float = 0.0  # initial logit of the window part's weight (sigmoid): 0 halves; large starts as the window alone
 
     def check(self) -> None:
         super().check()
@@ -35,7 +36,7 @@ class LizardAttention(GLAAttention):
 
     def build(self, options: LizardOptions) -> None:
         super().build(options)
-        self.window_logit = nn.Parameter(torch.zeros(self.mixer_heads))
+        self.window_logit = nn.Parameter(torch.full((self.mixer_heads,), float(options.window_init)))
 
     def mix(self, q, k, v, x, valid, state):
         fq, fk, g = self.feature_map_q(q), self.feature_map_k(k), self.gate(x)

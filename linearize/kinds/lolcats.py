@@ -16,6 +16,7 @@ from .hedgehog import HedgehogAttention, HedgehogOptions
 class LolcatsOptions(HedgehogOptions):
     window: int = 64  # tokens (including the current one) under exact softmax
     sinks: int = 0  # first tokens every query's window softmax also sees (attention sinks, kept out of the linear part)
+    window_init: float = 0.0  # initial logit of the window part's weight (sigmoid): 0 halves; large starts as the window alone
 
     def check(self) -> None:
         super().check()
@@ -32,7 +33,7 @@ class LolcatsAttention(HedgehogAttention):
 
     def build(self, options: LolcatsOptions) -> None:
         super().build(options)
-        self.window_logit = nn.Parameter(torch.zeros(self.mixer_heads))  # sigmoid: weight of the window part
+        self.window_logit = nn.Parameter(torch.full((self.mixer_heads,), float(options.window_init)))  # sigmoid: weight of the window part
 
     def mix(self, q, k, v, x, valid, state):
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
