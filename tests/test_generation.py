@@ -26,6 +26,7 @@ PLANS = {
     "gla-identity": "*:gla(feature_map=identity)",
     "lizard": "*:lizard(window=3)",
     "lolcats-w1": "*:lolcats(window=1)",
+    "lolcats-sinks": "*:lolcats(window=3, sinks=2)",  # sink slots filled and read in place
     "mamba2": "*:mamba2",
 }
 
