@@ -52,7 +52,7 @@ RUNS = {
     "ours-short": ("heads:lolcats(window=64)", 1024, 16, 150, 150, 0.0),
     "ours-norecall": ("heads:lolcats(window=64)", 4096, 4, 150, 150, 0.0),
     "ours-sinks": ("heads:lolcats(window=64, sinks=4)", 4096, 4, 150, 150, 0.25),
-    "ours-sinks-v2": ("heads-v2:lolcats(window=64, sinks=4)", 4096, 4, 150, 150, 0.25),
+    "ours-sinks-v2": ("heads-v2:lolcats(window=64, sinks=4, window_init=3)", 4096, 4, 150, 150, 0.25),
     "lolcats50": (",".join(f"{i}:lolcats(window=64)" for i in range(0, 30, 2)), 1024, 16, 125, 125, 0.0),
 }
 
