@@ -36,6 +36,20 @@ class KindOptions:
             raise PlanError(f"softmax_heads must be distinct KV head indices >= 0, got {list(self.softmax_heads)}")
 
 
+@dataclass(frozen=True)
+class WindowOptions(KindOptions):
+    """Options of the window hybrids (`lolcats`, `lizard`): a softmax window beside a linear memory."""
+
+    window: int = 64  # tokens (including the current one) under exact softmax
+    sinks: int = 0  # first tokens every query's window softmax also sees (attention sinks, kept out of the linear part)
+    window_init: float = 0.0  # initial logit of the window part's weight (sigmoid): 0 halves; large starts as the window alone
+
+    def check(self) -> None:
+        super().check()
+        if self.window < 1 or self.sinks < 0:
+            raise PlanError(f"window must be >= 1 and sinks >= 0, got window={self.window}, sinks={self.sinks}")
+
+
 def _runs(heads: list[int], rep: int) -> list[tuple[int, int]]:
     """Contiguous [start, stop) ranges covering KV heads `heads` scaled by `rep` (query heads per KV head)."""
     out: list[tuple[int, int]] = []
@@ -254,6 +268,10 @@ class LinearizedAttention(nn.Module):
             o, mem = chunk_gla(fq, fk, v, g, initial_state=None if state is None else state["S"])
         y = o[..., :-1] / (o[..., -1:] + EPS) if normalize else o
         return y, {"S": mem}
+
+    def build_window_mix(self) -> None:
+        """The window hybrids' per-head weight of the window part, a logit (sigmoid) starting at `window_init`."""
+        self.window_logit = nn.Parameter(torch.full((self.mixer_heads,), float(self.options.window_init)))
 
     def windowed_attend(
         self, q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None,
