@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 
 import linearize
-from linearize.autoplan import Budget, HeadScores, choose_heads
+from linearize.autoplan import Budget, HeadScores, choose_heads, with_kind
 from linearize.eval.report import run_info
 from linearize.info import CacheMeter
-from linearize.plan import LayerPlan, LayerSpec, parse_spec, specs_to_string
+from linearize.plan import LayerPlan, specs_to_string
 
 RECIPE = "configs/smollm2-135m.yaml"
 OLD_DEFAULT = "0-1:softmax,2-27:lolcats(window=64),28-:softmax"
@@ -53,9 +53,8 @@ def main() -> None:
     meter = CacheMeter(model.config)
     budget = meter.fraction(LayerPlan.from_string(OLD_DEFAULT).resolve(model.config.num_hidden_layers))
     heads = head_plan(args.scores, "lolcats(window=64, sinks=4)", budget, meter)
-    stream = parse_spec("streaming(window=64, sinks=4)")  # the same heads kept, a window with sinks elsewhere, no training
-    free = specs_to_string([s if s.kind == "softmax" else LayerSpec(stream.kind, {**stream.options, **{
-        k: v for k, v in s.options.items() if k == "softmax_heads"}}) for s in LayerPlan.from_string(heads).resolve(model.config.num_hidden_layers)])
+    # the same heads kept, a window with sinks elsewhere, no training
+    free = specs_to_string(with_kind(LayerPlan.from_string(heads).resolve(model.config.num_hidden_layers), "streaming(window=64, sinks=4)"))
     runs = {  # name: (plan, extra convert arguments)
         "layers": (OLD_DEFAULT, []),
         "layers-sinks": (OLD_DEFAULT.replace("window=64)", "window=64, sinks=4)"), []),

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import linearize
-from linearize.autoplan import Budget, HeadScores, autoplan_heads, calibration_rows, choose_heads, head_table
+from linearize.autoplan import Budget, HeadScores, autoplan_heads, calibration_rows, choose_heads, head_table, with_kind
 from linearize.distill.config import DataConfig, DistillConfig, Stage1Config, Stage2Config
 from linearize.distill.run import distill
 from linearize.eval.perplexity import text_perplexity
@@ -193,10 +193,7 @@ def earlier_state(results: dict) -> dict:
 
 def head_plan(state: dict, source: str, kind: str) -> str:
     """The head plan `source`'s softmax heads with `kind` in place of its converted kind."""
-    specs = [LayerSpec.from_dict(d) for d in state["plans"][source]["specs"]]
-    base = linearize.plan.parse_spec(kind)
-    return specs_to_string([s if s.kind == "softmax" else LayerSpec(base.kind, {**base.options, **(
-        {"softmax_heads": s.options["softmax_heads"]} if s.options.get("softmax_heads") else {})}) for s in specs])
+    return specs_to_string(with_kind([LayerSpec.from_dict(d) for d in state["plans"][source]["specs"]], kind))
 
 
 def write_results(state: dict, args: argparse.Namespace) -> None:

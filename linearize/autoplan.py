@@ -448,6 +448,13 @@ def choose_heads(scores: HeadScores, budget: Budget, kind: str, cache_of: Callab
     return specs_with(kept)
 
 
+def with_kind(specs: list[LayerSpec], kind: str) -> list[LayerSpec]:
+    """The same softmax layers and softmax heads, every converted head `kind` (e.g. a head plan's training-free twin)."""
+    base = parse_spec(kind)
+    return [s if s.kind == SOFTMAX else LayerSpec(base.kind, {**base.options, **(
+        {"softmax_heads": s.options["softmax_heads"]} if s.options.get("softmax_heads") else {})}) for s in specs]
+
+
 def head_table(scores: HeadScores, specs: list[LayerSpec]) -> str:
     """Markdown table: per layer each KV head's copy and text cost, the kept heads marked *."""
     from .eval.report import table

@@ -492,7 +492,7 @@ def test_cache_budget_parses_and_refuses_impossible_fractions(text, ok):
 
 
 def test_choose_heads_keeps_the_best_scored_heads_that_fit():
-    from linearize.autoplan import Budget, HeadScores, choose_heads
+    from linearize.autoplan import Budget, HeadScores, choose_heads, with_kind
 
     # 3 layers x 2 KV heads; each kept head costs 0.25 of the teacher's cache, converted ones nothing
     scores = HeadScores(copy=[[0.9, 0.0], [0.1, 0.5], [0.8, 0.7]], text=[[0.0] * 2] * 3, teacher_copy_loss=1.0, teacher_text_loss=1.0)
@@ -505,6 +505,9 @@ def test_choose_heads_keeps_the_best_scored_heads_that_fit():
         "lolcats(softmax_heads=[0], window=8)", "lolcats(window=8)", "softmax"]  # 0.9, then 0.8 and 0.7 (layer 2 whole)
     with pytest.raises(PlanError, match="even with every head converted"):
         choose_heads(scores, Budget.parse("cache=10%"), "lolcats", lambda specs: 0.5)
+    # the same kept heads with another kind for the rest (the training-free twin of a head plan)
+    assert [s.to_string() for s in with_kind(specs, "streaming(window=64, sinks=4)")] == [
+        "streaming(sinks=4, softmax_heads=[0], window=64)", "streaming(sinks=4, window=64)", "softmax"]
 
 
 def test_autoplan_heads_fits_the_budget_and_keeps_the_costliest_heads(base, tmp_path):
