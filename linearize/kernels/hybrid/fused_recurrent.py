@@ -25,6 +25,13 @@ from .naive import EPS
 
 
 @triton.jit
+def _sinks_taken(spos, b, now, NS: tl.constexpr, BS: tl.constexpr):
+    """How many of row b's sink slots hold a token (a filled slot's position is before `now`; free: NO_SINK)."""
+    rs = tl.arange(0, BS)
+    return tl.sum(((rs < NS) & (tl.load(spos + b * NS + rs, mask=rs < NS, other=0) < now)).to(tl.int32), axis=0)
+
+
+@triton.jit
 def _hybrid_step_kernel(
     q, k, v, fq, fk, g, valid, mix,  # this token: q [B,H,D], k [B,HK,D], v [B,HK,V], fq [B,H,F], fk/g [B,HK,F], valid [B]
     s, rk, rv, rfk, rg, rvalid, pos,  # state: S [B,HK,F,V+1], ring k/v/fk/g [B,P,HK,*], ring valid [B,P], pos [B]
@@ -58,8 +65,7 @@ def _hybrid_step_kernel(
         ks = tl.load(sk + sink_row[:, None] * D + rd[None, :], mask=is_sink[:, None] & md[None, :], other=0.0).to(tl.float32)
         kw = tl.where(is_sink[:, None], ks, kw)
         ok = tl.where(is_sink, now - tl.load(spos + b * NS + rw - P - 1, mask=is_sink, other=0) > P, ok)
-        rs = tl.arange(0, BS)
-        taken = tl.sum(((rs < NS) & (tl.load(spos + b * NS + rs, mask=rs < NS, other=0) < now)).to(tl.int32), axis=0)
+        taken = _sinks_taken(spos, b, now, NS, BS)
         to_sink = (keep > 0) & (taken < NS)
     # this token's key features and log-decay (zero for padding), the oldest token's, the query decay
     fkn = tl.load(fk + bh * F + rf, mask=mf, other=0.0).to(tl.float32) * keep
@@ -146,8 +152,7 @@ def _ring_advance_kernel(valid, rvalid, pos, spos, n, P: tl.constexpr, NS: tl.co
     tl.store(pos + b, p + 1)
     if NS > 0:
         now = tl.load(n + b)
-        rs = tl.arange(0, BS)
-        taken = tl.sum(((rs < NS) & (tl.load(spos + b * NS + rs, mask=rs < NS, other=0) < now)).to(tl.int32), axis=0)
+        taken = _sinks_taken(spos, b, now, NS, BS)
         tl.store(spos + b * NS + taken, now, mask=tl.where(real != 0, taken, NS) < NS)
         tl.store(n + b, now + 1)
 
