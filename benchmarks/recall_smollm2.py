@@ -46,13 +46,14 @@ TASKS = {"local_hellaswag": ("hellaswag_acc_norm", "acc_norm"), "local_arc_easy"
          "local_arc_challenge": ("arc_challenge_acc_norm", "acc_norm"), "local_piqa": ("piqa_acc", "acc"),
          "local_lambada": ("lambada_acc", "acc")}
 # name: (plan: "heads[-NAME]:KIND" = that head plan's softmax heads with KIND elsewhere, or a plan string;
-#        seq_len, batch, stage-1 steps, stage-2 steps, recall_mix)
+#        seq_len, batch, stage-1 steps, stage-2 steps (0: none), recall_mix)
 RUNS = {
     "ours": ("heads:lolcats(window=64)", 4096, 4, 150, 150, 0.25),
     "ours-short": ("heads:lolcats(window=64)", 1024, 16, 150, 150, 0.0),
     "ours-norecall": ("heads:lolcats(window=64)", 4096, 4, 150, 150, 0.0),
     "ours-sinks": ("heads:lolcats(window=64, sinks=4)", 4096, 4, 150, 150, 0.25),
     "ours-sinks-v2": ("heads-v2:lolcats(window=64, sinks=4, window_init=3)", 4096, 4, 150, 150, 0.25),
+    "ours-sinks-v2-s1": ("heads-v2:lolcats(window=64, sinks=4, window_init=3)", 4096, 4, 300, 0, 0.25),
     "lolcats50": (",".join(f"{i}:lolcats(window=64)" for i in range(0, 30, 2)), 1024, 16, 125, 125, 0.0),
 }
 
@@ -149,7 +150,7 @@ def main() -> None:
                 state["metrics"][step] = measure(model, tok, args, log)
         else:
             plan_s, seq, batch, s1, s2, mix = RUNS[step]
-            s1, s2 = max(1, round(s1 * args.scale_steps)), max(1, round(s2 * args.scale_steps))
+            s1, s2 = (max(1, round(s * args.scale_steps)) if s else 0 for s in (s1, s2))  # 0: the stage is skipped
             if plan_s.startswith("heads"):
                 plan_s = head_plan(state, *plan_s.split(":", 1))
             cfg = DistillConfig(
@@ -180,7 +181,7 @@ def earlier_state(results: dict) -> dict:
     """The workdir state of an earlier results file: each run's metrics, the teacher's, the plans, the log."""
     metrics: dict[str, dict[str, float]] = {"teacher": {}}
     for r in results["records"]:
-        key = r["metric"] + (f"@{r['context']}" if r["context"] else "")
+        key = f"{r['metric']}@{'' if r['context'] is None else r['context']}"  # measure()'s keys
         metrics.setdefault(r["run"], {})[key] = r["converted"]
         if r["teacher"] is not None:
             metrics["teacher"][key] = r["teacher"]

@@ -49,6 +49,27 @@ def test_kernel_benchmark_script_runs_in_smoke_mode(tmp_path):
     assert all(r["ms"] > 0 for r in data["records"])
 
 
+def test_recall_benchmark_resumes_an_earlier_results_file(tmp_path):
+    """--resume-from keeps every earlier run's metrics and the teacher's, so records written later still pair them."""
+    import argparse
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("recall_smollm2", ROOT / "benchmarks" / "recall_smollm2.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    metrics = {"teacher": {"copy@256": 0.6, "lambada_acc@": 0.3}, "a": {"copy@256": 0.5, "lambada_acc@": 0.2}}
+    plans = {"a": {"plan": "0:softmax", "cache_fraction": 0.2, "train_tokens": 7}}
+    args = argparse.Namespace(out=str(tmp_path / "r1.json"))
+    bench.write_results({"metrics": metrics, "plans": plans, "log": []}, args)
+    state = bench.earlier_state(json.loads((tmp_path / "r1.json").read_text()) | {"head_plan": [], "head_scores": {}})
+    state["metrics"]["b"], state["plans"]["b"] = {"lambada_acc@": 0.25}, {**plans["a"], "plan": "1:softmax"}
+    bench.write_results(state, argparse.Namespace(out=str(tmp_path / "r2.json")))
+    records = {(r["run"], r["metric"], r["context"]): r for r in json.loads((tmp_path / "r2.json").read_text())["records"]}
+    assert records[("a", "copy", 256)]["teacher"] == 0.6 and records[("a", "lambada_acc", None)]["teacher"] == 0.3
+    assert records[("b", "lambada_acc", None)]["teacher"] == 0.3 and records[("b", "lambada_acc", None)]["converted"] == 0.25
+
+
 # --- the other subcommands: help, inspect, plan (convert/eval/bench: test_distill, test_eval; push: test_hub) ---
 
 def test_help_lists_every_recipe(capsys):
@@ -158,3 +179,4 @@ def test_recipe_documents_its_token_budget_and_converts_its_model(recipe):
         linearize.convert(model, cfg.plan)
     specs = model.layer_plan
     assert len(specs) == config.num_hidden_layers and any(s.kind != "softmax" for s in specs)
+
