@@ -141,7 +141,7 @@ def main() -> None:
         if cuda:
             hybrid_leaves = [x.clone().requires_grad_() for x in (q, k, v, fq, fk, mix)]
             torch_window = lambda *a: hybrid_attn_ref(*a, scan=kernels.chunk_gla, **hybrid_kw)  # noqa: E731
-            sinks = lambda *a: kernels.hybrid_attn(*a, sinks=4, **hybrid_kw)  # noqa: E731  (window kernel + sinks in PyTorch)
+            sinks = lambda *a: kernels.hybrid_attn(*a, sinks=4, **hybrid_kw)  # noqa: E731  (4 sink tokens in the window kernel)
             for impl, hybrid in (("ours", lambda *a: kernels.hybrid_attn(*a, **hybrid_kw)), ("ours_sinks4", sinks),
                                  ("torch_window", torch_window)):
                 record("lolcats_hybrid", impl, t, "fwd", lambda: hybrid(q, k, v, fq, fk, None, mix))

@@ -197,7 +197,7 @@ def test_hybrid_on_the_triton_scan_matches_reference_with_gradients(gated, t, wi
 
 
 window_ops = pytest.importorskip("linearize.kernels.hybrid.window")
-from linearize.kernels.hybrid.naive import window_combine_ref, window_softmax_ref  # noqa: E402
+from linearize.kernels.hybrid.naive import NO_SINK, window_combine_ref, window_softmax_ref  # noqa: E402
 
 
 def _tf32(x):
@@ -242,15 +242,15 @@ def _window_err(got, ref):
 def test_window_softmax_kernel_matches_reference_with_gradients(window, t, d, vd, dtype, softcap, pad):
     b, h, hk = 2, 6, 2
     q, ek, ev, valid = _window_inputs(b, t, h, hk, d, vd, window, dtype, pad)
-    num, den, m = window_ops.window_softmax(q, ek, ev, valid, window, d**-0.5, softcap, return_max=True)
-    dnum, dden, dm = torch.randn_like(num), torch.randn_like(den), torch.randn_like(den)  # m carries gradient too
-    grads = torch.autograd.grad((num * dnum).sum() + (den * dden).sum() + (m * dm).sum(), [q, ek, ev])
-    num_ref, den_ref, m_ref = window_softmax_ref(q.float(), ek.float(), ev.float(), valid, window, d**-0.5, softcap, return_max=True)
-    refs = torch.autograd.grad((num_ref * dnum).sum() + (den_ref * dden).sum() + (m_ref * dm).sum(), [q, ek, ev])
+    num, den = window_ops.window_softmax(q, ek, ev, valid, window, d**-0.5, softcap)
+    dnum, dden = torch.randn_like(num), torch.randn_like(den)
+    grads = torch.autograd.grad((num * dnum).sum() + (den * dden).sum(), [q, ek, ev])
+    num_ref, den_ref = window_softmax_ref(q.float(), ek.float(), ev.float(), valid, window, d**-0.5, softcap)
+    refs = torch.autograd.grad((num_ref * dnum).sum() + (den_ref * dden).sum(), [q, ek, ev])
     fp32_cpu = dtype == torch.float32 and DEVICE == "cpu"
     tol = 1e-5 if fp32_cpu else (3e-3 if dtype == torch.float32 else 1e-2)  # GPU: TF32 products
     assert num.dtype == den.dtype == torch.float32 and not torch.isnan(num).any() and not torch.isnan(den).any()
-    assert rel_err(num, num_ref) < tol and rel_err(den, den_ref) < tol and rel_err(m, m_ref) < tol
+    assert rel_err(num, num_ref) < tol and rel_err(den, den_ref) < tol
     if pad:  # rows that see no valid key: 0, like the reference
         assert num[0, : min(t, 3)].abs().max() == 0 and den[0, : min(t, 3)].abs().max() == 0
     gtol = 1e-5 if fp32_cpu else (5e-3 if dtype == torch.float32 else 2e-2)  # bf16: rounding of the gradients
@@ -259,11 +259,22 @@ def test_window_softmax_kernel_matches_reference_with_gradients(window, t, d, vd
         assert _window_err(got, ref) < gtol
 
 
-@pytest.mark.parametrize("dtype,softcap,columns", [(torch.float32, None, True), (torch.bfloat16, 30.0, False)])
-def test_window_combine_kernel_matches_reference_with_gradients(dtype, softcap, columns):
-    """The linear part as two tensors, or (columns) as column views of one [..., V+1] tensor, read in place."""
+@pytest.mark.parametrize(
+    "dtype,softcap,columns,sinks",
+    [(torch.float32, None, True, 0), (torch.bfloat16, 30.0, False, 0), (torch.float32, None, False, 3), (torch.bfloat16, 30.0, True, 3)],
+)
+def test_window_combine_kernel_matches_reference_with_gradients(dtype, softcap, columns, sinks):
+    """The linear part as two tensors, or (columns) as column views of one [..., V+1] tensor, read in
+    place; with sinks, a table of filled and empty slots seen by the later queries only."""
     b, t, h, hk, d, vd, window = 2, 21, 6, 2, 16, 24, 8
     q, ek, ev, valid = _window_inputs(b, t, h, hk, d, vd, window, dtype, pad=True)
+    sink, sink_inputs = None, []
+    if sinks:
+        sk, sv = (_tf32(torch.randn(b, sinks + 1, hk, n, device=DEVICE)).to(dtype).requires_grad_() for n in (d, vd))
+        pos = torch.tensor([[0, 1, NO_SINK, NO_SINK], [2, 3, 5, NO_SINK]], device=DEVICE)  # row 0: one slot empty
+        at = 4 + torch.arange(t, device=DEVICE).expand(b, t)  # a query at p sees sinks at <= p - 8
+        sink = dict(k=sk, v=sv, pos=pos, at=at, group=torch.zeros(b, t, dtype=torch.long, device=DEVICE))
+        sink_inputs = [sk, sv]
     lin = torch.cat([torch.randn(b, t, h, vd, device=DEVICE), torch.rand(b, t, h, 1, device=DEVICE) * 5], -1).to(dtype)
     if columns:
         lin.requires_grad_()
@@ -273,10 +284,13 @@ def test_window_combine_kernel_matches_reference_with_gradients(dtype, softcap, 
         num_l, den_l = lin[..., :vd].contiguous().requires_grad_(), lin[..., vd].contiguous().requires_grad_()
         lin_inputs = [num_l, den_l]
     mix = torch.rand(h, device=DEVICE).requires_grad_()
-    inputs, kw = [q, ek, ev, *lin_inputs, mix], dict(window=window, scale=d**-0.5, softcap=softcap, dtype=dtype)
+    inputs = [q, ek, ev, *lin_inputs, mix, *sink_inputs]
+    kw = dict(window=window, scale=d**-0.5, softcap=softcap, dtype=dtype, sink=sink, sinks=sinks)
     out = window_ops.window_combine(q, ek, ev, valid, num_l, den_l, mix, **kw)
     dy = torch.randn_like(out, dtype=torch.float32)
     grads = torch.autograd.grad((out.float() * dy).sum(), inputs)
+    if sinks:
+        kw["sink"] = {**sink, "k": sink["k"].float(), "v": sink["v"].float()}
     ref = window_combine_ref(q.float(), ek.float(), ev.float(), valid, num_l, den_l, mix, **kw)
     refs = torch.autograd.grad((ref.float() * dy).sum(), inputs)
     fp32_cpu = dtype == torch.float32 and DEVICE == "cpu"
@@ -287,10 +301,10 @@ def test_window_combine_kernel_matches_reference_with_gradients(dtype, softcap, 
         assert _window_err(got, r) < (1e-5 if fp32_cpu else (5e-3 if dtype == torch.float32 else 2e-2))
 
 
-@pytest.mark.parametrize("t,window,softcap,sinks", [(40, 9, None, 0), (13, 4, 30.0, 0), (40, 9, None, 3)])  # both parts non-empty
+@pytest.mark.parametrize("t,window,softcap,sinks", [(40, 9, None, 0), (13, 4, 30.0, 0), (40, 9, None, 3), (13, 4, 30.0, 2)])  # both parts non-empty
 def test_hybrid_on_the_window_kernel_matches_reference_with_gradients(t, window, softcap, sinks):
-    """With sinks: the window kernel's max and its gradient, sinks added in PyTorch (first segment
-    shorter than the sinks: the second one takes the rest)."""
+    """With sinks (in the window kernel): the first segment holds fewer real tokens than the sinks in
+    one row, so the second one takes the rest; the gradients reach the sinks' tokens through both."""
     b, h, hk, d, f = 2, 6, 2, 16, 32
     leaf = lambda *s: torch.randn(*s, device=DEVICE).requires_grad_()  # noqa: E731
     q, k, v = leaf(b, t, h, d), leaf(b, t, hk, d), leaf(b, t, hk, d)
@@ -304,7 +318,7 @@ def test_hybrid_on_the_window_kernel_matches_reference_with_gradients(t, window,
     # k and v); the second continues from it on the kernels and on the references
     args = lambda a, z: [x[:, a:z] for x in (q, k, v)] + [fq[:, a:z].softmax(-1), fk[:, a:z].softmax(-1), None, mix]  # noqa: E731
     _, state = hybrid_attn_ref(*args(0, cut), valid=valid[:, :cut], **kw)
-    kernels = dict(scan=chunk_ops.chunk_gla_triton, combine=window_ops.window_combine, window_softmax=window_ops.window_softmax)
+    kernels = dict(scan=chunk_ops.chunk_gla_triton, combine=window_ops.window_combine)
     y, st = hybrid_attn_ref(*args(cut, t), valid=valid[:, cut:], state=state, **kernels, **kw)
     y_ref, st_ref = hybrid_attn_ref(*args(cut, t), valid=valid[:, cut:], state=state, **kw)
     dy = torch.randn_like(y)
@@ -340,9 +354,9 @@ def test_hybrid_dispatch_on_cuda_matches_reference_at_model_shapes(gated):
     assert all(_window_err(a, r) < 2e-2 for a, r in zip(grads, refs))
 
 
-@pytest.mark.parametrize("gated", [False, True])
-def test_packed_hybrid_on_the_kernels_matches_reference_with_gradients(gated):
-    """cu_seqlens: windows and linear memories stop at sequence boundaries, on the kernels as on the reference."""
+@pytest.mark.parametrize("gated,sinks", [(False, 0), (True, 0), (False, 2)])
+def test_packed_hybrid_on_the_kernels_matches_reference_with_gradients(gated, sinks):
+    """cu_seqlens: windows, linear memories and sinks stop at sequence boundaries, on the kernels as on the reference."""
     lens, h, hk, d, f = [5, 30, 1, 12], 4, 2, 16, 32
     cu = torch.tensor([0] + lens, device=DEVICE).cumsum(0)
     t = sum(lens)
@@ -352,7 +366,7 @@ def test_packed_hybrid_on_the_kernels_matches_reference_with_gradients(gated):
     mix = torch.rand(h, device=DEVICE)
     valid = torch.ones(1, t, dtype=torch.bool, device=DEVICE)
     valid[0, 7:9] = False  # padding inside a packed sequence too
-    kw = dict(window=9, scale=0.25, chunk_size=16, valid=valid, cu_seqlens=cu)
+    kw = dict(window=9, scale=0.25, chunk_size=16, valid=valid, cu_seqlens=cu, sinks=sinks)
     args = lambda: (q, k, v, fq.softmax(-1), fk.softmax(-1), F.logsigmoid(gl + 2) if gated else None, mix)  # noqa: E731
     y, state = hybrid_attn_ref(*args(), scan=chunk_ops.chunk_gla_triton, combine=window_ops.window_combine, **kw)
     y_ref, _ = hybrid_attn_ref(*args(), **kw)

@@ -22,9 +22,9 @@ try:  # Triton is Linux-only; without it everything runs on the references
     from .gla.chunk import chunk_gla_triton
     from .gla.fused_recurrent import gla_step_triton
     from .hybrid.fused_recurrent import hybrid_step_triton
-    from .hybrid.window import window_combine, window_softmax
+    from .hybrid.window import window_combine
 except ImportError:  # pragma: no cover - depends on the platform
-    chunk_gla_triton = gla_step_triton = hybrid_step_triton = window_combine = window_softmax = None
+    chunk_gla_triton = gla_step_triton = hybrid_step_triton = window_combine = None
 
 
 def use_triton(x: Tensor) -> bool:
@@ -44,10 +44,9 @@ def chunk_gla(
 
 def hybrid_attn(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None, mix: Tensor, **kw):
     """Window + linear hybrid over a sequence (see `hybrid_attn_ref`); its linear part goes through
-    `chunk_gla` and, on CUDA, the window part and the combine run in one kernel (`window_combine`;
-    with sinks, `window_softmax` and the sinks added in PyTorch), both on q's dtype (16-bit operands,
-    fp32 accumulation) where the references work in fp32."""
-    fast = {"combine": window_combine, "window_softmax": window_softmax, "compute_dtype": None} if use_triton(q) else {}
+    `chunk_gla` and, on CUDA, the window part (with its sinks) and the combine run in one kernel
+    (`window_combine`), both on q's dtype (16-bit operands, fp32 accumulation) where the references work in fp32."""
+    fast = {"combine": window_combine, "compute_dtype": None} if use_triton(q) else {}
     return hybrid_attn_ref(q, k, v, fq, fk, g, mix, scan=chunk_gla, **fast, **kw)
 
 

@@ -130,10 +130,16 @@ def _combine(num_w: Tensor, den_w: Tensor, num_l: Tensor, den_l: Tensor, mix: Te
 def window_combine_ref(
     q: Tensor, ext_k: Tensor, ext_v: Tensor, ext_valid: Tensor, num_l: Tensor, den_l: Tensor, mix: Tensor,
     window: int, scale: float, softcap: float | None = None, dtype: torch.dtype = torch.float32,
+    sink: dict[str, Tensor] | None = None, sinks: int = 0,
 ) -> Tensor:
-    """The hybrid's output y [B,T,H,V] in `dtype`: the window softmax (`window_softmax_ref`) and the
-    linear part (numerator num_l [B,T,H,V], normalizer den_l [B,T,H]) under one normalizer, weighted by mix [H]."""
-    num_w, den_w = window_softmax_ref(q, ext_k, ext_v, ext_valid, window, scale, softcap)
+    """The hybrid's output y [B,T,H,V] in `dtype`: the window softmax (`window_softmax_ref`, with the
+    sinks of `sink_table` if given) and the linear part (numerator num_l [B,T,H,V], normalizer den_l
+    [B,T,H]) under one normalizer, weighted by mix [H]."""
+    if sink is None:
+        num_w, den_w = window_softmax_ref(q, ext_k, ext_v, ext_valid, window, scale, softcap)
+    else:
+        num_w, den_w, m = window_softmax_ref(q, ext_k, ext_v, ext_valid, window, scale, softcap, return_max=True)
+        num_w, den_w = add_sinks(num_w, den_w, m, q, sink, sinks, window, scale, softcap)
     return _combine(num_w, den_w, num_l.float(), den_l.float(), mix).to(dtype)
 
 
@@ -143,16 +149,14 @@ def hybrid_attn_ref(
     state: dict[str, Tensor] | None = None, chunk_size: int = 64, scan: Callable[..., tuple[Tensor, Tensor]] = chunk_gla_ref,
     combine: Callable[..., Tensor] = window_combine_ref, cu_seqlens: Tensor | None = None,
     compute_dtype: torch.dtype | None = torch.float32, sinks: int = 0,
-    window_softmax: Callable[..., tuple[Tensor, ...]] = window_softmax_ref,
 ) -> tuple[Tensor, dict[str, Tensor] | None]:
     """Parallel form over T new tokens, continuing from `state` (None: start of the sequence).
 
     q [B,T,H,D] and k [B,T,Hk,D] after rotary; v [B,T,Hk,V]; fq [B,T,H,F], fk [B,T,Hk,F];
     g [B,T,Hk,F] log-decay or None; mix [H]; valid [B,T] (False marks padding) or None.
     Returns y [B,T,H,V] (dtype of v) and the state after the T tokens. `scan` computes the linear
-    part (signature of `chunk_gla_ref`) and `combine` the window part and the output (signature of
-    `window_combine_ref`); with `sinks`, `window_softmax` (signature of `window_softmax_ref`) gives
-    the window part and its max, and the sinks and the output are formed here. Kernels can stand in
+    part (signature of `chunk_gla_ref`) and `combine` the window part, with the sinks, and the output
+    (signature of `window_combine_ref`). Kernels can stand in
     for the references there. `compute_dtype` is the dtype of what they get (None: q's own, as the
     kernels take it; they accumulate in fp32 either way).
     Packed sequences (training): B = 1, cu_seqlens [N+1] and no state; each sequence starts afresh
@@ -197,12 +201,8 @@ def hybrid_attn_ref(
     o_l, mem = scan(
         fq, keys_fk, v1, keys_g, initial_state=None if packed else state["S"], exclusive=True, chunk_size=chunk_size, **packed,
     )
-    if sink is None:
-        y = combine(q, ext_k, ext_v, ext_valid, o_l[..., :vd], o_l[..., vd], mix, window, scale, softcap, dtype=v.dtype)
-    else:
-        num, den, m = window_softmax(q, ext_k, ext_v, ext_valid, window, scale, softcap, return_max=True)
-        num, den = add_sinks(num, den, m, q, sink, group, sinks, window, scale, softcap)
-        y = _combine(num, den, o_l[..., :vd].float(), o_l[..., vd].float(), mix).to(v.dtype)
+    y = combine(q, ext_k, ext_v, ext_valid, o_l[..., :vd], o_l[..., vd], mix, window, scale, softcap, dtype=v.dtype,
+                sink=sink, sinks=sinks)
     if packed:
         return y, None
     out = shift_window(ext, mem, t, state)
@@ -217,7 +217,7 @@ def sink_table(
     """The sinks after T new tokens: the state's, then the first real tokens of each sequence (group
     [B,T], 0..groups-1) until each has `sinks`. Returns `new` [B,T] (which tokens became sinks) and
     `k`, `v` (the state's dtype), `pos` [B, groups*sinks + 1, ...]: sequence g's sinks in slots g*sinks.. (the last
-    slot collects the other tokens), and `at` [B,T], the new tokens' positions (from the state's `n`)."""
+    slot collects the other tokens), `at` [B,T], the new tokens' positions (from the state's `n`), and `group`."""
     b, t = real.shape
     pos = state["n"][:, None] + torch.arange(t, device=k.device)
     r = real.long()
@@ -226,7 +226,7 @@ def sink_table(
     rank = before - first.gather(1, group) + (state["sink_pos"] != NO_SINK).sum(1, keepdim=True)
     new = real & (rank < sinks)
     slot = torch.where(new, group * sinks + rank, groups * sinks)
-    out = {"new": new, "at": pos}
+    out = {"new": new, "at": pos, "group": group}
     for name, x in (("k", k), ("v", v), ("pos", pos)):
         old = state[f"sink_{name}"]
         x = x.to(old.dtype)
@@ -237,13 +237,13 @@ def sink_table(
 
 
 def add_sinks(
-    num: Tensor, den: Tensor, m: Tensor, q: Tensor, sink: dict[str, Tensor], group: Tensor, sinks: int,
+    num: Tensor, den: Tensor, m: Tensor, q: Tensor, sink: dict[str, Tensor], sinks: int,
     window: int, scale: float, softcap: float | None,
 ) -> tuple[Tensor, Tensor]:
     """The window softmax's num [B,T,H,V] and den [B,T,H], shifted by their max m [B,T,H], with the
     sinks of `sink_table` that each query sees (at least `window` tokens behind it) added under one max."""
     b, t, h, d = q.shape
-    hk = sink["k"].shape[2]
+    hk, group = sink["k"].shape[2], sink["group"]
     groups = (sink["k"].shape[1] - 1) // sinks
     ks, vs, ps = (x[:, : groups * sinks].unflatten(1, (groups, sinks)) for x in (sink["k"].float(), sink["v"].float(), sink["pos"]))
     qg = q.float().reshape(b, t, hk, h // hk, d)

@@ -26,6 +26,11 @@ dS_tj = a_tj dP_tj - [j = argmax_t] delta_t (the max's gradient, -delta_t, goes 
  - key-centric pass: one program per (KV head, block of BM keys) walks the queries that see them,
    [j0-W+1, j0+BM-1], in chunks of BN, for each query head of the group: dv_j = sum_t a_tj dnum_t,
    dk_j = scale sum_t dS_tj q_t, with dP formed as in the query pass.
+Sinks (fused only): a table of sink slots (keys, values, positions [B,S]) and, per query, its
+position and first slot; a query sees its sequence's slots [base, base+NS) that are at least W
+tokens behind it. They enter the running max and sums as one more chunk of keys, before the window
+(in the max's bookkeeping a sink slot is key -2 - slot); the query pass also sums their gradients
+over its block's queries (a matrix product) and adds them to dsk, dsv with atomics.
 GQA: a query head reads its KV head's rows (no repeated k/v); the key pass sums the group.
 Softcap: s = c tanh(x / c) (tanh from exp), gradient factor 1 - (s/c)^2.
 On a GPU, fp32 products run in TF32 (Triton's default): relative error ~1e-3 against fp32. 16-bit
@@ -57,6 +62,11 @@ def _store_rows(ptr, val, row, mrow, STRIDE: tl.constexpr, rc, mc):
 
 
 @triton.jit
+def _add_rows(ptr, val, row, mrow, STRIDE: tl.constexpr, rc, mc):
+    tl.atomic_add(ptr + row.to(tl.int64)[:, None] * STRIDE + rc[None, :], val, mask=mrow[:, None] & mc[None, :], sem="relaxed")
+
+
+@triton.jit
 def _scores(a, b, scale, cap, HAS_CAP: tl.constexpr):
     """scale * a b^T, soft-capped to cap * tanh(. / cap) (tanh from exp of a non-positive number)."""
     s = _dot(a, tl.trans(b)) * scale
@@ -81,6 +91,57 @@ def _visible(qseg, kseg):
 
 
 @triton.jit
+def _sink_tile(sk, sv, spos, b, S, c0, tpos, base, HK: tl.constexpr, hk, D: tl.constexpr, V: tl.constexpr,
+               W: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr, rd, md, rv, mv):
+    """Sink slots [c0, c0+BS) of KV head hk: keys, values, their key index (-2 - slot), which queries
+    (positions tpos, first slots base) see them, and their rows."""
+    slot = c0 + tl.arange(0, BS)
+    ms = slot < S
+    row = (b * S + slot) * HK + hk
+    p = tl.load(spos + b * S + slot, mask=ms, other=0)
+    see = ms[None, :] & (slot[None, :] >= base[:, None]) & (slot[None, :] < base[:, None] + NS) & (tpos[:, None] - p[None, :] >= W)
+    return _rows(sk, row, ms, D, rd, md), _rows(sv, row, ms, V, rv, mv), -2 - slot, see, row, ms
+
+
+@triton.jit
+def _sink_span(at, sbase, b, T, t, mt, S, NS: tl.constexpr):
+    """The block's query positions and first sink slots, and the slots [lo, hi) any of them reads."""
+    tpos = tl.load(at + b * T + t, mask=mt, other=0)
+    base = tl.load(sbase + b * T + t, mask=mt, other=0)
+    return tpos, base, tl.min(tl.where(mt, base, S)), tl.max(tl.where(mt, base + NS, 0))
+
+
+@triton.jit
+def _absorb(m, arg, den_w, num_w, s, idx, vt):
+    """Fold the scores s [BM, BN] of keys idx (values vt) into the running max, its key and the sums."""
+    mc = tl.max(s, axis=1)
+    first = tl.min(tl.where(s == mc[:, None], idx[None, :], 2147483647), axis=1)
+    arg = tl.where(mc > m, first, arg)
+    m_new = tl.maximum(m, mc)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    alpha = tl.exp(m - shift)
+    p = tl.exp(s - shift[:, None])
+    return m_new, arg, den_w * alpha + tl.sum(p, axis=1), num_w * alpha[:, None] + _dot(p.to(vt.dtype), vt)
+
+
+@triton.jit
+def _reweigh(e, den_w, num_w, s, m, dot_, vt):
+    """First backward walk over a chunk (s masked with -inf): e += sum_j a_tj (do_t . v_j), den and num again."""
+    p = tl.exp(s - m[:, None])
+    return e + tl.sum(p * _dot(dot_, tl.trans(vt)), axis=1), den_w + tl.sum(p, axis=1), num_w + _dot(p.to(vt.dtype), vt)
+
+
+@triton.jit
+def _dscores(s, see, m, dp, dden, dlt, idx, arg, cap, HAS_CAP: tl.constexpr):
+    """The weights a_tj of a chunk and dS_tj = a_tj (dP_tj + dden_t) - [j = argmax_t] delta_t (soft-capped)."""
+    p = tl.exp(tl.where(see, s - m[:, None], float("-inf")))
+    ds = p * (dp + dden[:, None]) - tl.where(idx[None, :] == arg[:, None], dlt[:, None], 0.0)
+    if HAS_CAP:
+        ds = ds * (1.0 - (s / cap) * (s / cap))
+    return p, ds
+
+
+@triton.jit
 def _query_block(q, valid, T, L, H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
                  BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
     """Program (batch x query head, block of BM queries): batch, head, KV head, query rows and masks,
@@ -96,33 +157,30 @@ def _query_block(q, valid, T, L, H: tl.constexpr, HK: tl.constexpr, D: tl.conste
 
 @triton.jit
 def _window_fwd_kernel(
-    q, k, v, valid, lnum, lden, mix, out, den, rmax, rarg, T, L, scale, cap, LNS, LDS,
+    q, k, v, valid, lnum, lden, mix, sk, sv, spos, at, sbase, out, den, rmax, rarg, T, L, S, scale, cap, LNS, LDS,
     H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, NC: tl.constexpr,
-    HAS_CAP: tl.constexpr, MIX: tl.constexpr, EPS_: tl.constexpr,
+    HAS_CAP: tl.constexpr, MIX: tl.constexpr, EPS_: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr,
 ):
     # out: num (den beside it), or y when fused
     b, h, hk, t0, rm, row, mt, rd, rv, md, mv, qt, qseg = _query_block(q, valid, T, L, H, HK, D, V, W, BM, BD, BV)
     m = tl.full([BM], float("-inf"), tl.float32)
-    arg = tl.full([BM], -1, tl.int32)  # ext index of the key holding the max; -1: no visible key
+    arg = tl.full([BM], -1, tl.int32)  # ext index of the key holding the max (sink slot: -2 - slot); -1: no visible key
     den_w = tl.zeros([BM], dtype=tl.float32)
     num_w = tl.zeros([BM, BV], dtype=tl.float32)
+    if NS > 0:
+        tpos, base, lo, hi = _sink_span(at, sbase, b, T, t0 + rm, mt, S, NS)
+        for c0 in range(lo, hi, BS):
+            kt, vt, idx, see, _, _ = _sink_tile(sk, sv, spos, b, S, c0, tpos, base, HK, hk, D, V, W, NS, BS, rd, md, rv, mv)
+            s = tl.where(see, _scores(qt, kt, scale, cap, HAS_CAP), float("-inf"))
+            m, arg, den_w, num_w = _absorb(m, arg, den_w, num_w, s, idx, vt)
     for c in range(NC):
         rel = c * BN + tl.arange(0, BN)  # key offset from t0: query row i sees offsets [i, i+W-1]
         j = t0 + rel
         kt, vt, kseg = _keys(k, v, valid, b, j, L, HK, hk, D, V, rd, md, rv, mv)
         see = (rel[None, :] >= rm[:, None]) & (rel[None, :] < rm[:, None] + W) & _visible(qseg[:, None], kseg[None, :])
         s = tl.where(see, _scores(qt, kt, scale, cap, HAS_CAP), float("-inf"))
-        mc = tl.max(s, axis=1)
-        first = tl.min(tl.where(s == mc[:, None], j[None, :], 2147483647), axis=1)
-        arg = tl.where(mc > m, first, arg)
-        m_new = tl.maximum(m, mc)
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        alpha = tl.exp(m - shift)
-        p = tl.exp(s - shift[:, None])
-        den_w = den_w * alpha + tl.sum(p, axis=1)
-        num_w = num_w * alpha[:, None] + _dot(p.to(vt.dtype), vt)
-        m = m_new
+        m, arg, den_w, num_w = _absorb(m, arg, den_w, num_w, s, j, vt)
     tl.store(rmax + row, tl.where(m == float("-inf"), 0.0, m), mask=mt)
     tl.store(rarg + row, arg, mask=mt)
     if MIX:
@@ -137,13 +195,13 @@ def _window_fwd_kernel(
 
 @triton.jit
 def _window_dq_kernel(
-    q, k, v, valid, lnum, lden, mix, do, dd, dm, cw, rmax, rarg, delta, dq, dlnum, dlden, dmix, T, L, scale, cap, LNS, LDS,
+    q, k, v, valid, lnum, lden, mix, sk, sv, spos, at, sbase, do, dd, cw, rmax, rarg, delta, dq, dlnum, dlden, dmix, dsk, dsv,
+    T, L, S, scale, cap, LNS, LDS,
     H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, NC: tl.constexpr,
-    HAS_CAP: tl.constexpr, MIX: tl.constexpr, EPS_: tl.constexpr,
+    HAS_CAP: tl.constexpr, MIX: tl.constexpr, EPS_: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr,
 ):
     # do: dnum, or dy when fused (then dnum = cw dy). dd: dden, an input, or written here when fused.
-    # dm: the gradient of the returned max m (not fused)
     b, h, hk, t0, rm, row, mt, rd, rv, md, mv, qt, qseg = _query_block(q, valid, T, L, H, HK, D, V, W, BM, BD, BV)
     m = tl.load(rmax + row, mask=mt, other=0.0)
     arg = tl.load(rarg + row, mask=mt, other=-1)
@@ -152,17 +210,20 @@ def _window_dq_kernel(
     # first walk: e = sum_j a_tj (do_t . v_j), den (and num, fused) again
     e = tl.zeros([BM], dtype=tl.float32)
     den_w = tl.zeros([BM], dtype=tl.float32)
-    if MIX:
-        num_w = tl.zeros([BM, BV], dtype=tl.float32)
+    num_w = tl.zeros([BM, BV], dtype=tl.float32)
+    if NS > 0:
+        tpos, base, lo, hi = _sink_span(at, sbase, b, T, t0 + rm, mt, S, NS)
+        for c0 in range(lo, hi, BS):
+            kt, vt, idx, see, _, _ = _sink_tile(sk, sv, spos, b, S, c0, tpos, base, HK, hk, D, V, W, NS, BS, rd, md, rv, mv)
+            s = tl.where(see, _scores(qt, kt, scale, cap, HAS_CAP), float("-inf"))
+            e, den_w, num_w = _reweigh(e, den_w, num_w, s, m, dot_, vt)
     for c in range(NC):
         rel = c * BN + tl.arange(0, BN)
         kt, vt, kseg = _keys(k, v, valid, b, t0 + rel, L, HK, hk, D, V, rd, md, rv, mv)
         see = (rel[None, :] >= rm[:, None]) & (rel[None, :] < rm[:, None] + W) & _visible(qseg[:, None], kseg[None, :])
-        p = tl.exp(tl.where(see, _scores(qt, kt, scale, cap, HAS_CAP) - m[:, None], float("-inf")))
-        e += tl.sum(p * _dot(dot_, tl.trans(vt)), axis=1)
-        den_w += tl.sum(p, axis=1)
-        if MIX:
-            num_w += _dot(p.to(vt.dtype), vt)
+        s = tl.where(see, _scores(qt, kt, scale, cap, HAS_CAP), float("-inf"))
+        e, den_w, num_w = _reweigh(e, den_w, num_w, s, m, dot_, vt)
+    c_win = tl.full([BM], 1.0, tl.float32)
     if MIX:
         a = tl.load(mix + h)
         num_l = _rows(lnum, row, mt, LNS, rv, mv).to(tl.float32)
@@ -180,25 +241,26 @@ def _window_dq_kernel(
         e = e * c_win
     else:
         dden = tl.load(dd + row, mask=mt, other=0.0)
-        e -= tl.load(dm + row, mask=mt, other=0.0)  # m's own gradient reaches the key holding it
     # delta = sum_j a_tj dP_tj from the very products it cancels in dS (so the rounding of the
     # products, TF32 on a GPU, cancels too: a row with one visible key gets dS = 0)
     dlt = e + dden * den_w
     tl.store(delta + row, dlt, mask=mt)
     dqt = tl.zeros([BM, BD], dtype=tl.float32)
+    if NS > 0:  # the sinks' dq, and their dk, dv summed over this block's queries
+        for c0 in range(lo, hi, BS):
+            kt, vt, idx, see, srow, ms = _sink_tile(sk, sv, spos, b, S, c0, tpos, base, HK, hk, D, V, W, NS, BS, rd, md, rv, mv)
+            s = _scores(qt, kt, scale, cap, HAS_CAP)
+            p, ds = _dscores(s, see, m, _dot(dot_, tl.trans(vt)) * c_win[:, None], dden, dlt, idx, arg, cap, HAS_CAP)
+            dqt += _dot(ds.to(kt.dtype), kt)
+            _add_rows(dsk, _dot(tl.trans(ds).to(qt.dtype), qt) * scale, srow, ms, D, rd, md)
+            _add_rows(dsv, _dot(tl.trans(p * c_win[:, None]).to(dot_.dtype), dot_), srow, ms, V, rv, mv)
     for c in range(NC):  # second walk: dq
         rel = c * BN + tl.arange(0, BN)
         j = t0 + rel
         kt, vt, kseg = _keys(k, v, valid, b, j, L, HK, hk, D, V, rd, md, rv, mv)
         see = (rel[None, :] >= rm[:, None]) & (rel[None, :] < rm[:, None] + W) & _visible(qseg[:, None], kseg[None, :])
         s = _scores(qt, kt, scale, cap, HAS_CAP)
-        dp = _dot(dot_, tl.trans(vt))
-        if MIX:
-            dp = dp * c_win[:, None]
-        ds = tl.exp(tl.where(see, s - m[:, None], float("-inf"))) * (dp + dden[:, None])
-        ds -= tl.where(j[None, :] == arg[:, None], dlt[:, None], 0.0)  # the max's gradient on its key
-        if HAS_CAP:
-            ds = ds * (1.0 - (s / cap) * (s / cap))
+        _, ds = _dscores(s, see, m, _dot(dot_, tl.trans(vt)) * c_win[:, None], dden, dlt, j, arg, cap, HAS_CAP)
         dqt += _dot(ds.to(kt.dtype), kt)
     _store_rows(dq, dqt * scale, row, mt, D, rd, md)
 
@@ -272,11 +334,12 @@ def _config(window: int, kd: int, vd: int, backward: bool = False, dtype: torch.
 
 class WindowSoftmaxFunction(torch.autograd.Function):
     """The window softmax (num_l, den_l, mix None: returns num, den) or the fused hybrid output
-    (returns y) on the Triton kernels; gradients for q, ext_k, ext_v and, fused, num_l, den_l and mix.
-    Not fused, it also returns the max m (the shift of num and den), which carries gradient too."""
+    (returns y, with sinks when sk is given) on the Triton kernels; gradients for q, ext_k, ext_v and,
+    fused, num_l, den_l, mix and the sinks' keys and values."""
 
     @staticmethod
-    def forward(ctx, q, k, v, valid, num_l, den_l, mix, window: int, scale: float, softcap: float | None, dtype: torch.dtype):
+    def forward(ctx, q, k, v, valid, num_l, den_l, mix, sk, sv, spos, at, sbase, sinks: int, window: int, scale: float,
+                softcap: float | None, dtype: torch.dtype):
         b, t, h, kd = q.shape
         hk, vd, length = k.shape[2], v.shape[-1], k.shape[1]
         cfg = _config(window, kd, vd, dtype=q.dtype)
@@ -287,50 +350,55 @@ class WindowSoftmaxFunction(torch.autograd.Function):
         if fused:
             (num_l, lns), (den_l, lds), mix = _row_view(num_l), _row_view(den_l), mix.float().contiguous()
             strides = (lns, lds)
+        if sinks:
+            sk, sv, spos, at, sbase = sk.contiguous(), sv.contiguous(), spos.contiguous(), at.contiguous(), sbase.contiguous()
+        else:
+            sk = sv = spos = at = sbase = q  # not read
         out = torch.empty(b, t, h, vd, dtype=dtype, device=q.device)  # y, or num
         den = out if fused else torch.empty(b, t, h, dtype=torch.float32, device=q.device)
         rmax = torch.empty(b, t, h, dtype=torch.float32, device=q.device)
         rarg = torch.empty(b, t, h, dtype=torch.int32, device=q.device)
         _window_fwd_kernel[(b * h, triton.cdiv(t, cfg["BM"]))](
-            q, k, v, valid, num_l if fused else q, den_l if fused else q, mix if fused else q, out, den, rmax, rarg, t, length,
-            scale, softcap or 1.0, *strides, h, hk, kd, vd, window, **cfg, HAS_CAP=bool(softcap), MIX=fused, EPS_=EPS,
+            q, k, v, valid, num_l if fused else q, den_l if fused else q, mix if fused else q, sk, sv, spos, at, sbase,
+            out, den, rmax, rarg, t, length, sk.shape[1] if sinks else 0, scale, softcap or 1.0, *strides, h, hk, kd, vd,
+            window, **cfg, HAS_CAP=bool(softcap), MIX=fused, EPS_=EPS, NS=sinks, BS=16,
         )
-        ctx.save_for_backward(q, k, v, valid, num_l, den_l, mix, rmax, rarg)
-        ctx.window, ctx.scale, ctx.softcap, ctx.strides = window, scale, softcap, strides
-        if fused:
-            return out
-        return out, den, rmax.clone()
+        ctx.save_for_backward(q, k, v, valid, num_l, den_l, mix, sk, sv, spos, at, sbase, rmax, rarg)
+        ctx.window, ctx.scale, ctx.softcap, ctx.strides, ctx.sinks = window, scale, softcap, strides, sinks
+        return out if fused else (out, den)
 
     @staticmethod
     def backward(ctx, *grads):
-        q, k, v, valid, num_l, den_l, mix, rmax, rarg = ctx.saved_tensors
+        q, k, v, valid, num_l, den_l, mix, sk, sv, spos, at, sbase, rmax, rarg = ctx.saved_tensors
         b, t, h, kd = q.shape
         hk, vd, length = k.shape[2], v.shape[-1], k.shape[1]
         cfg = _config(ctx.window, kd, vd, backward=True, dtype=q.dtype)
-        fused = num_l is not None
+        fused, sinks = num_l is not None, ctx.sinks
         delta = torch.empty_like(rmax)
         do = grads[0].contiguous()
         if fused:
             dd, cw, dlden, dmix = (torch.empty_like(rmax) for _ in range(4))
             dlnum = torch.empty(b, t, h, vd, dtype=num_l.dtype, device=q.device)
-            dm = delta
-        else:  # dd, dm: the gradients of den and m; cw, dlnum, dlden, dmix unused
+        else:  # dd: the gradient of den; cw, dlnum, dlden, dmix unused
             dd = grads[1].float().contiguous()
-            dm = torch.zeros_like(rmax) if grads[2] is None else grads[2].float().contiguous()
             cw = dlnum = dlden = dmix = delta
+        dsk, dsv = (torch.zeros_like(x, dtype=torch.float32) for x in (sk, sv)) if sinks else (delta, delta)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         shared = dict(HAS_CAP=bool(ctx.softcap), MIX=fused)
         common = (t, length, ctx.scale, ctx.softcap or 1.0, h, hk, kd, vd, ctx.window)
         _window_dq_kernel[(b * h, triton.cdiv(t, cfg["BM"]))](
-            q, k, v, valid, num_l if fused else q, den_l if fused else q, mix if fused else q, do, dd, dm, cw, rmax, rarg,
-            delta, dq, dlnum, dlden, dmix, *common[:4], *ctx.strides, *common[4:], **cfg, **shared, EPS_=EPS,
+            q, k, v, valid, num_l if fused else q, den_l if fused else q, mix if fused else q, sk, sv, spos, at, sbase,
+            do, dd, cw, rmax, rarg, delta, dq, dlnum, dlden, dmix, dsk, dsv, t, length, sk.shape[1] if sinks else 0,
+            *common[2:4], *ctx.strides, *common[4:], **cfg, **shared, EPS_=EPS, NS=sinks, BS=16,
         )
         _window_dkv_kernel[(b * hk, triton.cdiv(length, cfg["BM"]))](
             q, k, v, valid, do, dd, cw, rmax, rarg, delta, dk, dv, *common, **cfg, **shared,
         )
         if not fused:
-            return dq, dk, dv, None, None, None, None, None, None, None, None
-        return dq, dk, dv, None, dlnum, dlden.to(den_l.dtype), dmix.sum((0, 1)).to(ctx.mix_dtype), None, None, None, None
+            return dq, dk, dv, *[None] * 14
+        dsk, dsv = (dsk.to(sk.dtype), dsv.to(sv.dtype)) if sinks else (None, None)
+        return (dq, dk, dv, None, dlnum, dlden.to(den_l.dtype), dmix.sum((0, 1)).to(ctx.mix_dtype), dsk, dsv,
+                *[None] * 8)
 
 
 def _row_view(x: Tensor) -> tuple[Tensor, int]:
@@ -356,26 +424,30 @@ def _check(q: Tensor, ext_k: Tensor, ext_v: Tensor, ext_valid: Tensor, window: i
 
 def window_softmax(
     q: Tensor, ext_k: Tensor, ext_v: Tensor, ext_valid: Tensor, window: int, scale: float, softcap: float | None = None,
-    return_max: bool = False,
-) -> tuple[Tensor, ...]:
-    """Differentiable banded softmax numerator [B,T,H,V] and normalizer [B,T,H] (fp32), and with
-    `return_max` their shift m [B,T,H], on the Triton kernels: `window_softmax_ref`'s maths, for
-    q [B,T,H,D] and ext_* [B,W-1+T,Hk,*]."""
+) -> tuple[Tensor, Tensor]:
+    """Differentiable banded softmax numerator [B,T,H,V] and normalizer [B,T,H] (fp32) on the Triton
+    kernels: `window_softmax_ref`'s maths, for q [B,T,H,D] and ext_* [B,W-1+T,Hk,*]."""
     _check(q, ext_k, ext_v, ext_valid, window)
     ext_k, ext_v = ext_k.to(q.dtype), ext_v.to(q.dtype)  # the products take one operand dtype
-    num, den, m = WindowSoftmaxFunction.apply(q, ext_k, ext_v, ext_valid, None, None, None, window, scale, softcap, torch.float32)
-    return (num, den, m) if return_max else (num, den)
+    none = (None,) * 8
+    return WindowSoftmaxFunction.apply(q, ext_k, ext_v, ext_valid, *none, 0, window, scale, softcap, torch.float32)
 
 
 def window_combine(
     q: Tensor, ext_k: Tensor, ext_v: Tensor, ext_valid: Tensor, num_l: Tensor, den_l: Tensor, mix: Tensor,
     window: int, scale: float, softcap: float | None = None, dtype: torch.dtype = torch.float32,
+    sink: dict[str, Tensor] | None = None, sinks: int = 0,
 ) -> Tensor:
-    """Differentiable hybrid output y [B,T,H,V] in `dtype` from the window softmax and the linear
-    part num_l [B,T,H,V], den_l [B,T,H], in one pass (`window_combine_ref`'s maths). They may be
-    column views of one [..., V+1] tensor (read in place)."""
+    """Differentiable hybrid output y [B,T,H,V] in `dtype` from the window softmax (with the sinks of
+    `naive.sink_table`, `sinks` per sequence) and the linear part num_l [B,T,H,V], den_l [B,T,H], in one
+    pass (`window_combine_ref`'s maths). num_l and den_l may be column views of one [..., V+1] tensor (read in place)."""
     _check(q, ext_k, ext_v, ext_valid, window)
     if num_l.shape != (*q.shape[:3], ext_v.shape[-1]) or den_l.shape != q.shape[:3] or mix.shape != (q.shape[2],):
         raise ValueError(f"num_l must be [B,T,H,V] = {(*q.shape[:3], ext_v.shape[-1])}, den_l [B,T,H] and mix [H]")
     ext_k, ext_v = ext_k.to(q.dtype), ext_v.to(q.dtype)
-    return WindowSoftmaxFunction.apply(q, ext_k, ext_v, ext_valid, num_l, den_l, mix, window, scale, softcap, dtype)
+    tables = (None,) * 5
+    if sink is not None and sinks:
+        base = (sink["group"] * sinks).to(torch.int32)  # each query's first sink slot: its sequence's
+        tables = (sink["k"].to(q.dtype), sink["v"].to(q.dtype), sink["pos"], sink["at"], base)
+    return WindowSoftmaxFunction.apply(q, ext_k, ext_v, ext_valid, num_l, den_l, mix, *tables, sinks if sink is not None else 0,
+                                       window, scale, softcap, dtype)
