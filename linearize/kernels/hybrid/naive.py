@@ -226,13 +226,18 @@ def sink_table(
     rank = before - first.gather(1, group) + (state["sink_pos"] != NO_SINK).sum(1, keepdim=True)
     new = real & (rank < sinks)
     slot = torch.where(new, group * sinks + rank, groups * sinks)
+    # the token that fills each slot (-1: none): only those rows are gathered, not all T scattered
+    src = torch.full((b, groups * sinks + 1), -1, dtype=torch.long, device=k.device)
+    src = src.scatter(1, slot, torch.arange(t, device=k.device).expand(b, t))
+    src[:, -1] = -1
     out = {"new": new, "at": pos, "group": group}
     for name, x in (("k", k), ("v", v), ("pos", pos)):
         old = state[f"sink_{name}"]
-        x = x.to(old.dtype)
         fill = NO_SINK if name == "pos" else 0
         base = torch.cat([old, old.new_full((b, (groups - 1) * sinks + 1, *old.shape[2:]), fill)], 1)
-        out[name] = base.scatter(1, slot.view(b, t, *[1] * (x.dim() - 2)).expand_as(x), x)
+        shape = (b, src.shape[1], *[1] * (x.dim() - 2))
+        took = x.gather(1, src.clamp(min=0).view(shape).expand(*shape[:2], *x.shape[2:])).to(old.dtype)
+        out[name] = torch.where((src >= 0).view(shape), took, base)
     return out
 
 
