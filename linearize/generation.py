@@ -1,10 +1,11 @@
 """Decoding with one step of the whole model captured as a CUDA graph and replayed per token.
 
-A fully converted model decodes from fixed-size states that the kernels update in place, so one
+A converted model decodes from fixed-size states that the kernels update in place, so one
 step (embedding, every layer, head, next-token choice, position advance) can be recorded once with
 `torch.cuda.graphs` and replayed without Python or launch overhead. The token and the rotary
 positions live in static tensors that the step itself advances, so each replay sees the next
-position. On CPU (or with graph=False) the same step runs eagerly.
+position. Softmax heads (`softmax_heads`) decode from a key/value cache preallocated for the prompt
+plus `max_new_tokens`, written in place. On CPU (or with graph=False) the same step runs eagerly.
 
     tokens = linearize.generate_graphed(model, input_ids, max_new_tokens=64)
 """
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from .cache import StateLayer
 from .convert import is_converted
 from .errors import LinearizeError
+from .kinds.base import static_softmax_cache
 from .plan import SOFTMAX
 
 Sampler = Callable[[Tensor], Tensor]  # logits [B, V] -> token ids [B]; runs inside the captured step
@@ -34,13 +36,23 @@ class GraphedDecoder:
 
     `tokens` [B,1] holds the last generated token (the next step's input), `logits` [B,V] the logits
     that chose it; both are overwritten by every step. `sample` must be capturable (no host syncs).
+    `max_new_tokens` bounds the tokens it decodes (the first comes from the prefill); plans with
+    softmax heads need it, to size their key/value cache.
     """
 
     def __init__(
         self, model: nn.Module, input_ids: Tensor, *, attention_mask: Tensor | None = None,
         sample: Sampler = greedy, prefill_chunk: int | None = None, graph: bool | None = None,
+        max_new_tokens: int | None = None,
     ):
-        check_decodable(model)
+        heads = check_decodable(model)
+        if heads and max_new_tokens is None:
+            raise LinearizeError(
+                f"layers {heads} keep softmax heads, which decode from a preallocated key/value cache: give "
+                "max_new_tokens (generate_graphed does) to size it"
+            )
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise LinearizeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise LinearizeError(f"input_ids must be [batch, tokens] with at least one token, got shape {tuple(input_ids.shape)}")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -65,6 +77,11 @@ class GraphedDecoder:
             self.tokens = sample(logits)[:, None]
         self.positions = positions[:, -1:] + 1
         self.seen = t
+        self.prompt_len, self.max_new_tokens = t, max_new_tokens
+        if heads:  # one slot more: the capture's warm-up runs two steps before restoring the state
+            for layer in self._layers:
+                if "sm_k" in layer.state:
+                    layer.state = static_softmax_cache(layer.state, t + max_new_tokens + 1)
         self.graph = None
         if use_graph:
             self._capture()
@@ -109,6 +126,8 @@ class GraphedDecoder:
 
     def step(self) -> Tensor:
         """Decode one token; returns the static `tokens` buffer [B,1] now holding it."""
+        if self.max_new_tokens is not None and self.seen >= self.prompt_len + self.max_new_tokens - 1:
+            raise LinearizeError(f"this decoder was made for max_new_tokens={self.max_new_tokens} and has decoded them all")
         if self.graph is not None:
             self.graph.replay()
         else:
@@ -119,17 +138,19 @@ class GraphedDecoder:
         return self.tokens
 
 
-def check_decodable(model: nn.Module) -> None:
-    """Raise unless every layer of `model` is converted (a fixed-size state a graph can hold)."""
+def check_decodable(model: nn.Module) -> list[int]:
+    """Raise unless every layer of `model` is converted (softmax heads within a layer are fine); returns
+    the layers that keep softmax heads."""
     if not is_converted(model):
         raise LinearizeError("graphed decoding needs a model converted with linearize.convert")
-    softmax = [i for i, spec in enumerate(model.layer_plan) if spec.kind == SOFTMAX or spec.options.get("softmax_heads")]
+    softmax = [i for i, spec in enumerate(model.layer_plan) if spec.kind == SOFTMAX]
     if softmax:
         raise LinearizeError(
-            f"graphed decoding needs every head converted, but layers {softmax} keep softmax attention (layers or "
-            "softmax_heads): their key/value cache grows with every token, and there is no static key/value cache "
-            "for a captured graph yet. Convert those heads too, or use model.generate()."
+            f"graphed decoding needs every layer converted, but layers {softmax} keep softmax attention whole "
+            "(kind 'softmax', HF's own attention and cache). Convert one of their KV heads or more (softmax_heads keeps the "
+            "others exact), or use model.generate()."
         )
+    return [i for i, spec in enumerate(model.layer_plan) if spec.options.get("softmax_heads")]
 
 
 def generate_graphed(
@@ -141,9 +162,8 @@ def generate_graphed(
     The decode step is a replayed CUDA graph on CUDA (graph=None), eager elsewhere; `prefill_chunk`
     prefills long prompts in chunks of that many tokens.
     """
-    if max_new_tokens < 1:
-        raise LinearizeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    decoder = GraphedDecoder(model, input_ids, attention_mask=attention_mask, sample=sample, prefill_chunk=prefill_chunk, graph=graph)
+    decoder = GraphedDecoder(model, input_ids, attention_mask=attention_mask, sample=sample, prefill_chunk=prefill_chunk,
+                             graph=graph, max_new_tokens=max_new_tokens)
     out = [input_ids, decoder.tokens.clone()]
     for _ in range(max_new_tokens - 1):
         out.append(decoder.step().clone())

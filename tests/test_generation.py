@@ -28,6 +28,8 @@ PLANS = {
     "lolcats-w1": "*:lolcats(window=1)",
     "lolcats-sinks": "*:lolcats(window=3, sinks=2)",  # sink slots filled and read in place
     "mamba2": "*:mamba2",
+    # softmax heads beside converted ones: a preallocated key/value cache written in place
+    "heads": "0:lolcats(window=3, softmax_heads=[0]),1:gla(softmax_heads=[1]),2:lolcats(window=3, sinks=2, softmax_heads=[1])",
 }
 
 
@@ -50,7 +52,7 @@ def prompt(b=1, t=7, device="cpu"):
 @pytest.mark.parametrize("name", PLANS)
 def test_static_decode_step_matches_generate(base, name):
     model, ids = converted(base, PLANS[name]), prompt()
-    decoder = GraphedDecoder(model, ids)
+    decoder = GraphedDecoder(model, ids, max_new_tokens=12)
     tokens = [decoder.tokens.clone()] + [decoder.step().clone() for _ in range(11)]
     assert decoder.graph is None  # CPU: the same step, eagerly
     assert int(decoder.positions) == 7 + 11 and decoder.cache.get_seq_length() == 7 + 11
@@ -59,7 +61,7 @@ def test_static_decode_step_matches_generate(base, name):
     assert torch.equal(generate_graphed(model, ids, 12), expected)
 
 
-@pytest.mark.parametrize("name", ["lolcats", "lizard", "gla", "mamba2"])
+@pytest.mark.parametrize("name", ["lolcats", "lizard", "gla", "mamba2", "heads"])
 def test_left_padded_batch_with_chunked_prefill_matches_generate(base, name):
     model = converted(base, PLANS[name])
     ids = prompt(2, 9)
@@ -86,10 +88,47 @@ def test_cache_states_keep_their_addresses_through_decode_and_prefill(base, name
     assert rel_err(torch.cat(logits, 1), full) < 1e-4
 
 
+def test_softmax_heads_decode_from_a_preallocated_cache_with_softcap():
+    """Gemma-2 (soft-capped logits, a sliding window): the static cache's masked attention path."""
+    model, ids = converted(tiny_model("gemma2"), "*:lizard(window=3, softmax_heads=[1])"), prompt(2, 9)
+    ids[0, :3] = 0
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    decoder = GraphedDecoder(model, ids, attention_mask=mask, max_new_tokens=6)
+    assert all(layer.state["sm_k"].shape[1] == 9 + 6 + 1 and int(layer.state["sm_n"]) == 9 for layer in decoder.cache.layers)
+    tokens, logits = [decoder.tokens.clone()], [decoder.logits.clone()]
+    for _ in range(5):
+        tokens.append(decoder.step().clone())
+        logits.append(decoder.logits.clone())
+    assert all(int(layer.state["sm_n"]) == 9 + 5 for layer in decoder.cache.layers)
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(torch.cat([ids, *tokens], 1), expected)
+    full_mask = torch.cat([mask, torch.ones_like(ids[:, :5])], 1)
+    with torch.no_grad():  # each step's logits: those of one pass over the whole sequence (positions as generate's)
+        full = model(expected[:, :-1], attention_mask=full_mask, position_ids=(full_mask.cumsum(-1) - 1).clamp_min(0),
+                     use_cache=False).logits
+    assert rel_err(torch.stack(logits, 1), full[:, 8:]) < 1e-4
+    with pytest.raises(LinearizeError, match="max_new_tokens=6 and has decoded them all"):
+        decoder.step()
+
+
+def test_decode_step_compiles_whole_and_matches_eager(base):
+    """torch.compile(fullgraph=True) takes the whole decode step: no graph break and no host sync in it,
+    the softmax heads' preallocated cache and the sinks included (here on the references, Inductor on CPU)."""
+    model, ids = converted(base, PLANS["heads"]), prompt(2, 7)
+    eager, compiled = (GraphedDecoder(model, ids, max_new_tokens=9) for _ in range(2))
+    compiled._step = torch.compile(compiled._step, fullgraph=True)
+    for _ in range(8):
+        assert torch.equal(compiled.step(), eager.step())
+        assert rel_err(compiled.logits, eager.logits) < 1e-5
+
+
 def test_graphed_decoding_refuses_softmax_layers_and_bad_input(base):
     ids = prompt()
-    with pytest.raises(LinearizeError, match=r"layers \[1\] keep softmax attention"):
+    with pytest.raises(LinearizeError, match=r"layers \[1\] keep softmax attention whole"):
         generate_graphed(converted(base, "0:lolcats,1:softmax,2:gla"), ids, 3)
+    with pytest.raises(LinearizeError, match=r"layers \[0, 1, 2\] keep softmax heads.*give max_new_tokens"):
+        GraphedDecoder(converted(base, PLANS["heads"]), ids)
     with pytest.raises(LinearizeError, match="converted with linearize.convert"):
         generate_graphed(base, ids, 3)
     model = converted(base, "*:gla")
@@ -122,14 +161,16 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 
 
 @cuda
-@pytest.mark.parametrize("model_type,name", [("llama", name) for name in PLANS] + [("gemma2", "lizard"), ("qwen3", "lolcats")])
+@pytest.mark.parametrize(
+    "model_type,name", [("llama", name) for name in PLANS] + [("gemma2", "lizard"), ("gemma2", "heads"), ("qwen3", "lolcats")]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_replay_equals_eager_decoding(model_type, name, dtype):
     model = converted(tiny_model(model_type), PLANS[name]).to("cuda", dtype)
     ids = prompt(device="cuda")
 
     def decode(graph):
-        decoder = GraphedDecoder(model, ids, graph=graph)
+        decoder = GraphedDecoder(model, ids, graph=graph, max_new_tokens=25)
         tokens, logits = [decoder.tokens.clone()], [decoder.logits.clone()]
         for _ in range(24):  # past every window: the ring wraps around on replay
             tokens.append(decoder.step().clone())

@@ -473,10 +473,23 @@ def test_plan_command_prints_each_layers_cache_and_the_cache_fraction(folder, ca
     assert "out of range, this model has 2 KV heads" in capsys.readouterr().err
 
 
-def test_graphed_decoding_refuses_softmax_heads(base):
-    model = converted(base, PLANS["gla"])
-    with pytest.raises(linearize.LinearizeError, match=r"layers \[0, 1, 2\] keep softmax attention \(layers or softmax_heads\)"):
-        linearize.GraphedDecoder(model, torch.tensor([[5, 6, 7]]))
+@pytest.mark.parametrize("name", [k for k in KINDS if k != "mixed"] + ["wide"])
+def test_graphed_decoding_with_softmax_heads_matches_one_pass(base, wide, name):
+    """Every kind's softmax heads (WIDE: kept heads out of order) decode from the preallocated cache:
+    each step's logits are those of one pass over the whole sequence."""
+    model = converted(wide, WIDE) if name == "wide" else converted(base, PLANS[name])
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    decoder = linearize.GraphedDecoder(model, ids, max_new_tokens=10)
+    tokens, logits = [decoder.tokens.clone()], [decoder.logits.clone()]
+    for _ in range(9):
+        tokens.append(decoder.step().clone())
+        logits.append(decoder.logits.clone())
+    seq = torch.cat([ids, *tokens], 1)
+    with torch.no_grad():
+        full = model(seq[:, :-1], use_cache=False).logits[:, 6:]
+    assert rel_err(torch.stack(logits, 1), full) < 1e-4
+    assert torch.equal(seq, model.generate(ids, max_new_tokens=10, do_sample=False))
 
 
 @pytest.mark.parametrize("text, ok", [("cache=25%", True), ("cache=0.5", True), ("cache=0%", False), ("cache=150%", False)])

@@ -143,6 +143,8 @@ class LinearizedAttention(nn.Module):
         q [B,T,h,D], k/v [B,T,hk,D]; the cache keeps k, v (model dtype) and key validity."""
         b, t = q.shape[:2]
         kvalid = valid if valid is not None else torch.ones(b, t, dtype=torch.bool, device=q.device)
+        if state is not None and "sm_n" in state:  # a preallocated cache (`static_softmax_cache`)
+            return self.static_softmax(q, k, v, kvalid, state)
         if state is not None and "sm_k" in state:
             k, v = torch.cat([state["sm_k"], k], 1), torch.cat([state["sm_v"], v], 1)
             kvalid = torch.cat([state["sm_valid"], kvalid], 1)
@@ -152,6 +154,19 @@ class LinearizedAttention(nn.Module):
             mask = causal & kvalid[:, None, :]
         y = self.attend_masked(q, k, v, mask)
         return y, {"sm_k": k, "sm_v": v, "sm_valid": kvalid}
+
+    def static_softmax(self, q: Tensor, k: Tensor, v: Tensor, kvalid: Tensor, state: State) -> tuple[Tensor, State]:
+        """`cached_softmax` on a preallocated cache: the T new keys go to slots n.. in place (n, the fill
+        count, a device tensor advanced here), then every query attends over all slots, the unfilled
+        ones masked. No host syncs and no new tensors in the state: a CUDA graph can hold the step."""
+        n, cache_k = state["sm_n"], state["sm_k"]
+        slots = n + torch.arange(q.shape[1], device=q.device)
+        for name, x in (("sm_k", k), ("sm_v", v), ("sm_valid", kvalid)):
+            state[name].index_copy_(1, slots, x)
+        n.add_(q.shape[1])
+        causal = torch.arange(cache_k.shape[1], device=q.device)[None, :] <= slots[:, None]
+        y = self.attend_masked(q, cache_k, state["sm_v"], causal & state["sm_valid"][:, None, :])
+        return y, {name: state[name] for name in ("sm_k", "sm_v", "sm_valid", "sm_n")}
 
     def attend_masked(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Softmax attention of q [B,T,h,D] over k/v [B,S,hk,D] where mask [B,T,S] (bool) allows, or
@@ -287,3 +302,16 @@ class LinearizedAttention(nn.Module):
             )
             return y[:, None], new
         return hybrid_attn(q, k, v, fq, fk, g, mix, valid=valid, state=state, sinks=self.options.sinks, **common)
+
+
+def static_softmax_cache(state: State, capacity: int) -> State:
+    """A layer's state with its softmax heads' growing key/value cache (`sm_k`, `sm_v`, `sm_valid`)
+    moved into buffers of `capacity` tokens and their fill count `sm_n`, a device tensor: the
+    preallocated cache that graphed decoding writes in place."""
+    valid = state["sm_valid"]
+    b, t = valid.shape
+    if capacity < t:
+        raise LinearizeError(f"a static key/value cache of {capacity} tokens cannot hold the {t} already cached")
+    grow = lambda x: torch.cat([x, x.new_zeros(b, capacity - t, *x.shape[2:])], 1)  # noqa: E731
+    n = torch.full((1,), t, dtype=torch.long, device=valid.device)
+    return {**state, "sm_k": grow(state["sm_k"]), "sm_v": grow(state["sm_v"]), "sm_valid": grow(valid), "sm_n": n}
