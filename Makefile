@@ -44,7 +44,7 @@ bench-kernels: setup
 # Decode step under CUDA graphs vs the teacher's generate (a GPU for real figures; CPU: tiny smoke run)
 bench-decode: setup
 	$(if $(shell $(PY) -c "import torch; print(torch.cuda.is_available() or '')"),\
-	  $(PY) benchmarks/decode.py --out benchmarks/results/decode_h100.json $(if $(MODEL),--model $(MODEL)),\
+	  $(PY) benchmarks/decode.py --out benchmarks/results/decode_h200.json $(if $(MODEL),--model $(MODEL)),\
 	  $(PY) benchmarks/decode.py --smoke --out out/decode_smoke.json)
 
 clean:

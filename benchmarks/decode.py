@@ -1,23 +1,28 @@
-"""Decode benchmark: one token per step of a fully converted SmolLM2-135M (batch 1, bf16) replayed as a
-CUDA graph, against the teacher's Hugging Face `generate`, at contexts of 1k to 32k tokens.
+"""Decode benchmark (issue 18): ms per generated token of converted SmolLM2-135M models (bf16) under
+CUDA graphs, against the teacher run the fast way (static key/value cache, the decode step under
+torch.compile(mode="reduce-overhead", fullgraph=True)) and the teacher's eager `generate`, in one run,
+at batch sizes 1 and 16 and contexts of 1k to 32k tokens.
 
-    python benchmarks/decode.py --out benchmarks/results/decode_h100.json [--model path/to/smollm2.gguf]
+    python benchmarks/decode.py --out benchmarks/results/decode_h200.json [--model path/to/smollm2.gguf]
     python benchmarks/decode.py --smoke --out /tmp/decode.json   # CPU: tiny random model, eager steps
 
-For each context T: random prompt of T tokens; ours prefills it (in chunks), captures one decode
-step and times `--steps` replays with CUDA events (median over `--repeats`), new parameters at their
-initialization (speed does not depend on them). The teacher's per-token time is
-(time of generate(T prompt, N+1 tokens) - time of generate(T prompt, 1 token)) / N, medians over
-`--repeats`: both runs include the same prefill, so the difference is N decode steps of generate's
-loop as a user runs it. `floor`: the bytes a step must read (weights, plus the states twice / the
-key-value cache) at the measured copy bandwidth. Peak memory (whole run: prefill + decode) per
-context. Writes JSON records {"op", "impl", "T", "pass": "decode", "ms", ...} and a markdown table.
+Plans: all-converted `lolcats` and `gla`, and `heads`, `make convert`'s head-level default
+(configs/smollm2-135m.yaml: 12 KV heads keep softmax from a preallocated key/value cache). For each
+(B, T): random prompts of T tokens. `ours`: prefill (in chunks), capture one decode step, time
+`--steps` replays with CUDA events (median over `--repeats`). `teacher_compiled`: prefill into a
+`StaticCache` sized T + the steps, then the compiled one-token forward and argmax in a loop, timed
+the same way after three warm-up calls (compilation). `teacher_eager`: (generate(N+1) - generate(1)) / N,
+medians over `--repeats`, as a user runs it. New parameters stay at their initialization (speed does
+not depend on them). `floor_ms`: bytes a step must read (weights, plus states or caches read and
+written) at the measured copy bandwidth. Records {"impl", "name", "plan", "B", "T", "ms", "peak_gib", ...}
+and a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import statistics
 import sys
@@ -33,7 +38,8 @@ from linearize import GraphedDecoder
 
 from kernels import copy_bandwidth, header  # noqa: E402  (the script's folder is on sys.path)
 
-PLANS = {"lolcats": "*:lolcats(window=64)", "gla": "*:gla"}
+PLANS = {"lolcats": "*:lolcats(window=64)", "gla": "*:gla", "heads": "configs/smollm2-135m.yaml"}
+SMOKE_HEADS = "0:lolcats(window=64, sinks=4, softmax_heads=[1]),1:lolcats(window=64, sinks=4)"  # the 2-layer smoke model
 GIB = 2**30
 
 
@@ -61,9 +67,20 @@ def timed(fn: Callable[[], object], cuda: bool) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def plan_of(name: str, smoke: bool) -> str:
+    """The plan string of `name` (a recipe file's plan for `heads`)."""
+    if name != "heads":
+        return PLANS[name]
+    if smoke:
+        return SMOKE_HEADS
+    import yaml
+
+    return yaml.safe_load((Path(__file__).resolve().parent.parent / PLANS[name]).read_text())["plan"]
+
+
 def ours_decode(model, ids: torch.Tensor, steps: int, repeats: int, chunk: int, cuda: bool) -> dict:
-    """ms per graphed decode step after prefilling `ids`, peak memory, bytes of the recurrent state."""
-    decoder = GraphedDecoder(model, ids, prefill_chunk=chunk, graph=cuda)
+    """ms per graphed decode step after prefilling `ids`, and the bytes of the cache (states, softmax heads' keys/values)."""
+    decoder = GraphedDecoder(model, ids, prefill_chunk=chunk, graph=cuda, max_new_tokens=4 + steps * repeats)
     for _ in range(3):
         decoder.step()
 
@@ -75,7 +92,52 @@ def ours_decode(model, ids: torch.Tensor, steps: int, repeats: int, chunk: int, 
     return {"ms": ms, "cache_bytes": decoder.cache.nbytes()}
 
 
-def teacher_decode(model, ids: torch.Tensor, steps: int, repeats: int, cuda: bool) -> dict:
+def kv_bytes(model, batch: int, tokens: int) -> int:
+    """Bytes of the teacher's key/value cache for `tokens` tokens."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * batch * tokens * next(model.parameters()).element_size()
+
+
+def teacher_compiled_decode(model, ids: torch.Tensor, steps: int, repeats: int, chunk: int, cuda: bool) -> dict:
+    """ms per token of the teacher's fast path: a StaticCache and the one-token forward compiled with
+    mode="reduce-overhead" (CUDA graphs), fullgraph=True; eager on CPU (smoke runs check the script)."""
+    b, t = ids.shape
+    cache = transformers.StaticCache(config=model.config, max_cache_len=t + 3 + steps * repeats)
+    params = inspect.signature(model.forward).parameters  # transformers renamed the cache and dropped cache_position in 5.2x
+
+    def call(tok: torch.Tensor, pos: torch.Tensor, **kw) -> torch.Tensor:
+        kw |= {"cache" if "cache" in params else "past_key_values": cache, "position_ids": pos.expand(b, -1)}
+        if "cache_position" in params:
+            kw["cache_position"] = pos
+        return model(tok, use_cache=True, **kw).logits[:, -1]
+
+    for s in range(0, t, chunk):  # prefill
+        logits = call(ids[:, s : s + chunk], torch.arange(s, min(s + chunk, t), device=ids.device), logits_to_keep=1)
+
+    def forward(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return call(tok, pos).argmax(-1, keepdim=True)
+
+    step = torch.compile(forward, mode="reduce-overhead", fullgraph=True) if cuda else forward
+    state = {"tok": logits.argmax(-1, keepdim=True)}
+    pos = torch.full((1,), t, device=ids.device)  # advanced on the device: no host-to-device copy a token
+
+    def one() -> None:
+        state["tok"] = step(state["tok"], pos).clone()  # the graph's output buffer is reused by the next call
+        pos.add_(1)
+
+    for _ in range(3):  # compilation and CUDA-graph recording
+        one()
+
+    def run() -> None:
+        for _ in range(steps):
+            one()
+
+    ms = statistics.median(timed(run, cuda) / steps for _ in range(repeats))
+    return {"ms": ms, "cache_bytes": kv_bytes(model, b, t)}
+
+
+def teacher_eager_decode(model, ids: torch.Tensor, steps: int, repeats: int, cuda: bool) -> dict:
     """ms per decode step of HF generate: (generate N+1 tokens - generate 1 token) / N."""
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=model.config.pad_token_id or 0)
 
@@ -85,72 +147,73 @@ def teacher_decode(model, ids: torch.Tensor, steps: int, repeats: int, cuda: boo
     timed(gen(2), cuda)  # warm-up
     long = statistics.median(timed(gen(steps + 1), cuda) for _ in range(repeats))
     short = statistics.median(timed(gen(1), cuda) for _ in range(repeats))
-    c = model.config
-    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * ids.shape[1]
-    return {"ms": (long - short) / steps, "cache_bytes": kv * next(model.parameters()).element_size()}
+    return {"ms": (long - short) / steps, "cache_bytes": kv_bytes(model, ids.shape[0], ids.shape[1])}
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default=None, help="GGUF file or model folder (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
-    ap.add_argument("--plans", nargs="+", choices=sorted(PLANS), default=["lolcats", "gla"])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--plans", nargs="+", choices=sorted(PLANS), default=["lolcats", "gla", "heads"])
+    ap.add_argument("--teachers", nargs="*", choices=["compiled", "eager"], default=["compiled", "eager"])
     ap.add_argument("--steps", type=int, default=64, help="decode steps per timing")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prefill-chunk", type=int, default=8192)
-    ap.add_argument("--no-teacher", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny random SmolLM2-shaped model, short contexts (checks the script)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
     if args.smoke:
-        args.contexts, args.steps, args.repeats, args.prefill_chunk = [80], 2, 2, 32  # past the window of 64
+        args.contexts, args.batches, args.steps, args.repeats, args.prefill_chunk = [80], [1, 2], 2, 2, 32  # past the window of 64
         teacher, model_name = tiny_smollm2_shaped(device), "tiny random SmolLM2-shaped Llama (2 layers)"
     else:
         teacher = linearize.load(args.model, dtype=torch.bfloat16 if cuda else torch.float32, device=device)[0]
         model_name = args.model or linearize.DEFAULT_MODEL
     weight_bytes = sum({p.data_ptr(): p.numel() * p.element_size() for p in teacher.parameters()}.values())  # tied once
     bandwidth = copy_bandwidth(device)  # bytes per ms
-    students = {name: linearize.convert(copy.deepcopy(teacher), PLANS[name]) for name in args.plans}
+    plans = {name: plan_of(name, args.smoke) for name in args.plans}
+    students = {name: linearize.convert(copy.deepcopy(teacher), plan) for name, plan in plans.items()}
     records = []
-
-    def record(op: str, impl: str, t: int, ms: float, **extra) -> None:
-        records.append({"op": op, "impl": impl, "T": t, "pass": "decode", "ms": round(ms, 4), **extra})
-
-    for t in args.contexts:
-        ids = torch.randint(3, teacher.config.vocab_size, (1, t), generator=torch.Generator().manual_seed(t)).to(device)
-        runs = {f"smollm2_decode_{name}": (lambda m=m: ours_decode(m, ids, args.steps, args.repeats, args.prefill_chunk, cuda), "ours")
-                for name, m in students.items()}
-        if not args.no_teacher:
-            runs["smollm2_decode_teacher"] = (lambda: teacher_decode(teacher, ids, args.steps, args.repeats, cuda), "hf_generate")
-        for op, (run, impl) in runs.items():
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            try:
-                with torch.no_grad():
-                    out = run()
-            except torch.OutOfMemoryError as e:  # reported, not fatal: the other contexts still run
-                print(f"{op} T={t}: out of memory ({e})", file=sys.stderr)
-                continue
-            peak = {"peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 3)} if cuda else {}
-            record(op, impl, t, out["ms"], cache_mib=round(out["cache_bytes"] / 2**20, 2), **peak)
-            read = weight_bytes + (out["cache_bytes"] if impl == "hf_generate" else 2 * out["cache_bytes"])
-            record(op, "floor", t, read / bandwidth)
-            print(f"{op} {impl} T={t}: {out['ms']:.3f} ms/step", file=sys.stderr)
+    for b in args.batches:
+        for t in args.contexts:
+            ids = torch.randint(3, teacher.config.vocab_size, (b, t), generator=torch.Generator().manual_seed(t)).to(device)
+            runs = [("ours", name, lambda m=m: ours_decode(m, ids, args.steps, args.repeats, args.prefill_chunk, cuda))
+                    for name, m in students.items()]
+            if "compiled" in args.teachers:
+                runs.append(("teacher_compiled", "teacher",
+                             lambda: teacher_compiled_decode(teacher, ids, args.steps, args.repeats, args.prefill_chunk, cuda)))
+            if "eager" in args.teachers:
+                runs.append(("teacher_eager", "teacher", lambda: teacher_eager_decode(teacher, ids, args.steps, args.repeats, cuda)))
+            for impl, name, run in runs:
+                if cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                try:
+                    with torch.no_grad():
+                        out = run()
+                except torch.OutOfMemoryError as e:  # reported, not fatal: the other shapes still run
+                    print(f"{impl} {name} B={b} T={t}: out of memory ({e})", file=sys.stderr)
+                    continue
+                read = weight_bytes + (out["cache_bytes"] if impl != "ours" else 2 * out["cache_bytes"])
+                records.append({"impl": impl, "name": name, "plan": plans.get(name, name), "B": b, "T": t, "ms": round(out["ms"], 4),
+                                "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 3) if cuda else None,
+                                "cache_mib": round(out["cache_bytes"] / 2**20, 2), "floor_ms": round(read / bandwidth, 4)})
+                print(f"{impl} {name} B={b} T={t}: {out['ms']:.3f} ms/step", file=sys.stderr)
 
     out = {
         **header(cuda, ("transformers",)),
-        "setup": {"model": model_name, "dtype": str(next(teacher.parameters()).dtype), "batch": 1, "plans": {n: PLANS[n] for n in args.plans},
+        "setup": {"model": model_name, "dtype": str(next(teacher.parameters()).dtype), "plans": plans,
                   "steps": args.steps, "repeats": args.repeats, "prefill_chunk": args.prefill_chunk, "cuda_graphs": cuda},
         "copy_bandwidth_GBps": round(bandwidth / 1e6, 1), "records": records,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
-    print("| op | impl | T | ms/step | tokens/s | peak GiB | cache MiB |\n|---|---|---:|---:|---:|---:|---:|")
+    print("| impl | name | B | T | ms/token | tokens/s | floor ms | peak GiB | cache MiB |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in records:
-        print(f"| {r['op']} | {r['impl']} | {r['T']} | {r['ms']} | {1e3 / r['ms']:.0f} | {r.get('peak_gib', '')} | {r.get('cache_mib', '')} |")
+        print(f"| {r['impl']} | {r['name']} | {r['B']} | {r['T']} | {r['ms']} | {r['B'] * 1e3 / r['ms'] if r['ms'] > 0 else float('nan'):.0f} | {r['floor_ms']} "
+              f"| {r['peak_gib'] or ''} | {r['cache_mib']} |")
 
 
 if __name__ == "__main__":

@@ -150,11 +150,15 @@ def test_decode_benchmark_runs_in_smoke_mode(tmp_path):
     data = json.loads(out.read_text())
     assert {"command", "date", "device", "versions", "records"} <= set(data)
     records = data["records"]
-    assert {(r["op"], r["impl"]) for r in records} >= {("smollm2_decode_lolcats", "ours"), ("smollm2_decode_teacher", "hf_generate")}
-    assert all(r["pass"] == "decode" and isinstance(r["ms"], float) and isinstance(r["T"], int) for r in records)
-    # the teacher's time is a difference of two generate timings: on a busy CPU it can come out <= 0
-    assert all(r["ms"] > 0 for r in records if r["impl"] != "hf_generate")
-    assert "| op | impl | T |" in run.stdout
+    runs = {(r["impl"], r["name"], r["B"]) for r in records}
+    assert runs == {(impl, plan, b) for b in (1, 2) for impl, plan in
+                    [("ours", "lolcats"), ("ours", "gla"), ("ours", "heads"), ("teacher_compiled", "teacher"), ("teacher_eager", "teacher")]}
+    heads_plan = data["setup"]["plans"]["heads"]
+    assert "softmax_heads" in heads_plan and all(r["plan"] == heads_plan for r in records if r["name"] == "heads")
+    assert all(isinstance(r["ms"], float) and r["T"] == 80 and r["floor_ms"] > 0 for r in records)
+    # the eager teacher's time is a difference of two generate timings: on a busy CPU it can come out <= 0
+    assert all(r["ms"] > 0 for r in records if r["impl"] != "teacher_eager")
+    assert "| impl | name | B | T |" in run.stdout
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
