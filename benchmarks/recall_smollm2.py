@@ -46,15 +46,18 @@ TASKS = {"local_hellaswag": ("hellaswag_acc_norm", "acc_norm"), "local_arc_easy"
          "local_arc_challenge": ("arc_challenge_acc_norm", "acc_norm"), "local_piqa": ("piqa_acc", "acc"),
          "local_lambada": ("lambada_acc", "acc")}
 # name: (plan: "heads[-NAME]:KIND" = that head plan's softmax heads with KIND elsewhere, or a plan string;
-#        seq_len, batch, stage-1 steps, stage-2 steps (0: none), recall_mix)
+#        seq_len, batch, stage-1 steps, stage-2 steps (0: none), recall_mix, stage-2 learning rate)
+V2 = "heads-v2:lolcats(window=64, sinks=4, window_init=3)"
 RUNS = {
-    "ours": ("heads:lolcats(window=64)", 4096, 4, 150, 150, 0.25),
-    "ours-short": ("heads:lolcats(window=64)", 1024, 16, 150, 150, 0.0),
-    "ours-norecall": ("heads:lolcats(window=64)", 4096, 4, 150, 150, 0.0),
-    "ours-sinks": ("heads:lolcats(window=64, sinks=4)", 4096, 4, 150, 150, 0.25),
-    "ours-sinks-v2": ("heads-v2:lolcats(window=64, sinks=4, window_init=3)", 4096, 4, 150, 150, 0.25),
-    "ours-sinks-v2-s1": ("heads-v2:lolcats(window=64, sinks=4, window_init=3)", 4096, 4, 300, 0, 0.25),
-    "lolcats50": (",".join(f"{i}:lolcats(window=64)" for i in range(0, 30, 2)), 1024, 16, 125, 125, 0.0),
+    "ours": ("heads:lolcats(window=64)", 4096, 4, 150, 150, 0.25, 5e-4),
+    "ours-short": ("heads:lolcats(window=64)", 1024, 16, 150, 150, 0.0, 5e-4),
+    "ours-norecall": ("heads:lolcats(window=64)", 4096, 4, 150, 150, 0.0, 5e-4),
+    "ours-sinks": ("heads:lolcats(window=64, sinks=4)", 4096, 4, 150, 150, 0.25, 5e-4),
+    "ours-sinks-v2": (V2, 4096, 4, 150, 150, 0.25, 5e-4),
+    "ours-sinks-v2-s1": (V2, 4096, 4, 300, 0, 0.25, 5e-4),
+    "ours-sinks-v2-lr2": (V2, 4096, 4, 150, 150, 0.25, 2e-4),  # a gentler LoRA stage (it cost LAMBADA)
+    "ours-sinks-v2-20m": (V2, 4096, 4, 600, 600, 0.25, 5e-4),  # 19.7M tokens: the budget (two calls, --resume)
+    "lolcats50": (",".join(f"{i}:lolcats(window=64)" for i in range(0, 30, 2)), 1024, 16, 125, 125, 0.0, 5e-4),
 }
 
 
@@ -149,7 +152,7 @@ def main() -> None:
                                         "cache_fraction": meter.fraction(model.layer_plan) if free else 1.0}
                 state["metrics"][step] = measure(model, tok, args, log)
         else:
-            plan_s, seq, batch, s1, s2, mix = RUNS[step]
+            plan_s, seq, batch, s1, s2, mix, lr2 = RUNS[step]
             s1, s2 = (max(1, round(s * args.scale_steps)) if s else 0 for s in (s1, s2))  # 0: the stage is skipped
             if plan_s.startswith("heads"):
                 plan_s = head_plan(state, *plan_s.split(":", 1))
@@ -158,7 +161,7 @@ def main() -> None:
                 data=DataConfig(source="teacher", seq_len=seq, teacher_len=1024, teacher_sequences=args.teacher_sequences,
                                 val_fraction=0.05, recall_mix=mix, cache_dir=str(work / "cache")),
                 stage1=Stage1Config(steps=s1, batch_size=batch, lr=3e-2, save_every=50),
-                stage2=Stage2Config(steps=s2, batch_size=batch, lr=5e-4, kl_weight=1.0, ce_weight=0.0, save_every=50),
+                stage2=Stage2Config(steps=s2, batch_size=batch, lr=lr2, kl_weight=1.0, ce_weight=0.0, save_every=50),
             )
             out_dir = work / step
             if not out_dir.is_dir():
@@ -167,7 +170,7 @@ def main() -> None:
             model.to(device=device, dtype=dtype).eval()
             meter = meter or CacheMeter(model.config)
             state["plans"][step] = {"plan": label(model), "cache_fraction": meter.fraction(model.layer_plan),
-                                    "train_tokens": (s1 + s2) * batch * seq, "seq_len": seq, "recall_mix": mix}
+                                    "train_tokens": (s1 + s2) * batch * seq, "seq_len": seq, "recall_mix": mix, "stage2_lr": lr2}
             state["metrics"][step] = measure(model, tok, args, log)
         log(f"{step}: {time.time() - t0:.0f}s")
         save()
