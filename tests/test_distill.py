@@ -8,14 +8,17 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import linearize
 from linearize.distill import load_config
 from linearize.distill.config import ConfigError, DataConfig
 from linearize.distill.data import DataError, pack, read_texts, split
-from linearize.distill.stages import Checkpoint, lm_loss, new_parameters, set_checkpointing, train_loop, transfer_losses
+from linearize.adapters import ADAPTERS
+from linearize.distill.stages import (Checkpoint, attention_mode, lm_loss, new_parameters, set_checkpointing, train_loop,
+                                      transfer_losses)
 
-from conftest import rel_err
+from conftest import perturb_new_params, rel_err, tiny_model
 
 TEXT = (
     "The river runs through the old town and past the mill. Children play on its banks in summer. "
@@ -84,6 +87,38 @@ def test_stage2_lora_reduces_lm_loss_and_freezes_base_weights(two_layers, rows, 
     changed = {k for k, v in peft_model.state_dict().items() if not torch.equal(v, before[k])}
     assert all("lora_" in k or any(n in k for n in ("feature_map", "window_logit", "gate")) for k in changed)
     assert any("lora_B" in k for k in changed)
+
+
+@pytest.mark.parametrize("model_type", sorted(ADAPTERS))
+def test_chunked_lm_loss_equals_the_whole_logits_loss(model_type):
+    """CE + KL through the final hidden states, 5 tokens of logits at a time (Gemma 2: soft-capped
+    logits), gives the loss and LoRA/new-parameter gradients of the model's own whole logits."""
+    from peft import LoraConfig, get_peft_model
+
+    model = linearize.convert(tiny_model(model_type), "*:lolcats(window=3)")
+    perturb_new_params(model)
+    if getattr(model.config, "final_logit_softcapping", None):
+        model.config.final_logit_softcapping = 0.5  # a cap the tiny model's logits reach
+    model.requires_grad_(False)
+    targets = [n for n, m in model.named_modules() if n.endswith(("o_proj", "v_proj"))]
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    for name, p in model.named_parameters():
+        if "lora_" in name or "feature_map" in name:
+            p.requires_grad_(True)
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)  # B = 0 would leave the student equal to the teacher
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = torch.randint(3, 128, (2, 13), generator=torch.Generator().manual_seed(0))
+    chunked = lm_loss(model, batch, 0.7, 0.5, chunk=5)
+    grads = torch.autograd.grad(chunked, params)
+    logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()  # the whole-logits loss
+    with torch.no_grad(), model.disable_adapter(), attention_mode(model, "teacher"):
+        teacher = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+    whole = 0.7 * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)) + 0.5 * F.kl_div(
+        logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean()
+    refs = torch.autograd.grad(whole, params)
+    assert abs(chunked.item() - whole.item()) < 1e-5 * whole.item()
+    assert all(rel_err(g, r) < 1e-4 for g, r in zip(grads, refs))
 
 
 def test_stage2_gradient_checkpointing_gives_the_same_gradients(two_layers, rows):

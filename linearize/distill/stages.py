@@ -13,6 +13,7 @@ with adapters disabled and layers in "teacher" mode: no second copy in memory.
 
 from __future__ import annotations
 
+import inspect
 import math
 import pickle
 import time
@@ -109,8 +110,86 @@ def held_out_transfer(model: nn.Module, rows: Tensor, batch_size: int, stop_earl
             for layer, v in sorted(per_layer.items())]
 
 
-def lm_loss(model: nn.Module, batch: Tensor, ce_weight: float, kl_weight: float) -> Tensor:
-    """Next-token cross-entropy (+ KL(teacher || student) when kl_weight > 0) of a batch."""
+LOSS_CHUNK = 4096  # tokens whose logits exist at once in `lm_loss`
+
+
+class ChunkedLMLoss(torch.autograd.Function):
+    """Mean next-token cross-entropy (weight ce) plus mean KL(teacher || student) (weight kl) from the
+    final hidden states h [N,C] (student) and ht [N,C] (teacher, or None) through the frozen output
+    head `weight` [V,C] (soft-capped by `cap` as Gemma 2's logits are), `chunk` tokens at a time: the
+    gradient for h is formed chunk by chunk in the forward, so no [N x V] tensor is ever whole (an 8B
+    model's 128k-token vocabulary makes each fp32 copy 0.5 GB per 1k tokens)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, ht: Tensor | None, weight: Tensor, labels: Tensor, ce: float, kl: float,
+                cap: float | None, chunk: int) -> Tensor:
+        n = h.shape[0]
+        grad = torch.empty_like(h, dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, n, chunk):
+            logits = F.linear(h[i : i + chunk], weight).float()
+            if cap:
+                squash = torch.tanh(logits / cap)
+                logits = cap * squash
+            logp = logits.log_softmax(-1)
+            p = logp.exp()
+            y = labels[i : i + chunk, None]
+            g = ce * p.scatter_add(1, y, torch.full_like(y, -1.0, dtype=p.dtype))  # softmax - one-hot
+            total += ce * -logp.gather(1, y).sum()
+            if ht is not None:
+                teacher = F.linear(ht[i : i + chunk], weight).float()
+                logq = (cap * torch.tanh(teacher / cap) if cap else teacher).log_softmax(-1)
+                total += kl * (logq.exp() * (logq - logp)).sum()
+                g += kl * (p - logq.exp())
+            if cap:
+                g *= 1 - squash * squash
+            grad[i : i + chunk] = F.linear(g.to(weight.dtype), weight.t()).float() / n
+        ctx.save_for_backward(grad)
+        ctx.h_dtype = h.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, dloss: Tensor):
+        (grad,) = ctx.saved_tensors
+        return (grad * dloss).to(ctx.h_dtype), None, None, None, None, None, None, None
+
+
+def final_hidden(model: nn.Module, batch: Tensor) -> Tensor | None:
+    """The decoder's last hidden states [B,T,C] (after its final norm) from a forward that forms the
+    logits of one token only; None where the chunked loss cannot stand in for the model's own logits
+    (an output head that trains or is sharded, a model without logits_to_keep)."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None or head.weight.requires_grad or isinstance(head.weight, DTensor):
+        return None
+    if "logits_to_keep" not in inspect.signature(model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward).parameters:
+        return None
+    seen: dict[str, Tensor] = {}
+
+    def keep(module: nn.Module, args: Any, out: Any) -> None:  # returns None: the output goes on unchanged
+        seen["h"] = out[0]
+
+    hook = model.get_decoder().register_forward_hook(keep)
+    try:
+        model(input_ids=batch, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return seen["h"]
+
+
+def lm_loss(model: nn.Module, batch: Tensor, ce_weight: float, kl_weight: float, chunk: int = LOSS_CHUNK) -> Tensor:
+    """Next-token cross-entropy (+ KL(teacher || student) when kl_weight > 0) of a batch, through
+    `ChunkedLMLoss` where the model allows (the same value and gradients without whole logits)."""
+    with autocast(batch.device):
+        h = final_hidden(model, batch)
+    if h is not None:
+        ht = None
+        if kl_weight:
+            with torch.no_grad(), model.disable_adapter(), attention_mode(model, "teacher"), autocast(batch.device):
+                ht = final_hidden(model, batch)[:, :-1].reshape(-1, h.shape[-1])
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        with autocast(batch.device):  # the head's products in bf16 on a GPU, as the model's own forward
+            return ChunkedLMLoss.apply(h[:, :-1].reshape(-1, h.shape[-1]), ht, model.get_output_embeddings().weight,
+                                       batch[:, 1:].reshape(-1), ce_weight, kl_weight, cap, chunk)
     with autocast(batch.device):
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
     loss = ce_weight * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
