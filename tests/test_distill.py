@@ -233,6 +233,10 @@ def test_cli_convert_end_to_end_with_resume(smollm2_base, tmp_path, monkeypatch,
     assert summary["plan"].startswith("0-3:softmax,4:lolcats(window=16)") and summary["student_val_ppl"] > 1
     layers = json.loads((out / "metrics" / "stage1.json").read_text())["val_layer_loss"]
     assert [r["layer"] for r in layers] == [4, 9]
+    for stage, steps in (("stage1", 3), ("stage2", 2)):  # each stage's own speed, logged and kept
+        m = json.loads((out / "metrics" / f"{stage}.json").read_text())
+        assert m["steps"] == steps and m["tokens_per_s"] > 0 and "peak_gib" not in m  # CPU: no device peak
+        assert f"{stage}: {m['tokens_per_s']:,.0f} tokens/s" in printed
     model = linearize.load(out)[0]
     assert model.config.linearize["layers"][9]["kind"] == "hedgehog"
 

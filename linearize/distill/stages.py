@@ -296,6 +296,8 @@ def train_loop(
             log(f"{name}: finished earlier ({start} steps), loaded from {ckpt.folder}")
             return {"steps": start, "history": history, "resumed_from": start, "train_tokens": start * step_tokens}
         log(f"{name}: resuming at step {start} from {ckpt.folder}")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0, tokens, step = time.time(), 0, start
     bar = tqdm(range(start, steps), desc=name, disable=rank != 0, initial=start, total=steps)
     try:
@@ -324,5 +326,10 @@ def train_loop(
             ckpt.save(params, opt, sched, len(history), False, history)
             log(f"\n{name}: interrupted; checkpoint at step {len(history)} in {ckpt.folder} (continue with --resume)")
         raise
-    return {"steps": steps, "history": history, "resumed_from": start, "seconds": round(time.time() - t0, 1),
-            "train_tokens": steps * step_tokens}
+    seconds = time.time() - t0
+    speed = {"tokens_per_s": round((steps - start) * step_tokens / seconds, 1)}  # this run's steps, checkpoints included
+    if device.type == "cuda":
+        speed["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    log(f"{name}: {speed['tokens_per_s']:,.0f} tokens/s" + (f", peak {speed['peak_gib']} GiB" if "peak_gib" in speed else ""))
+    return {"steps": steps, "history": history, "resumed_from": start, "seconds": round(seconds, 1),
+            "train_tokens": steps * step_tokens, **speed}
