@@ -298,7 +298,7 @@ def train_loop(
         log(f"{name}: resuming at step {start} from {ckpt.folder}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t0, tokens, step = time.time(), 0, start
+    t0, tokens, step, warm = time.time(), 0, start, None
     bar = tqdm(range(start, steps), desc=name, disable=rank != 0, initial=start, total=steps)
     try:
         for step in bar:
@@ -316,6 +316,7 @@ def train_loop(
             opt.zero_grad(set_to_none=True)
             tokens += batch.numel() * world
             history.append(round(float(loss), 6))
+            warm = warm or (time.time(), len(history))  # after the first step: kernels compiled, memory pools grown
             bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tokens / (time.time() - t0):.0f}")
             if (step + 1) % save_every == 0 or step + 1 == steps:
                 ckpt.save(params, opt, sched, step + 1, step + 1 == steps, history, write=rank == 0)
@@ -327,7 +328,8 @@ def train_loop(
             log(f"\n{name}: interrupted; checkpoint at step {len(history)} in {ckpt.folder} (continue with --resume)")
         raise
     seconds = time.time() - t0
-    speed = {"tokens_per_s": round((steps - start) * step_tokens / seconds, 1)}  # this run's steps, checkpoints included
+    since, done = (warm[0], len(history) - warm[1]) if warm and len(history) > warm[1] else (t0, steps - start)
+    speed = {"tokens_per_s": round(done * step_tokens / (time.time() - since), 1)}  # past the first step, checkpoints included
     if device.type == "cuda":
         speed["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     log(f"{name}: {speed['tokens_per_s']:,.0f} tokens/s" + (f", peak {speed['peak_gib']} GiB" if "peak_gib" in speed else ""))

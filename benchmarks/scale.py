@@ -1,0 +1,143 @@
+"""7-8B recipes through `linearize convert` on one GPU (issue 20): stage speed and peak memory.
+
+    python benchmarks/scale.py --out benchmarks/results/scale_h200.json --workdir /tmp/scale \
+        [--shape llama3-8b] [--recipes llama3-8b-lolcats llama3-8b-lizard llama3-8b-instruct-mamba2-50] [--seq-lens 1024 4096]
+    python benchmarks/scale.py --smoke --out /tmp/scale.json --workdir /tmp/scale   # CPU: a tiny shape, checks the script
+
+Pretrained 8B weights cannot be downloaded here, and speed and memory do not depend on the values: the
+shape's exact config with random bf16 weights is written once as a Hugging Face folder (with a
+word-level tokenizer over its whole vocabulary), and random word text as the data. Each (recipe, seq
+len) then runs as a user runs it, `linearize convert --config RECIPE --model FOLDER` in its own
+process, with the data, sequence length, batch and step counts overridden; each stage's tokens/s
+(past its first step) and peak GPU memory come from the run's own metrics/stage{1,2}.json. The output
+folder is deleted after each run (an 8B model per run would fill the disk). Records
+{"shape", "recipe", "plan", "stage", "seq_len", "batch", "gpus": 1, "via": "convert", "tokens_per_s", "peak_gib"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from kernels import header  # noqa: E402  (the script's folder is on sys.path)
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = {  # the published configs' sizes (untied embeddings)
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                      max_position_embeddings=8192, tie_word_embeddings=False),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32768, rope_theta=1000000.0,
+                       max_position_embeddings=32768, sliding_window=None, tie_word_embeddings=False),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0,
+                       max_position_embeddings=32768, tie_word_embeddings=False),
+    "smoke": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, tie_word_embeddings=False),
+}
+
+
+def write_model(shape: str, folder: Path, device: torch.device) -> None:
+    """A random bf16 model of `shape` and a word-level tokenizer ("w0".."wV-1") saved to `folder`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    kw = dict(SHAPES[shape])
+    config = CONFIG_MAPPING[kw.pop("model_type")](**kw, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    with torch.device(device):  # random init on the GPU: minutes faster than on the CPU at 8B
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the runs are other processes: leave them the whole GPU
+    vocab = {f"w{i}": i for i in range(config.vocab_size)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w3", pad_token="w0", bos_token="w1", eos_token="w2").save_pretrained(tmp)
+    tmp.rename(folder)  # whole or absent: a later run reuses it
+
+
+def write_text(path: Path, vocab: int, tokens: int) -> None:
+    """Random word text ("w4".. ids) of about `tokens` tokens, one 1,000-word line at a time."""
+    rng = random.Random(0)
+    with path.open("w") as f:
+        for _ in range(tokens // 1000 + 1):
+            f.write(" ".join(f"w{rng.randrange(4, vocab)}" for _ in range(1000)) + "\n")
+
+
+def convert_run(recipe: str, folder: Path, text: Path, out: Path, seq: int, batch: int, steps: int, smoke: bool) -> dict:
+    """One `linearize convert` process; its stage metrics and the plan it ran."""
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out.with_name(out.name + ".ckpt"), ignore_errors=True)
+    overrides = [f"data.source={text}", "data.template=null", f"data.seq_len={seq}", "data.val_fraction=0.02",
+                 f"data.cache_dir={out.parent / 'cache'}"]
+    for stage in ("stage1", "stage2"):
+        overrides += [f"{stage}.steps={steps}", f"{stage}.batch_size={batch}", f"{stage}.save_every={10 * steps}"]
+    cmd = [sys.executable, "-m", "linearize.cli", "convert", "--config", recipe, "--model", str(folder), "--out", str(out), *overrides]
+    t0 = time.time()
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"{recipe} seq {seq}: convert failed ({run.returncode}):\n{run.stderr[-3000:]}")
+    metrics = {s: json.loads((out / "metrics" / f"{s}.json").read_text()) for s in ("stage1", "stage2", "summary")}
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out.with_name(out.name + ".ckpt"), ignore_errors=True)
+    print(f"{recipe} seq {seq} x {batch}: {time.time() - t0:.0f}s", file=sys.stderr)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--workdir", required=True, help="holds the written model folder (reused), the text and the runs")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    ap.add_argument("--recipes", nargs="+", default=["llama3-8b-lolcats", "llama3-8b-lizard", "llama3-8b-instruct-mamba2-50"])
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--tokens-per-step", type=int, default=8192, help="batch = this / seq len (at least 1)")
+    ap.add_argument("--steps", type=int, default=8, help="steps per stage (the first is not timed)")
+    ap.add_argument("--smoke", action="store_true", help="CPU, a tiny shape, short runs (checks the script)")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.smoke
+    if args.smoke:
+        args.shape, args.seq_lens, args.tokens_per_step, args.steps = "smoke", [32], 64, 3
+    work = Path(args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    folder = work / f"{args.shape}-random"
+    if not folder.is_dir():
+        write_model(args.shape, folder, torch.device("cuda" if cuda else "cpu"))
+    vocab = SHAPES[args.shape]["vocab_size"]
+    text = work / "text.txt"
+    need = 2 * args.steps * max(args.tokens_per_step, max(args.seq_lens)) * 2  # both stages, with room for validation
+    if not text.is_file() or text.stat().st_size < need * 6:
+        write_text(text, vocab, need)
+    records = []
+    for recipe in args.recipes:
+        for seq in args.seq_lens:
+            batch = max(1, args.tokens_per_step // seq)
+            m = convert_run(recipe, folder, text, work / "run", seq, batch, args.steps, args.smoke)
+            for stage in ("stage1", "stage2"):
+                records.append({"shape": args.shape, "recipe": recipe, "plan": m["summary"]["plan"], "stage": stage,
+                                "seq_len": seq, "batch": batch, "gpus": 1, "via": "convert", "steps": m[stage]["steps"],
+                                "tokens_per_s": m[stage].get("tokens_per_s"), "peak_gib": m[stage].get("peak_gib")})
+    out = {**header(cuda, ("transformers", "peft")), "setup": {"shape": SHAPES[args.shape], "steps": args.steps,
+           "tokens_per_step": args.tokens_per_step, "dtype": "bfloat16 weights"}, "records": records}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print("| recipe | stage | seq x batch | tokens/s | peak GiB |\n|---|---|---|---:|---:|")
+    for r in records:
+        print(f"| {r['recipe']} | {r['stage']} | {r['seq_len']} x {r['batch']} | {r['tokens_per_s']} | {r['peak_gib'] or ''} |")
+
+
+if __name__ == "__main__":
+    main()
