@@ -180,6 +180,41 @@ def test_interrupted_stage_resumes_exactly(two_layers, rows, tmp_path):
     assert again["resumed_from"] == 6 and again["train_tokens"] == straight["train_tokens"]
 
 
+def test_ctrl_c_during_the_parameter_update_still_resumes_exactly(two_layers, rows, tmp_path, monkeypatch):
+    """A Ctrl-C that lands after the optimizer moved the parameters but before the step was counted
+    must not leave a checkpoint that replays that step: the update and its bookkeeping finish first."""
+    import os
+    import signal
+
+    model, _ = two_layers
+    model.requires_grad_(False)
+    params = {k: p.requires_grad_(True) for k, p in new_parameters(model).items()}
+    init = {k: p.detach().clone() for k, p in params.items()}
+    fn = lambda b: sum(v[0] for v in transfer_losses(model, b, train=True).values())  # noqa: E731
+    straight = _loop(params, fn, rows, 5, tmp_path, name="a")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(init[k])
+    real_step, calls = torch.optim.lr_scheduler.LambdaLR.step, []
+
+    def interrupted_step(self, *a, **kw):  # the signal arrives between opt.step() and the scheduler's step
+        calls.append(1)
+        if len(calls) == 4:  # the 3rd training step (the first call is the scheduler's own, at construction)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        _loop(params, fn, rows, 5, tmp_path, name="b")
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", real_step)
+    assert Checkpoint(tmp_path / "b").load()["step"] == 3  # the interrupted step counted, its update kept
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(init[k])
+    resumed = _loop(params, fn, rows, 5, tmp_path, name="b")
+    assert resumed["resumed_from"] == 3 and resumed["history"] == straight["history"]
+
+
 def test_txt_and_jsonl_loaders_pack_exactly(smollm2, tmp_path):
     _, tok = smollm2
     (tmp_path / "a.txt").write_text("first line of text\n\n  second line here  \nthird\n")

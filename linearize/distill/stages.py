@@ -270,6 +270,29 @@ def _schedule(steps: int) -> Callable[[int], float]:
     return lambda s: (s + 1) / warm if s < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
 
 
+@contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Ctrl-C waits for the end of the block (main thread): the parameters' update and the step's
+    bookkeeping land together, so a checkpoint never holds an update it does not count (a resumed run
+    would apply it twice)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda sig, frame: caught.append(sig))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, None)  # now: Python's own handler raises KeyboardInterrupt
+        elif caught and previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+
 def train_loop(
     name: str, params: dict[str, nn.Parameter], step_fn: Callable[[Tensor], float], rows: Tensor, *,
     steps: int, batch_size: int, lr: float, weight_decay: float, save_every: int, ckpt: Checkpoint,
@@ -310,12 +333,13 @@ def train_loop(
                 for p in params.values():
                     if p.grad is not None and not isinstance(p.grad, DTensor):
                         torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
-            clip_grad_norm_(params.values(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            tokens += batch.numel() * world
-            history.append(round(float(loss), 6))
+            with _uninterrupted():  # an update is kept only together with its count
+                clip_grad_norm_(params.values(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                tokens += batch.numel() * world
+                history.append(round(float(loss), 6))
             warm = warm or (time.time(), len(history))  # after the first step: kernels compiled, memory pools grown
             bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tokens / (time.time() - t0):.0f}")
             if (step + 1) % save_every == 0 or step + 1 == steps:
