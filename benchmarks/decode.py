@@ -35,6 +35,7 @@ import transformers
 
 import linearize
 from linearize import GraphedDecoder
+from linearize.info import CacheMeter
 
 from kernels import copy_bandwidth, header  # noqa: E402  (the script's folder is on sys.path)
 
@@ -92,13 +93,6 @@ def ours_decode(model, ids: torch.Tensor, steps: int, repeats: int, chunk: int, 
     return {"ms": ms, "cache_bytes": decoder.cache.nbytes()}
 
 
-def kv_bytes(model, batch: int, tokens: int) -> int:
-    """Bytes of the teacher's key/value cache for `tokens` tokens."""
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * batch * tokens * next(model.parameters()).element_size()
-
-
 def teacher_compiled_decode(model, ids: torch.Tensor, steps: int, repeats: int, chunk: int, cuda: bool) -> dict:
     """ms per token of the teacher's fast path: a StaticCache and the one-token forward compiled with
     mode="reduce-overhead" (CUDA graphs), fullgraph=True; eager on CPU (smoke runs check the script)."""
@@ -134,7 +128,7 @@ def teacher_compiled_decode(model, ids: torch.Tensor, steps: int, repeats: int, 
             one()
 
     ms = statistics.median(timed(run, cuda) / steps for _ in range(repeats))
-    return {"ms": ms, "cache_bytes": kv_bytes(model, b, t)}
+    return {"ms": ms}
 
 
 def teacher_eager_decode(model, ids: torch.Tensor, steps: int, repeats: int, cuda: bool) -> dict:
@@ -147,7 +141,7 @@ def teacher_eager_decode(model, ids: torch.Tensor, steps: int, repeats: int, cud
     timed(gen(2), cuda)  # warm-up
     long = statistics.median(timed(gen(steps + 1), cuda) for _ in range(repeats))
     short = statistics.median(timed(gen(1), cuda) for _ in range(repeats))
-    return {"ms": (long - short) / steps, "cache_bytes": kv_bytes(model, ids.shape[0], ids.shape[1])}
+    return {"ms": (long - short) / steps}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         teacher = linearize.load(args.model, dtype=torch.bfloat16 if cuda else torch.float32, device=device)[0]
         model_name = args.model or linearize.DEFAULT_MODEL
     weight_bytes = sum({p.data_ptr(): p.numel() * p.element_size() for p in teacher.parameters()}.values())  # tied once
+    kv_per_token = CacheMeter(teacher.config, dtype=next(teacher.parameters()).dtype).teacher_per_token * teacher.config.num_hidden_layers
     bandwidth = copy_bandwidth(device)  # bytes per ms
     plans = {name: plan_of(name, args.smoke) for name in args.plans}
     students = {name: linearize.convert(copy.deepcopy(teacher), plan) for name, plan in plans.items()}
@@ -196,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                 except torch.OutOfMemoryError as e:  # reported, not fatal: the other shapes still run
                     print(f"{impl} {name} B={b} T={t}: out of memory ({e})", file=sys.stderr)
                     continue
+                out.setdefault("cache_bytes", kv_per_token * ids.numel())  # the teacher's key/value cache
                 read = weight_bytes + (out["cache_bytes"] if impl != "ours" else 2 * out["cache_bytes"])
                 records.append({"impl": impl, "name": name, "plan": plans.get(name, name), "B": b, "T": t, "ms": round(out["ms"], 4),
                                 "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 3) if cuda else None,

@@ -146,18 +146,27 @@ def test_stage2_gradient_checkpointing_gives_the_same_gradients(two_layers, rows
     assert all(rel_err(grads[1][k], grads[0][k]) < 1e-5 for k in params)
 
 
-def test_interrupted_stage_resumes_exactly(two_layers, rows, tmp_path):
-    model, _ = two_layers
+def _transfer_run(model):
+    """Stage 1's trainable parameters of `model`, its step function, and a way back to their initial values
+    (what a fresh process starts from)."""
     model.requires_grad_(False)
     params = {k: p.requires_grad_(True) for k, p in new_parameters(model).items()}
     init = {k: p.detach().clone() for k, p in params.items()}
-    fn = lambda b: sum(v[0] for v in transfer_losses(model, b, train=True).values())  # noqa: E731
+
+    def restore() -> None:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(init[k])
+
+    return params, lambda b: sum(v[0] for v in transfer_losses(model, b, train=True).values()), restore
+
+
+def test_interrupted_stage_resumes_exactly(two_layers, rows, tmp_path):
+    params, fn, restore = _transfer_run(two_layers[0])
     straight = _loop(params, fn, rows, 6, tmp_path, name="a")
     final = {k: p.detach().clone() for k, p in params.items()}
 
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(init[k])
+    restore()
     calls = []
 
     def crashing(b):
@@ -169,9 +178,7 @@ def test_interrupted_stage_resumes_exactly(two_layers, rows, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _loop(params, crashing, rows, 6, tmp_path, name="b")
     assert Checkpoint(tmp_path / "b").load()["step"] == 3
-    with torch.no_grad():  # a fresh process would start from the initial weights again
-        for k, p in params.items():
-            p.copy_(init[k])
+    restore()  # a fresh process would start from the initial weights again
     resumed = _loop(params, fn, rows, 6, tmp_path, name="b")
     assert resumed["resumed_from"] == 3 and resumed["history"] == straight["history"]
     for k, p in params.items():
@@ -186,15 +193,9 @@ def test_ctrl_c_during_the_parameter_update_still_resumes_exactly(two_layers, ro
     import os
     import signal
 
-    model, _ = two_layers
-    model.requires_grad_(False)
-    params = {k: p.requires_grad_(True) for k, p in new_parameters(model).items()}
-    init = {k: p.detach().clone() for k, p in params.items()}
-    fn = lambda b: sum(v[0] for v in transfer_losses(model, b, train=True).values())  # noqa: E731
+    params, fn, restore = _transfer_run(two_layers[0])
     straight = _loop(params, fn, rows, 5, tmp_path, name="a")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(init[k])
+    restore()
     real_step, calls = torch.optim.lr_scheduler.LambdaLR.step, []
 
     def interrupted_step(self, *a, **kw):  # the signal arrives between opt.step() and the scheduler's step
@@ -208,9 +209,7 @@ def test_ctrl_c_during_the_parameter_update_still_resumes_exactly(two_layers, ro
         _loop(params, fn, rows, 5, tmp_path, name="b")
     monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", real_step)
     assert Checkpoint(tmp_path / "b").load()["step"] == 3  # the interrupted step counted, its update kept
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(init[k])
+    restore()
     resumed = _loop(params, fn, rows, 5, tmp_path, name="b")
     assert resumed["resumed_from"] == 3 and resumed["history"] == straight["history"]
 

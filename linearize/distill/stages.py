@@ -139,8 +139,9 @@ class ChunkedLMLoss(torch.autograd.Function):
             if ht is not None:
                 teacher = F.linear(ht[i : i + chunk], weight).float()
                 logq = (cap * torch.tanh(teacher / cap) if cap else teacher).log_softmax(-1)
-                total += kl * (logq.exp() * (logq - logp)).sum()
-                g += kl * (p - logq.exp())
+                q = logq.exp()
+                total += kl * (q * (logq - logp)).sum()
+                g += kl * (p - q)
             if cap:
                 g *= 1 - squash * squash
             grad[i : i + chunk] = F.linear(g.to(weight.dtype), weight.t()).float() / n
@@ -351,11 +352,11 @@ def train_loop(
             ckpt.save(params, opt, sched, len(history), False, history)
             log(f"\n{name}: interrupted; checkpoint at step {len(history)} in {ckpt.folder} (continue with --resume)")
         raise
-    seconds = time.time() - t0
+    end = time.time()
     since, done = (warm[0], len(history) - warm[1]) if warm and len(history) > warm[1] else (t0, steps - start)
-    speed = {"tokens_per_s": round(done * step_tokens / (time.time() - since), 1)}  # past the first step, checkpoints included
+    speed = {"tokens_per_s": round(done * step_tokens / (end - since), 1)}  # past the first step, checkpoints included
     if device.type == "cuda":
         speed["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     log(f"{name}: {speed['tokens_per_s']:,.0f} tokens/s" + (f", peak {speed['peak_gib']} GiB" if "peak_gib" in speed else ""))
-    return {"steps": steps, "history": history, "resumed_from": start, "seconds": round(seconds, 1),
+    return {"steps": steps, "history": history, "resumed_from": start, "seconds": round(end - t0, 1),
             "train_tokens": steps * step_tokens, **speed}

@@ -91,6 +91,18 @@ def _visible(qseg, kseg):
 
 
 @triton.jit
+def _window_tile(k, v, valid, b, t0, c, rm, qseg, L, HK: tl.constexpr, hk, D: tl.constexpr, V: tl.constexpr,
+                 W: tl.constexpr, BN: tl.constexpr, rd, md, rv, mv):
+    """Chunk c of a query block's key span (ext tokens j from t0 + c*BN): keys, values, their ext
+    index, and which of the block's queries see them (query row i sees offsets [i, i+W-1])."""
+    rel = c * BN + tl.arange(0, BN)
+    j = t0 + rel
+    kt, vt, kseg = _keys(k, v, valid, b, j, L, HK, hk, D, V, rd, md, rv, mv)
+    see = (rel[None, :] >= rm[:, None]) & (rel[None, :] < rm[:, None] + W) & _visible(qseg[:, None], kseg[None, :])
+    return kt, vt, j, see
+
+
+@triton.jit
 def _sink_tile(sk, sv, spos, b, S, c0, tpos, base, HK: tl.constexpr, hk, D: tl.constexpr, V: tl.constexpr,
                W: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr, rd, md, rv, mv):
     """Sink slots [c0, c0+BS) of KV head hk: keys, values, their key index (-2 - slot), which queries
@@ -125,10 +137,13 @@ def _absorb(m, arg, den_w, num_w, s, idx, vt):
 
 
 @triton.jit
-def _reweigh(e, den_w, num_w, s, m, dot_, vt):
-    """First backward walk over a chunk (s masked with -inf): e += sum_j a_tj (do_t . v_j), den and num again."""
+def _reweigh(e, den_w, num_w, s, m, dot_, vt, MIX: tl.constexpr):
+    """First backward walk over a chunk (s masked with -inf): e += sum_j a_tj (do_t . v_j), den and,
+    fused (the output needs it), num again."""
     p = tl.exp(s - m[:, None])
-    return e + tl.sum(p * _dot(dot_, tl.trans(vt)), axis=1), den_w + tl.sum(p, axis=1), num_w + _dot(p.to(vt.dtype), vt)
+    if MIX:
+        num_w += _dot(p.to(vt.dtype), vt)
+    return e + tl.sum(p * _dot(dot_, tl.trans(vt)), axis=1), den_w + tl.sum(p, axis=1), num_w
 
 
 @triton.jit
@@ -175,10 +190,7 @@ def _window_fwd_kernel(
             s = tl.where(see, _scores(qt, kt, scale, cap, HAS_CAP), float("-inf"))
             m, arg, den_w, num_w = _absorb(m, arg, den_w, num_w, s, idx, vt)
     for c in range(NC):
-        rel = c * BN + tl.arange(0, BN)  # key offset from t0: query row i sees offsets [i, i+W-1]
-        j = t0 + rel
-        kt, vt, kseg = _keys(k, v, valid, b, j, L, HK, hk, D, V, rd, md, rv, mv)
-        see = (rel[None, :] >= rm[:, None]) & (rel[None, :] < rm[:, None] + W) & _visible(qseg[:, None], kseg[None, :])
+        kt, vt, j, see = _window_tile(k, v, valid, b, t0, c, rm, qseg, L, HK, hk, D, V, W, BN, rd, md, rv, mv)
         s = tl.where(see, _scores(qt, kt, scale, cap, HAS_CAP), float("-inf"))
         m, arg, den_w, num_w = _absorb(m, arg, den_w, num_w, s, j, vt)
     tl.store(rmax + row, tl.where(m == float("-inf"), 0.0, m), mask=mt)
@@ -216,13 +228,11 @@ def _window_dq_kernel(
         for c0 in range(lo, hi, BS):
             kt, vt, idx, see, _, _ = _sink_tile(sk, sv, spos, b, S, c0, tpos, base, HK, hk, D, V, W, NS, BS, rd, md, rv, mv)
             s = tl.where(see, _scores(qt, kt, scale, cap, HAS_CAP), float("-inf"))
-            e, den_w, num_w = _reweigh(e, den_w, num_w, s, m, dot_, vt)
+            e, den_w, num_w = _reweigh(e, den_w, num_w, s, m, dot_, vt, MIX)
     for c in range(NC):
-        rel = c * BN + tl.arange(0, BN)
-        kt, vt, kseg = _keys(k, v, valid, b, t0 + rel, L, HK, hk, D, V, rd, md, rv, mv)
-        see = (rel[None, :] >= rm[:, None]) & (rel[None, :] < rm[:, None] + W) & _visible(qseg[:, None], kseg[None, :])
+        kt, vt, j, see = _window_tile(k, v, valid, b, t0, c, rm, qseg, L, HK, hk, D, V, W, BN, rd, md, rv, mv)
         s = tl.where(see, _scores(qt, kt, scale, cap, HAS_CAP), float("-inf"))
-        e, den_w, num_w = _reweigh(e, den_w, num_w, s, m, dot_, vt)
+        e, den_w, num_w = _reweigh(e, den_w, num_w, s, m, dot_, vt, MIX)
     c_win = tl.full([BM], 1.0, tl.float32)
     if MIX:
         a = tl.load(mix + h)
@@ -255,10 +265,7 @@ def _window_dq_kernel(
             _add_rows(dsk, _dot(tl.trans(ds).to(qt.dtype), qt) * scale, srow, ms, D, rd, md)
             _add_rows(dsv, _dot(tl.trans(p * c_win[:, None]).to(dot_.dtype), dot_), srow, ms, V, rv, mv)
     for c in range(NC):  # second walk: dq
-        rel = c * BN + tl.arange(0, BN)
-        j = t0 + rel
-        kt, vt, kseg = _keys(k, v, valid, b, j, L, HK, hk, D, V, rd, md, rv, mv)
-        see = (rel[None, :] >= rm[:, None]) & (rel[None, :] < rm[:, None] + W) & _visible(qseg[:, None], kseg[None, :])
+        kt, vt, j, see = _window_tile(k, v, valid, b, t0, c, rm, qseg, L, HK, hk, D, V, W, BN, rd, md, rv, mv)
         s = _scores(qt, kt, scale, cap, HAS_CAP)
         _, ds = _dscores(s, see, m, _dot(dot_, tl.trans(vt)) * c_win[:, None], dden, dlt, j, arg, cap, HAS_CAP)
         dqt += _dot(ds.to(kt.dtype), kt)
