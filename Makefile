@@ -38,8 +38,8 @@ eval: setup
 # Kernel timings (a GPU for real figures; on CPU it runs tiny shapes on the references)
 bench-kernels: setup
 	$(if $(shell $(PY) -c "import torch; print(torch.cuda.is_available() or '')"),\
-	  $(PY) benchmarks/kernels.py --out benchmarks/results/kernels_h100.json,\
-	  $(PY) benchmarks/kernels.py --smoke --out out/kernels_smoke.json)
+	  $(PY) benchmarks/kernel_bench.py --out benchmarks/results/kernels_h100.json,\
+	  $(PY) benchmarks/kernel_bench.py --smoke --out out/kernels_smoke.json)
 
 # Decode step under CUDA graphs vs the teacher's generate (a GPU for real figures; CPU: tiny smoke run)
 bench-decode: setup

@@ -37,7 +37,7 @@ import linearize
 from linearize import GraphedDecoder
 from linearize.info import CacheMeter
 
-from kernels import copy_bandwidth, header  # noqa: E402  (the script's folder is on sys.path)
+from kernel_bench import copy_bandwidth, header  # noqa: E402  (the script's folder is on sys.path)
 
 PLANS = {"lolcats": "*:lolcats(window=64)", "gla": "*:gla", "heads": "configs/smollm2-135m.yaml"}
 SMOKE_HEADS = "0:lolcats(window=64, sinks=4, softmax_heads=[1]),1:lolcats(window=64, sinks=4)"  # the 2-layer smoke model

@@ -1,5 +1,5 @@
 """Where an op's time goes on a GPU: torch.profiler's per-kernel table for one op, pass and length, on
-the inputs of `benchmarks/kernels.py` (bf16, H=32, D=128, 16k tokens per batch).
+the inputs of `benchmarks/kernel_bench.py` (bf16, H=32, D=128, 16k tokens per batch).
 
     python benchmarks/profile_ops.py --op lolcats_hybrid --T 8192 --pass fwdbwd
 """
@@ -28,7 +28,7 @@ def main() -> None:
     dev, dt, h, d, t = "cuda", torch.bfloat16, 32, 128, args.T
     b = max(1, 16384 // t)
     leaves = [torch.randn(b, t, h, d, device=dev, dtype=dt) * 0.1 for _ in range(3)]
-    g = None  # log-decays as benchmarks/kernels.py draws them: per channel (gla) or per head (simple_gla)
+    g = None  # log-decays as benchmarks/kernel_bench.py draws them: per channel (gla) or per head (simple_gla)
     if args.op == "gla":
         g = F.logsigmoid(torch.randn(b, t, h, d, device=dev)) / 16
     elif args.op == "simple_gla":

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import header  # noqa: E402  (the script's folder is on sys.path)
+from kernel_bench import header  # noqa: E402  (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {  # the published configs' sizes (untied embeddings)

@@ -40,7 +40,7 @@ def test_cli_reports_plan_errors_without_a_traceback(tmp_path, capsys):
 def test_kernel_benchmark_script_runs_in_smoke_mode(tmp_path):
     import json
 
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--smoke", "--out", str(tmp_path / "k.json")],
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_bench.py"), "--smoke", "--out", str(tmp_path / "k.json")],
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     data = json.loads((tmp_path / "k.json").read_text())

@@ -2,8 +2,8 @@
 same inputs, plus the bytes floor (inputs read once, output written once, at the measured copy
 bandwidth). Writes JSON records {"op", "impl", "T", "pass", "ms"} and prints a markdown table.
 
-    python benchmarks/kernels.py --out benchmarks/results/kernels_h100.json        # on a GPU
-    python benchmarks/kernels.py --smoke --out /tmp/k.json                         # CPU: tiny shapes, references only
+    python benchmarks/kernel_bench.py --out benchmarks/results/kernels_h100.json        # on a GPU
+    python benchmarks/kernel_bench.py --smoke --out /tmp/k.json                         # CPU: tiny shapes, references only
 """
 
 from __future__ import annotations
