@@ -9,7 +9,8 @@ at batch sizes 1 and 16 and contexts of 1k to 32k tokens.
 Plans: all-converted `lolcats` and `gla`, and `heads`, `make convert`'s head-level default
 (configs/smollm2-135m.yaml: 12 KV heads keep softmax from a preallocated key/value cache). For each
 (B, T): random prompts of T tokens. `ours`: prefill (in chunks), capture one decode step, time
-`--steps` replays with CUDA events (median over `--repeats`). `teacher_compiled`: prefill into a
+`--steps` replays with CUDA events (median over `--repeats`), the step as it is (mode `graph`) and
+compiled by torch.compile before capture (mode `compiled`). `teacher_compiled`: prefill into a
 `StaticCache` sized T + the steps, then the compiled one-token forward and argmax in a loop, timed
 the same way after three warm-up calls (compilation). `teacher_eager`: (generate(N+1) - generate(1)) / N,
 medians over `--repeats`, as a user runs it. New parameters stay at their initialization (speed does
@@ -44,14 +45,16 @@ SMOKE_HEADS = "0:lolcats(window=64, sinks=4, softmax_heads=[1]),1:lolcats(window
 GIB = 2**30
 
 
-def tiny_smollm2_shaped(device: torch.device) -> transformers.PreTrainedModel:
-    """Two random layers with SmolLM2-135M's attention geometry (9 heads, 3 KV heads, head_dim 64)."""
+def smollm2_shaped(device: torch.device, layers: int = 30, vocab: int = 49152, dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
+    """Random weights of SmolLM2-135M's config (9 heads, 3 KV heads, head_dim 64, tied embeddings; the smoke
+    test takes 2 layers and a small vocabulary): as good as the trained model for speed and memory."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=512, hidden_size=576, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=9,
-        num_key_value_heads=3, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
-    return transformers.AutoModelForCausalLM.from_config(config).to(device).eval()
+    return transformers.AutoModelForCausalLM.from_config(config).to(device, dtype).eval()
 
 
 def timed(fn: Callable[[], object], cuda: bool) -> float:
@@ -79,9 +82,10 @@ def plan_of(name: str, smoke: bool) -> str:
     return yaml.safe_load((Path(__file__).resolve().parent.parent / PLANS[name]).read_text())["plan"]
 
 
-def ours_decode(model, ids: torch.Tensor, steps: int, repeats: int, chunk: int, cuda: bool) -> dict:
-    """ms per graphed decode step after prefilling `ids`, and the bytes of the cache (states, softmax heads' keys/values)."""
-    decoder = GraphedDecoder(model, ids, prefill_chunk=chunk, graph=cuda, max_new_tokens=4 + steps * repeats)
+def ours_decode(model, ids: torch.Tensor, steps: int, repeats: int, chunk: int, cuda: bool, compile: bool) -> dict:
+    """ms per graphed decode step after prefilling `ids` (the step compiled first if `compile`), and the bytes of
+    the cache (states, softmax heads' keys/values)."""
+    decoder = GraphedDecoder(model, ids, prefill_chunk=chunk, graph=cuda, max_new_tokens=4 + steps * repeats, compile=compile)
     for _ in range(3):
         decoder.step()
 
@@ -148,9 +152,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default=None, help="GGUF file or model folder (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--random", action="store_true", help="random weights of SmolLM2-135M's config instead of the GGUF (same speed)")
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--plans", nargs="+", choices=sorted(PLANS), default=["lolcats", "gla", "heads"])
+    ap.add_argument("--ours", nargs="+", choices=["graph", "compiled"], default=["graph", "compiled"],
+                    help="our decode step as captured (graph) and compiled with torch.compile before capture (compiled)")
     ap.add_argument("--teachers", nargs="*", choices=["compiled", "eager"], default=["compiled", "eager"])
     ap.add_argument("--steps", type=int, default=64, help="decode steps per timing")
     ap.add_argument("--repeats", type=int, default=5)
@@ -161,7 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if cuda else "cpu")
     if args.smoke:
         args.contexts, args.batches, args.steps, args.repeats, args.prefill_chunk = [80], [1, 2], 2, 2, 32  # past the window of 64
-        teacher, model_name = tiny_smollm2_shaped(device), "tiny random SmolLM2-shaped Llama (2 layers)"
+        teacher, model_name = smollm2_shaped(device, layers=2, vocab=512), "tiny random SmolLM2-shaped Llama (2 layers)"
+    elif args.random:
+        teacher, model_name = smollm2_shaped(device, dtype=torch.bfloat16 if cuda else torch.float32), "random SmolLM2-135M config"
     else:
         teacher = linearize.load(args.model, dtype=torch.bfloat16 if cuda else torch.float32, device=device)[0]
         model_name = args.model or linearize.DEFAULT_MODEL
@@ -171,17 +180,28 @@ def main(argv: list[str] | None = None) -> None:
     plans = {name: plan_of(name, args.smoke) for name in args.plans}
     students = {name: linearize.convert(copy.deepcopy(teacher), plan) for name, plan in plans.items()}
     records = []
+
+    def save() -> None:  # after every record: a run cut short keeps what it measured
+        out = {
+            **header(cuda, ("transformers",)),
+            "setup": {"model": model_name, "dtype": str(next(teacher.parameters()).dtype), "plans": plans,
+                      "steps": args.steps, "repeats": args.repeats, "prefill_chunk": args.prefill_chunk, "cuda_graphs": cuda},
+            "copy_bandwidth_GBps": round(bandwidth / 1e6, 1), "records": records,
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1))
+
     for b in args.batches:
         for t in args.contexts:
             ids = torch.randint(3, teacher.config.vocab_size, (b, t), generator=torch.Generator().manual_seed(t)).to(device)
-            runs = [("ours", name, lambda m=m: ours_decode(m, ids, args.steps, args.repeats, args.prefill_chunk, cuda))
-                    for name, m in students.items()]
+            runs = [("ours", name, mode, lambda m=m, c=(mode == "compiled"): ours_decode(m, ids, args.steps, args.repeats, args.prefill_chunk, cuda, c))
+                    for name, m in students.items() for mode in args.ours]
             if "compiled" in args.teachers:
-                runs.append(("teacher_compiled", "teacher",
+                runs.append(("teacher_compiled", "teacher", "compiled",
                              lambda: teacher_compiled_decode(teacher, ids, args.steps, args.repeats, args.prefill_chunk, cuda)))
             if "eager" in args.teachers:
-                runs.append(("teacher_eager", "teacher", lambda: teacher_eager_decode(teacher, ids, args.steps, args.repeats, cuda)))
-            for impl, name, run in runs:
+                runs.append(("teacher_eager", "teacher", "eager", lambda: teacher_eager_decode(teacher, ids, args.steps, args.repeats, cuda)))
+            for impl, name, mode, run in runs:
                 if cuda:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
@@ -189,26 +209,19 @@ def main(argv: list[str] | None = None) -> None:
                     with torch.no_grad():
                         out = run()
                 except torch.OutOfMemoryError as e:  # reported, not fatal: the other shapes still run
-                    print(f"{impl} {name} B={b} T={t}: out of memory ({e})", file=sys.stderr)
+                    print(f"{impl} {name} {mode} B={b} T={t}: out of memory ({e})", file=sys.stderr)
                     continue
                 out.setdefault("cache_bytes", kv_per_token * ids.numel())  # the teacher's key/value cache
                 read = weight_bytes + (out["cache_bytes"] if impl != "ours" else 2 * out["cache_bytes"])
-                records.append({"impl": impl, "name": name, "plan": plans.get(name, name), "B": b, "T": t, "ms": round(out["ms"], 4),
+                records.append({"impl": impl, "name": name, "mode": mode, "plan": plans.get(name, name), "B": b, "T": t, "ms": round(out["ms"], 4),
                                 "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 3) if cuda else None,
                                 "cache_mib": round(out["cache_bytes"] / 2**20, 2), "floor_ms": round(read / bandwidth, 4)})
-                print(f"{impl} {name} B={b} T={t}: {out['ms']:.3f} ms/step", file=sys.stderr)
-
-    out = {
-        **header(cuda, ("transformers",)),
-        "setup": {"model": model_name, "dtype": str(next(teacher.parameters()).dtype), "plans": plans,
-                  "steps": args.steps, "repeats": args.repeats, "prefill_chunk": args.prefill_chunk, "cuda_graphs": cuda},
-        "copy_bandwidth_GBps": round(bandwidth / 1e6, 1), "records": records,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print("| impl | name | B | T | ms/token | tokens/s | floor ms | peak GiB | cache MiB |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+                print(f"{impl} {name} {mode} B={b} T={t}: {out['ms']:.3f} ms/step", file=sys.stderr)
+                save()
+    save()
+    print("| impl | name | mode | B | T | ms/token | tokens/s | floor ms | peak GiB | cache MiB |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in records:
-        print(f"| {r['impl']} | {r['name']} | {r['B']} | {r['T']} | {r['ms']} | {r['B'] * 1e3 / r['ms'] if r['ms'] > 0 else float('nan'):.0f} | {r['floor_ms']} "
+        print(f"| {r['impl']} | {r['name']} | {r['mode']} | {r['B']} | {r['T']} | {r['ms']} | {r['B'] * 1e3 / r['ms'] if r['ms'] > 0 else float('nan'):.0f} | {r['floor_ms']} "
               f"| {r['peak_gib'] or ''} | {r['cache_mib']} |")
 
 

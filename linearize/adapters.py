@@ -96,6 +96,6 @@ def key_validity(attention_mask: Tensor | None, t: int) -> Tensor | None:
         valid = allowed.any(dim=1)
     else:
         return None
-    if valid.is_cuda and torch.cuda.is_current_stream_capturing():
-        return valid  # a captured step cannot read the mask on the host; an all-True one changes nothing
+    if torch.compiler.is_compiling() or (valid.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return valid  # a compiled or captured step cannot read the mask on the host; an all-True one changes nothing
     return None if bool(valid.all()) else valid

@@ -37,13 +37,15 @@ class GraphedDecoder:
     `tokens` [B,1] holds the last generated token (the next step's input), `logits` [B,V] the logits
     that chose it; both are overwritten by every step. `sample` must be capturable (no host syncs).
     `max_new_tokens` bounds the tokens it decodes (the first comes from the prefill); plans with
-    softmax heads need it, to size their key/value cache.
+    softmax heads need it, to size their key/value cache. `compile=True` puts the step under
+    torch.compile(fullgraph=True) before capture: Inductor fuses the glue between the kernels
+    (norms, rotary, projections' epilogues), so a replay launches fewer kernels.
     """
 
     def __init__(
         self, model: nn.Module, input_ids: Tensor, *, attention_mask: Tensor | None = None,
         sample: Sampler = greedy, prefill_chunk: int | None = None, graph: bool | None = None,
-        max_new_tokens: int | None = None,
+        max_new_tokens: int | None = None, compile: bool = False,
     ):
         heads = check_decodable(model)
         if heads and max_new_tokens is None:
@@ -82,6 +84,8 @@ class GraphedDecoder:
             for layer in self._layers:
                 if "sm_k" in layer.state:
                     layer.state = static_softmax_cache(layer.state, t + max_new_tokens + 1)
+        if compile:
+            self._step = torch.compile(self._step, fullgraph=True, dynamic=False)
         self.graph = None
         if use_graph:
             self._capture()
@@ -97,6 +101,14 @@ class GraphedDecoder:
         self.tokens.copy_(self.sample(self.logits)[:, None])
         self.positions.add_(1)
 
+    def _run_step(self) -> None:
+        """`_step` with every layer's token count at the prompt's: the step reads positions and fill counts from
+        the device, never this host count, and a fixed value keeps a compiled step from recompiling per token."""
+        for layer in self._layers:
+            layer.seen = self.prompt_len
+        with torch.no_grad():
+            self._step()
+
     def _static_tensors(self) -> list[Tensor]:
         return [self.tokens, self.positions] + [t for layer in self._layers for t in layer.state.values()]
 
@@ -106,17 +118,17 @@ class GraphedDecoder:
         saved = [t.clone() for t in static]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():
+        with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step()
+                self._run_step()
         torch.cuda.current_stream().wait_stream(stream)
         if [t.data_ptr() for t in self._static_tensors()] != [t.data_ptr() for t in static]:
             raise LinearizeError("a decode step replaced its state tensors instead of updating them in place; it cannot be captured")
         for t, s in zip(static, saved):
             t.copy_(s)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(self.graph):
-            self._step()
+        with torch.cuda.graph(self.graph):
+            self._run_step()
         self.logits.copy_(prefill_logits)  # the graph's output buffer: nothing ran in it yet
         self._sync_seen()
 
@@ -131,8 +143,7 @@ class GraphedDecoder:
         if self.graph is not None:
             self.graph.replay()
         else:
-            with torch.no_grad():
-                self._step()
+            self._run_step()
         self.seen += 1
         self._sync_seen()
         return self.tokens
@@ -155,15 +166,15 @@ def check_decodable(model: nn.Module) -> list[int]:
 
 def generate_graphed(
     model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attention_mask: Tensor | None = None,
-    sample: Sampler = greedy, prefill_chunk: int | None = None, graph: bool | None = None,
+    sample: Sampler = greedy, prefill_chunk: int | None = None, graph: bool | None = None, compile: bool = False,
 ) -> Tensor:
     """The prompt followed by exactly `max_new_tokens` tokens, [B, T + max_new_tokens] (no stop at EOS).
 
     The decode step is a replayed CUDA graph on CUDA (graph=None), eager elsewhere; `prefill_chunk`
-    prefills long prompts in chunks of that many tokens.
+    prefills long prompts in chunks of that many tokens; `compile` compiles the step (see GraphedDecoder).
     """
     decoder = GraphedDecoder(model, input_ids, attention_mask=attention_mask, sample=sample, prefill_chunk=prefill_chunk,
-                             graph=graph, max_new_tokens=max_new_tokens)
+                             graph=graph, max_new_tokens=max_new_tokens, compile=compile)
     out = [input_ids, decoder.tokens.clone()]
     for _ in range(max_new_tokens - 1):
         out.append(decoder.step().clone())

@@ -116,11 +116,12 @@ def test_decode_step_compiles_whole_and_matches_eager(base):
     """torch.compile(fullgraph=True) takes the whole decode step: no graph break and no host sync in it,
     the softmax heads' preallocated cache and the sinks included (here on the references, Inductor on CPU)."""
     model, ids = converted(base, PLANS["heads"]), prompt(2, 7)
-    eager, compiled = (GraphedDecoder(model, ids, max_new_tokens=9) for _ in range(2))
-    compiled._step = torch.compile(compiled._step, fullgraph=True)
-    for _ in range(8):
-        assert torch.equal(compiled.step(), eager.step())
-        assert rel_err(compiled.logits, eager.logits) < 1e-5
+    eager, compiled = (GraphedDecoder(model, ids, max_new_tokens=9, compile=c) for c in (False, True))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=1):  # one compilation serves every token
+        for _ in range(8):
+            assert torch.equal(compiled.step(), eager.step())
+            assert rel_err(compiled.logits, eager.logits) < 1e-5
 
 
 def test_graphed_decoding_refuses_softmax_layers_and_bad_input(base):
@@ -150,15 +151,15 @@ def test_decode_benchmark_runs_in_smoke_mode(tmp_path):
     data = json.loads(out.read_text())
     assert {"command", "date", "device", "versions", "records"} <= set(data)
     records = data["records"]
-    runs = {(r["impl"], r["name"], r["B"]) for r in records}
-    assert runs == {(impl, plan, b) for b in (1, 2) for impl, plan in
-                    [("ours", "lolcats"), ("ours", "gla"), ("ours", "heads"), ("teacher_compiled", "teacher"), ("teacher_eager", "teacher")]}
+    runs = {(r["impl"], r["name"], r["mode"], r["B"]) for r in records}
+    ours = [("ours", name, mode) for name in ("lolcats", "gla", "heads") for mode in ("graph", "compiled")]
+    assert runs == {(*run, b) for b in (1, 2) for run in ours + [("teacher_compiled", "teacher", "compiled"), ("teacher_eager", "teacher", "eager")]}
     heads_plan = data["setup"]["plans"]["heads"]
     assert "softmax_heads" in heads_plan and all(r["plan"] == heads_plan for r in records if r["name"] == "heads")
     assert all(isinstance(r["ms"], float) and r["T"] == 80 and r["floor_ms"] > 0 for r in records)
     # the eager teacher's time is a difference of two generate timings: on a busy CPU it can come out <= 0
     assert all(r["ms"] > 0 for r in records if r["impl"] != "teacher_eager")
-    assert "| impl | name | B | T |" in run.stdout
+    assert "| impl | name | mode | B | T |" in run.stdout
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -189,6 +190,19 @@ def test_cuda_graph_replay_equals_eager_decoding(model_type, name, dtype):
     assert rel_err(logits, eager_logits) < (1e-5 if dtype == torch.float32 else 1e-2)
     if dtype == torch.float32:  # bf16 logits of a random model have near-ties
         assert torch.equal(torch.cat([ids, tokens], 1), model.generate(ids, max_new_tokens=25, do_sample=False))
+
+
+@cuda
+@pytest.mark.parametrize("name", ["lolcats-sinks", "lizard", "gla", "mamba2", "heads"])
+def test_compiled_cuda_graph_decoding_equals_eager(base, name):
+    """The decode step through Inductor with the Triton step kernels inside (fullgraph: no graph break), then captured."""
+    model = converted(base, PLANS[name]).cuda()
+    ids = prompt(2, 7, device="cuda")
+    ids[1, :3] = 0
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=20)
+    assert torch.equal(generate_graphed(model, ids, compile=True, **kw), generate_graphed(model, ids, graph=False, **kw))
 
 
 @cuda

@@ -47,7 +47,7 @@ def test_gla_step_kernel_updates_in_place():
 
 
 hybrid_ops = pytest.importorskip("linearize.kernels.hybrid.fused_recurrent")
-from linearize.kernels.hybrid.naive import hybrid_attn_ref, hybrid_step_ref  # noqa: E402
+from linearize.kernels.hybrid.naive import HedgehogMaps, hedgehog_features, hybrid_attn_ref, hybrid_step_ref  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -87,6 +87,33 @@ def test_hybrid_step_kernel_matches_reference(dtype, gated, window, prefix, step
         assert rel_err(y, y_ref) < TOL[dtype]
         for name in ref_state:
             assert torch.allclose(state[name].float(), ref_state[name].float(), atol=1e-5), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated,window,sinks,fd", [(False, 5, 0, 16), (True, 4, 2, 16), (False, 1, 0, 12)])
+def test_hybrid_step_kernel_applies_hedgehog_maps(dtype, gated, window, sinks, fd):
+    """With the feature maps' weights (fmaps) the kernel forms phi(q), phi(k) itself: the same outputs and
+    ring (phi(k) of the new token) as the reference given the maps, including a feature size not a power of 2."""
+    b, h, hk, d, vd, steps = 2, 6, 2, 16, 24, 9
+    r = lambda *s: torch.randn(*s, device=DEVICE)  # noqa: E731
+    fmaps = HedgehogMaps(r(h, d, fd).to(dtype), r(h, fd).to(dtype), r(hk, d, fd).to(dtype), r(hk, fd).to(dtype))
+    q, k, v = r(b, 3 + steps, h, d).to(dtype), r(b, 3 + steps, hk, d).to(dtype), r(b, 3 + steps, hk, vd).to(dtype)
+    fq, fk = hedgehog_features(q, fmaps.wq, fmaps.bq), hedgehog_features(k, fmaps.wk, fmaps.bk)
+    g = F.logsigmoid(r(b, 3 + steps, hk, 2 * fd) + 2) if gated else None
+    mix, kw = torch.rand(h, device=DEVICE), dict(window=window, scale=d**-0.5)
+    valid = torch.ones(b, 3 + steps, dtype=torch.bool, device=DEVICE)
+    valid[1, 5] = False
+    _, state = hybrid_attn_ref(q[:, :3], k[:, :3], v[:, :3], fq[:, :3], fk[:, :3], None if g is None else g[:, :3], mix,
+                               valid=valid[:, :3], sinks=sinks, **kw)
+    state = {name: x.clone() for name, x in state.items()}
+    ref_state = {name: x.clone() for name, x in state.items()}
+    for i in range(3, 3 + steps):
+        step = (q[:, i], k[:, i], v[:, i], None, None, None if g is None else g[:, i], mix)
+        y, _ = hybrid_ops.hybrid_step_triton(*step, valid=valid[:, i], state=state, fmaps=fmaps, **kw)
+        y_ref, ref_state = hybrid_step_ref(*step, valid=valid[:, i], state=ref_state, fmaps=fmaps, **kw)
+        assert rel_err(y, y_ref) < TOL[dtype]
+        for name in ref_state:  # phi(k) rounded to bf16 in the ring on both sides, from fp32 maps computed differently
+            assert rel_err(state[name].float(), ref_state[name].float()) < TOL[dtype], name
 
 
 chunk_ops = pytest.importorskip("linearize.kernels.gla.chunk")

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import PlanError
+from ..kernels.hybrid import hedgehog_features
 
 
 class HedgehogFeatureMap(nn.Module):
@@ -21,8 +22,7 @@ class HedgehogFeatureMap(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_heads, feature_dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        z = torch.einsum("bthd,hdf->bthf", x, self.weight) + self.bias
-        return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)
+        return hedgehog_features(x, self.weight, self.bias)
 
 
 class EluFeatureMap(nn.Module):

@@ -31,5 +31,4 @@ class LizardAttention(GLAAttention):
         self.build_window_mix()
 
     def mix(self, q, k, v, x, valid, state):
-        fq, fk, g = self.feature_map_q(q), self.feature_map_k(k), self.gate(x)
-        return self.windowed_attend(q, k, v, fq, fk, g, valid, state)
+        return self.windowed_attend(q, k, v, self.gate(x), valid, state)

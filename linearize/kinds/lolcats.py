@@ -26,5 +26,4 @@ class LolcatsAttention(HedgehogAttention):
         self.build_window_mix()
 
     def mix(self, q, k, v, x, valid, state):
-        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
-        return self.windowed_attend(q, k, v, fq, fk, None, valid, state)
+        return self.windowed_attend(q, k, v, None, valid, state)

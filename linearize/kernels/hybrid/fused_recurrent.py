@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...errors import LinearizeError
-from .naive import EPS
+from .naive import EPS, HedgehogMaps
 
 
 @triton.jit
@@ -32,14 +32,27 @@ def _sinks_taken(spos, b, now, NS: tl.constexpr, BS: tl.constexpr):
 
 
 @triton.jit
+def _hedgehog(x, w, bias, rd, rf, md, mf, FD: tl.constexpr):
+    """One head's phi(x) = [softmax(xW + b), softmax(-(xW + b))]: x [BD] fp32, W [D,FD], b [FD] -> [BF]."""
+    col, first = rf % FD, rf < FD
+    wt = tl.load(w + rd[:, None] * FD + col[None, :], mask=md[:, None] & mf[None, :], other=0.0).to(tl.float32)
+    z = tl.sum(x[:, None] * wt, axis=0) + tl.load(bias + col, mask=mf, other=0.0).to(tl.float32)
+    z = tl.where(first, z, -z)
+    m = tl.where(first, tl.max(tl.where(first & mf, z, float("-inf")), axis=0), tl.max(tl.where(first | ~mf, float("-inf"), z), axis=0))
+    e = tl.where(mf, tl.exp(z - m), 0.0)
+    return e / tl.where(first, tl.sum(tl.where(first, e, 0.0), axis=0), tl.sum(tl.where(first, 0.0, e), axis=0))
+
+
+@triton.jit
 def _hybrid_step_kernel(
     q, k, v, fq, fk, g, valid, mix,  # this token: q [B,H,D], k [B,HK,D], v [B,HK,V], fq [B,H,F], fk/g [B,HK,F], valid [B]
     s, rk, rv, rfk, rg, rvalid, pos,  # state: S [B,HK,F,V+1], ring k/v/fk/g [B,P,HK,*], ring valid [B,P], pos [B]
     sk, sv, spos, n,  # sinks: k/v [B,NS,HK,*], positions [B,NS] (empty: NO_SINK), n [B] this token's position
+    wq, bq, wk, bk,  # Hedgehog maps (FMAP): weights [H,D,F/2] and [HK,D,F/2], biases [H,F/2] and [HK,F/2]
     y, scale, softcap,
     H: tl.constexpr, HK: tl.constexpr, P: tl.constexpr, D: tl.constexpr, F: tl.constexpr, V: tl.constexpr, NS: tl.constexpr,
     BW: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr,
-    HAS_G: tl.constexpr, HAS_VALID: tl.constexpr, HAS_CAP: tl.constexpr, EPS_: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_VALID: tl.constexpr, HAS_CAP: tl.constexpr, FMAP: tl.constexpr, EPS_: tl.constexpr,
 ):
     bh = tl.program_id(0)  # b * HK + kv head
     b = bh // HK
@@ -68,7 +81,10 @@ def _hybrid_step_kernel(
         taken = _sinks_taken(spos, b, now, NS, BS)
         to_sink = (keep > 0) & (taken < NS)
     # this token's key features and log-decay (zero for padding), the oldest token's, the query decay
-    fkn = tl.load(fk + bh * F + rf, mask=mf, other=0.0).to(tl.float32) * keep
+    if FMAP:
+        fkn = _hedgehog(kn, wk + hk * D * (F // 2), bk + hk * (F // 2), rd, rf, md, mf, F // 2) * keep
+    else:
+        fkn = tl.load(fk + bh * F + rf, mask=mf, other=0.0).to(tl.float32) * keep
     if NS > 0:
         fkn = tl.where(to_sink, 0.0, fkn)  # a sink never enters the linear memory
     f0 = tl.load(rfk + old * F + rf, mask=mf, other=0.0).to(tl.float32) if P > 0 else fkn
@@ -103,7 +119,11 @@ def _hybrid_step_kernel(
             a = tl.where(ok, tl.exp(sc - m), 0.0)
             num_w = tl.sum(a[:, None] * vw, axis=0)
             den_w = tl.sum(a, axis=0)
-            ff = tl.load(fq + h * F + rf, mask=mf, other=0.0).to(tl.float32)
+            if FMAP:
+                hq = hk * G + j
+                ff = _hedgehog(qq, wq + hq * D * (F // 2), bq + hq * (F // 2), rd, rf, md, mf, F // 2)
+            else:
+                ff = tl.load(fq + h * F + rf, mask=mf, other=0.0).to(tl.float32)
             if HAS_G:
                 ff = ff * decay_q
             num_l = tl.sum(ff[:, None] * mem, axis=0)
@@ -146,7 +166,7 @@ def _ring_advance_kernel(valid, rvalid, pos, spos, n, P: tl.constexpr, NS: tl.co
     if HAS_VALID:
         real = tl.load(valid + b)
     else:
-        real = tl.full((), 1, tl.uint8)
+        real = tl.full((), 1, tl.int1)
     if P > 0:
         tl.store(rvalid + b * P + p % P, real)
     tl.store(pos + b, p + 1)
@@ -158,14 +178,21 @@ def _ring_advance_kernel(valid, rvalid, pos, spos, n, P: tl.constexpr, NS: tl.co
 
 
 def hybrid_step_triton(
-    q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None, mix: Tensor,
+    q: Tensor, k: Tensor, v: Tensor, fq: Tensor | None, fk: Tensor | None, g: Tensor | None, mix: Tensor,
     *, window: int, scale: float, softcap: float | None = None, valid: Tensor | None = None,
-    state: dict[str, Tensor], out: Tensor | None = None,
+    state: dict[str, Tensor], out: Tensor | None = None, fmaps: HedgehogMaps | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """`hybrid_step_ref` updating `state` in place (same arguments; returns y and `state` itself).
-    Pass a preallocated `out` [B,H,V] to write y there."""
+    Pass a preallocated `out` [B,H,V] to write y there; with `fmaps` the kernel applies the Hedgehog
+    maps to q and k itself (no separate launches for phi)."""
     b, h, d = q.shape
-    hk, vd, f = k.shape[1], v.shape[-1], fk.shape[-1]
+    hk, vd = k.shape[1], v.shape[-1]
+    f = 2 * fmaps.wq.shape[-1] if fmaps is not None else fk.shape[-1]
+    if fmaps is not None:
+        fq = fk = q  # placeholders, never read
+        maps = [t.contiguous() for t in fmaps]
+    else:
+        maps = [q] * 4
     p = window - 1
     if state["k"].shape[1] != p or ("g" in state) != (g is not None):
         raise LinearizeError(f"state does not fit window={window}, gated={g is not None} (ring of {state['k'].shape[1]} slots)")
@@ -174,8 +201,8 @@ def hybrid_step_triton(
     y = torch.empty(b, h, vd, dtype=v.dtype, device=v.device) if out is None else out
     # placeholders stand in for pointers that are never read: no ring (W = 1), no decay, no validity
     ring = {name: state[name] if p else state["S"] for name in ("k", "v", "fk", "g", "valid") if name in state}
-    rvalid = ring["valid"].view(torch.uint8)
-    new_valid = valid.contiguous().view(torch.uint8) if valid is not None else rvalid
+    rvalid = ring["valid"]  # bool pointers go to Triton as they are (a uint8 view defeats Inductor)
+    new_valid = valid.contiguous() if valid is not None else rvalid
     rg = ring.get("g", ring["fk"])
     ns = state["sink_k"].shape[1] if "sink_k" in state else 0
     sinks = [state[name] if ns else state["pos"] for name in ("sink_k", "sink_v", "sink_pos", "n")]
@@ -184,11 +211,11 @@ def hybrid_step_triton(
     _hybrid_step_kernel[(b * hk,)](
         q.contiguous(), k.contiguous(), v.contiguous(), fq.contiguous(), fk.contiguous(),
         g.contiguous() if g is not None else fk, new_valid, mix.float().contiguous(),
-        state["S"], ring["k"], ring["v"], ring["fk"], rg, rvalid, state["pos"], *sinks,
+        state["S"], ring["k"], ring["v"], ring["fk"], rg, rvalid, state["pos"], *sinks, *maps,
         y, float(scale), float(softcap or 1.0),
         h, hk, p, d, f, vd, ns,
         triton.next_power_of_2(window + ns), triton.next_power_of_2(d), bf, bv, triton.next_power_of_2(max(ns, 1)),
-        g is not None, valid is not None, bool(softcap), EPS,
+        g is not None, valid is not None, bool(softcap), fmaps is not None, EPS,
         num_warps=4 if bf * bv + triton.next_power_of_2(window + ns) * (triton.next_power_of_2(d) + bv) <= 8192 else 8,
     )
     _ring_advance_kernel[(b,)](new_valid, rvalid, state["pos"], sinks[2], sinks[3], p, ns, triton.next_power_of_2(max(ns, 1)), valid is not None)

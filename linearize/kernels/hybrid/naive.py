@@ -27,7 +27,7 @@ p < t - W + 1 (nearer ones are in its window).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -318,12 +318,29 @@ def shift_window(ext: dict[str, Tensor], memory: Tensor, num_tokens: int, like: 
     return {"S": memory, **window, "pos": pos}
 
 
+class HedgehogMaps(NamedTuple):
+    """Hedgehog feature maps of a layer's query heads and key heads (weight [H,D,FD], bias [H,FD]), handed
+    to the decode step so that the Triton kernel applies them itself instead of taking phi(q), phi(k)."""
+
+    wq: Tensor
+    bq: Tensor
+    wk: Tensor
+    bk: Tensor
+
+
+def hedgehog_features(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """phi(x) = [softmax(xW + b), softmax(-(xW + b))] per head: x [..., H, D] -> [..., H, 2 * FD]."""
+    z = torch.einsum("...hd,hdf->...hf", x, weight) + bias
+    return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)
+
+
 def hybrid_step_ref(
     q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None, mix: Tensor,
     *, window: int, scale: float, softcap: float | None = None, valid: Tensor | None = None,
-    state: dict[str, Tensor],
+    state: dict[str, Tensor], fmaps: HedgehogMaps | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Recurrent form, one token: q [B,H,D], k/v [B,Hk,*], fq [B,H,F], fk/g [B,Hk,F], valid [B].
+    """Recurrent form, one token: q [B,H,D], k/v [B,Hk,*], fq [B,H,F], fk/g [B,Hk,F], valid [B]
+    (with `fmaps`, fq and fk are None: the Hedgehog maps of q and k, in fp32).
 
     The window is the W-1 ring slots plus this token (and the sinks at least W tokens back, when the
     state has sink slots). The oldest token (ring slot pos % (W-1); with W = 1, this token) enters the
@@ -331,6 +348,9 @@ def hybrid_step_ref(
     also takes the next one (and enters no memory). Returns y and a new state; `state` is left
     unchanged (the kernels update it in place instead).
     """
+    if fmaps is not None:
+        fq = hedgehog_features(q.float(), fmaps.wq.float(), fmaps.bq.float())
+        fk = hedgehog_features(k.float(), fmaps.wk.float(), fmaps.bk.float())
     b, h, d = q.shape
     hk, vd, f = k.shape[1], v.shape[-1], fk.shape[-1]
     p = window - 1
