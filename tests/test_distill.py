@@ -15,6 +15,7 @@ from linearize.distill import load_config
 from linearize.distill.config import ConfigError, DataConfig
 from linearize.distill.data import DataError, pack, read_texts, split
 from linearize.adapters import ADAPTERS
+from linearize.errors import LinearizeError
 from linearize.distill.stages import (Checkpoint, attention_mode, lm_loss, new_parameters, set_checkpointing, train_loop,
                                       transfer_losses)
 
@@ -39,8 +40,8 @@ def two_layers(smollm2):
     return linearize.convert(model, "3:lolcats(window=8),7:gla"), tok
 
 
-def _loop(params, fn, rows, steps, tmp_path, name="s", lr=1e-2, **kw):
-    return train_loop(name, params, fn, rows, steps=steps, batch_size=2, lr=lr, weight_decay=0.0, save_every=100,
+def _loop(params, fn, rows, steps, tmp_path, name="s", lr=1e-2, save_every=100, **kw):
+    return train_loop(name, params, fn, rows, steps=steps, batch_size=2, lr=lr, weight_decay=0.0, save_every=save_every,
                       ckpt=Checkpoint(tmp_path / name), seed=0, device=torch.device("cpu"), log=lambda s: None, **kw)
 
 
@@ -187,31 +188,57 @@ def test_interrupted_stage_resumes_exactly(two_layers, rows, tmp_path):
     assert again["resumed_from"] == 6 and again["train_tokens"] == straight["train_tokens"]
 
 
-def test_ctrl_c_during_the_parameter_update_still_resumes_exactly(two_layers, rows, tmp_path, monkeypatch):
+def test_ctrl_c_during_the_parameter_update_still_resumes_exactly(two_layers, rows, tmp_path):
     """A Ctrl-C that lands after the optimizer moved the parameters but before the step was counted
     must not leave a checkpoint that replays that step: the update and its bookkeeping finish first."""
-    import os
     import signal
 
     params, fn, restore = _transfer_run(two_layers[0])
     straight = _loop(params, fn, rows, 5, tmp_path, name="a")
     restore()
-    real_step, calls = torch.optim.lr_scheduler.LambdaLR.step, []
+    calls = []
 
-    def interrupted_step(self, *a, **kw):  # the signal arrives between opt.step() and the scheduler's step
+    class Loss(float):  # read once the update is done, before the step is counted
+        def __float__(self):
+            if len(calls) == 3:  # the 3rd training step: what Python runs on Ctrl-C (a real os.kill was flaky in make test)
+                signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+            return float(self.real)
+
+    def step(batch):
         calls.append(1)
-        if len(calls) == 4:  # the 3rd training step (the first call is the scheduler's own, at construction)
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_step(self, *a, **kw)
+        return Loss(fn(batch))
 
-    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", interrupted_step)
-    with pytest.raises(KeyboardInterrupt):
-        _loop(params, fn, rows, 5, tmp_path, name="b")
-    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", real_step)
-    assert Checkpoint(tmp_path / "b").load()["step"] == 3  # the interrupted step counted, its update kept
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)  # a background `make test &` starts with SIGINT ignored
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _loop(params, step, rows, 5, tmp_path, name="b")
+    finally:
+        signal.signal(signal.SIGINT, ignored)
+    assert len(calls) == 3 and Checkpoint(tmp_path / "b").load()["step"] == 3  # the interrupted step counted, its update kept
     restore()
     resumed = _loop(params, fn, rows, 5, tmp_path, name="b")
     assert resumed["resumed_from"] == 3 and resumed["history"] == straight["history"]
+
+
+def test_out_of_memory_is_one_line_that_names_the_fix_and_keeps_the_checkpoint(two_layers, rows, tmp_path):
+    params, fn, restore = _transfer_run(two_layers[0])
+    calls = []
+
+    def step(batch):  # the 4th step runs out of memory, after a checkpoint at step 2
+        calls.append(1)
+        if len(calls) == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity of 139.8 GiB")
+        return fn(batch)
+
+    try:
+        with pytest.raises(LinearizeError) as err:
+            _loop(params, step, rows, 6, tmp_path, name="stage2", save_every=2)
+    finally:
+        restore()
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("stage2 ran out of CPU memory (tried to allocate 2.50 GiB)")
+    assert "stage2.batch_size (now 2)" in msg and f"data.seq_len (now {rows.shape[1]})" in msg and "gradient_checkpointing" in msg
+    assert f"the last checkpoint is in {tmp_path / 'stage2'}" in msg and Checkpoint(tmp_path / "stage2").load()["step"] == 2
 
 
 def test_txt_and_jsonl_loaders_pack_exactly(smollm2, tmp_path):

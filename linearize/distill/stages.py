@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import math
 import pickle
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -294,6 +295,21 @@ def _uninterrupted() -> Iterator[None]:
             raise KeyboardInterrupt
 
 
+def _out_of_memory(name: str, err: Exception, shape: torch.Size, device: torch.device, ckpt: Checkpoint) -> str:
+    """One line for a stage that ran out of accelerator memory: what it tried, what it had, what lowers it."""
+    tried = re.search(r"Tried to allocate ([\d.]+ [KMG]iB)", str(err))
+    have = ""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        have = f", {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB in use at the peak of {total / 2**30:.1f} GiB"
+    fix = f"lower {name}.batch_size (now {shape[0]}) or data.seq_len (now {shape[1]})"
+    if name == "stage2":
+        fix += ", set stage2.gradient_checkpointing: true"
+    kept = f"; the last checkpoint is in {ckpt.folder} (--resume continues from it)" if ckpt.exists() else ""
+    return (f"{name} ran out of {device.type.upper()} memory (tried to allocate {tried.group(1) if tried else 'more'}{have}): "
+            f"{fix}, or shard the model over several GPUs (configs/accelerate/fsdp.yaml){kept}")
+
+
 def train_loop(
     name: str, params: dict[str, nn.Parameter], step_fn: Callable[[Tensor], float], rows: Tensor, *,
     steps: int, batch_size: int, lr: float, weight_decay: float, save_every: int, ckpt: Checkpoint,
@@ -329,7 +345,10 @@ def train_loop(
             g = torch.Generator().manual_seed(seed * 1_000_003 + step)
             idx = torch.randint(len(rows), (batch_size * world,), generator=g)[rank::world]
             batch = rows[idx].to(device)
-            loss = step_fn(batch)
+            try:
+                loss = step_fn(batch)
+            except torch.OutOfMemoryError as e:
+                raise LinearizeError(_out_of_memory(name, e, batch.shape, device, ckpt)) from None
             if world > 1:  # FSDP has already averaged the gradients of sharded parameters
                 for p in params.values():
                     if p.grad is not None and not isinstance(p.grad, DTensor):
