@@ -41,6 +41,7 @@ from linearize.info import CacheMeter
 from kernel_bench import copy_bandwidth, header  # noqa: E402  (the script's folder is on sys.path)
 
 PLANS = {"lolcats": "*:lolcats(window=64)", "gla": "*:gla", "heads": "configs/smollm2-135m.yaml"}
+OURS = {"graph": False, "compiled": True, "frozen": {"freezing": True}}  # GraphedDecoder's compile= of each mode
 SMOKE_HEADS = "0:lolcats(window=64, sinks=4, softmax_heads=[1]),1:lolcats(window=64, sinks=4)"  # the 2-layer smoke model
 GIB = 2**30
 
@@ -82,7 +83,7 @@ def plan_of(name: str, smoke: bool) -> str:
     return yaml.safe_load((Path(__file__).resolve().parent.parent / PLANS[name]).read_text())["plan"]
 
 
-def ours_decode(model, ids: torch.Tensor, steps: int, repeats: int, chunk: int, cuda: bool, compile: bool) -> dict:
+def ours_decode(model, ids: torch.Tensor, steps: int, repeats: int, chunk: int, cuda: bool, compile: bool | dict) -> dict:
     """ms per graphed decode step after prefilling `ids` (the step compiled first if `compile`), and the bytes of
     the cache (states, softmax heads' keys/values)."""
     decoder = GraphedDecoder(model, ids, prefill_chunk=chunk, graph=cuda, max_new_tokens=4 + steps * repeats, compile=compile)
@@ -97,9 +98,10 @@ def ours_decode(model, ids: torch.Tensor, steps: int, repeats: int, chunk: int, 
     return {"ms": ms, "cache_bytes": decoder.cache.nbytes()}
 
 
-def teacher_compiled_decode(model, ids: torch.Tensor, steps: int, repeats: int, chunk: int, cuda: bool) -> dict:
+def teacher_compiled_decode(model, ids: torch.Tensor, steps: int, repeats: int, chunk: int, cuda: bool, frozen: bool = False) -> dict:
     """ms per token of the teacher's fast path: a StaticCache and the one-token forward compiled with
-    mode="reduce-overhead" (CUDA graphs), fullgraph=True; eager on CPU (smoke runs check the script)."""
+    mode="reduce-overhead" (CUDA graphs), fullgraph=True, and with Inductor's freezing if `frozen`;
+    eager on CPU (smoke runs check the script)."""
     b, t = ids.shape
     cache = transformers.StaticCache(config=model.config, max_cache_len=t + 3 + steps * repeats)
     params = inspect.signature(model.forward).parameters  # transformers renamed the cache and dropped cache_position in 5.2x
@@ -116,7 +118,8 @@ def teacher_compiled_decode(model, ids: torch.Tensor, steps: int, repeats: int, 
     def forward(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return call(tok, pos).argmax(-1, keepdim=True)
 
-    step = torch.compile(forward, mode="reduce-overhead", fullgraph=True) if cuda else forward
+    how = {"options": {"triton.cudagraphs": True, "freezing": True}} if frozen else {"mode": "reduce-overhead"}  # one or the other
+    step = torch.compile(forward, fullgraph=True, **how) if cuda else forward
     state = {"tok": logits.argmax(-1, keepdim=True)}
     pos = torch.full((1,), t, device=ids.device)  # advanced on the device: no host-to-device copy a token
 
@@ -156,9 +159,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--plans", nargs="+", choices=sorted(PLANS), default=["lolcats", "gla", "heads"])
-    ap.add_argument("--ours", nargs="+", choices=["graph", "compiled"], default=["graph", "compiled"],
-                    help="our decode step as captured (graph) and compiled with torch.compile before capture (compiled)")
-    ap.add_argument("--teachers", nargs="*", choices=["compiled", "eager"], default=["compiled", "eager"])
+    ap.add_argument("--ours", nargs="+", choices=sorted(OURS), default=["graph", "compiled"],
+                    help="our decode step as captured (graph), compiled with torch.compile before capture (compiled), "
+                    "the same with Inductor's freezing (frozen: weights as constants)")
+    ap.add_argument("--teachers", nargs="*", choices=["compiled", "frozen", "eager"], default=["compiled", "eager"],
+                    help="the teacher's static cache + compiled step (compiled; frozen: with freezing), its eager generate")
     ap.add_argument("--steps", type=int, default=64, help="decode steps per timing")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--prefill-chunk", type=int, default=8192)
@@ -194,11 +199,11 @@ def main(argv: list[str] | None = None) -> None:
     for b in args.batches:
         for t in args.contexts:
             ids = torch.randint(3, teacher.config.vocab_size, (b, t), generator=torch.Generator().manual_seed(t)).to(device)
-            runs = [("ours", name, mode, lambda m=m, c=(mode == "compiled"): ours_decode(m, ids, args.steps, args.repeats, args.prefill_chunk, cuda, c))
+            runs = [("ours", name, mode, lambda m=m, c=OURS[mode]: ours_decode(m, ids, args.steps, args.repeats, args.prefill_chunk, cuda, c))
                     for name, m in students.items() for mode in args.ours]
-            if "compiled" in args.teachers:
-                runs.append(("teacher_compiled", "teacher", "compiled",
-                             lambda: teacher_compiled_decode(teacher, ids, args.steps, args.repeats, args.prefill_chunk, cuda)))
+            for mode in [m for m in ("compiled", "frozen") if m in args.teachers]:
+                runs.append(("teacher_compiled", "teacher", mode, lambda f=(mode == "frozen"):
+                             teacher_compiled_decode(teacher, ids, args.steps, args.repeats, args.prefill_chunk, cuda, f)))
             if "eager" in args.teachers:
                 runs.append(("teacher_eager", "teacher", "eager", lambda: teacher_eager_decode(teacher, ids, args.steps, args.repeats, cuda)))
             for impl, name, mode, run in runs:

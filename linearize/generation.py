@@ -39,13 +39,15 @@ class GraphedDecoder:
     `max_new_tokens` bounds the tokens it decodes (the first comes from the prefill); plans with
     softmax heads need it, to size their key/value cache. `compile=True` puts the step under
     torch.compile(fullgraph=True) before capture: Inductor fuses the glue between the kernels
-    (norms, rotary, projections' epilogues), so a replay launches fewer kernels.
+    (norms, rotary, projections' epilogues), so a replay launches fewer kernels. A dict instead of True
+    gives Inductor options, e.g. {"freezing": True}: weights folded in as constants (projections that
+    share an input can become one matrix product), so later changes to the weights are not seen.
     """
 
     def __init__(
         self, model: nn.Module, input_ids: Tensor, *, attention_mask: Tensor | None = None,
         sample: Sampler = greedy, prefill_chunk: int | None = None, graph: bool | None = None,
-        max_new_tokens: int | None = None, compile: bool = False,
+        max_new_tokens: int | None = None, compile: bool | dict = False,
     ):
         heads = check_decodable(model)
         if heads and max_new_tokens is None:
@@ -85,7 +87,8 @@ class GraphedDecoder:
                 if "sm_k" in layer.state:
                     layer.state = static_softmax_cache(layer.state, t + max_new_tokens + 1)
         if compile:
-            self._step = torch.compile(self._step, fullgraph=True, dynamic=False)
+            options = compile if isinstance(compile, dict) else None
+            self._step = torch.compile(self._step, fullgraph=True, dynamic=False, options=options)
         self.graph = None
         if use_graph:
             self._capture()
@@ -166,7 +169,7 @@ def check_decodable(model: nn.Module) -> list[int]:
 
 def generate_graphed(
     model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attention_mask: Tensor | None = None,
-    sample: Sampler = greedy, prefill_chunk: int | None = None, graph: bool | None = None, compile: bool = False,
+    sample: Sampler = greedy, prefill_chunk: int | None = None, graph: bool | None = None, compile: bool | dict = False,
 ) -> Tensor:
     """The prompt followed by exactly `max_new_tokens` tokens, [B, T + max_new_tokens] (no stop at EOS).
 

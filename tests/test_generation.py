@@ -112,11 +112,13 @@ def test_softmax_heads_decode_from_a_preallocated_cache_with_softcap():
         decoder.step()
 
 
-def test_decode_step_compiles_whole_and_matches_eager(base):
+@pytest.mark.parametrize("how", [True, {"freezing": True}], ids=["compiled", "frozen"])
+def test_decode_step_compiles_whole_and_matches_eager(base, how):
     """torch.compile(fullgraph=True) takes the whole decode step: no graph break and no host sync in it,
-    the softmax heads' preallocated cache and the sinks included (here on the references, Inductor on CPU)."""
+    the softmax heads' preallocated cache and the sinks included (here on the references, Inductor on CPU);
+    also with Inductor options (freezing: the weights as constants)."""
     model, ids = converted(base, PLANS["heads"]), prompt(2, 7)
-    eager, compiled = (GraphedDecoder(model, ids, max_new_tokens=9, compile=c) for c in (False, True))
+    eager, compiled = (GraphedDecoder(model, ids, max_new_tokens=9, compile=c) for c in (False, how))
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=1):  # one compilation serves every token
         for _ in range(8):
@@ -193,8 +195,9 @@ def test_cuda_graph_replay_equals_eager_decoding(model_type, name, dtype):
 
 
 @cuda
+@pytest.mark.parametrize("how", [True, {"freezing": True}], ids=["compiled", "frozen"])
 @pytest.mark.parametrize("name", ["lolcats-sinks", "lizard", "gla", "mamba2", "heads"])
-def test_compiled_cuda_graph_decoding_equals_eager(base, name):
+def test_compiled_cuda_graph_decoding_equals_eager(base, name, how):
     """The decode step through Inductor with the Triton step kernels inside (fullgraph: no graph break), then captured."""
     model = converted(base, PLANS[name]).cuda()
     ids = prompt(2, 7, device="cuda")
@@ -202,7 +205,7 @@ def test_compiled_cuda_graph_decoding_equals_eager(base, name):
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     kw = dict(attention_mask=mask, max_new_tokens=20)
-    assert torch.equal(generate_graphed(model, ids, compile=True, **kw), generate_graphed(model, ids, graph=False, **kw))
+    assert torch.equal(generate_graphed(model, ids, compile=how, **kw), generate_graphed(model, ids, graph=False, **kw))
 
 
 @cuda
