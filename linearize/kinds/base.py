@@ -290,20 +290,23 @@ class LinearizedAttention(nn.Module):
         """The window hybrids' per-head weight of the window part, a logit (sigmoid) starting at `window_init`."""
         self.window_logit = nn.Parameter(torch.full((self.mixer_heads,), float(self.options.window_init)))
 
-    def windowed_attend(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, valid: Tensor | None, state: State | None) -> tuple[Tensor, State]:
+    def windowed_attend(
+        self, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, valid: Tensor | None, state: State | None,
+    ) -> tuple[Tensor, State]:
         """Sliding-window softmax (plus attention sinks) + linear attention beyond the window, one shared
         normalizer, on the kind's feature maps (a decode step with Hedgehog maps applies them in its kernel)."""
         mix = torch.sigmoid(self.window_logit.float())
         common = dict(window=self.options.window, scale=self.scaling, softcap=self.softcap)
         if state is not None and q.shape[1] == 1:
             one = dict(valid=None if valid is None else valid[:, 0], state=state, **common)
+            g0 = None if g is None else g[:, 0]
             maps = (self.feature_map_q, self.feature_map_k)
             if all(isinstance(m, HedgehogFeatureMap) for m in maps):
                 fmaps = HedgehogMaps(maps[0].weight, maps[0].bias, maps[1].weight, maps[1].bias)
-                y, new = hybrid_step(q[:, 0], k[:, 0], v[:, 0], None, None, None if g is None else g[:, 0], mix, fmaps=fmaps, **one)
+                y, new = hybrid_step(q[:, 0], k[:, 0], v[:, 0], None, None, g0, mix, fmaps=fmaps, **one)
             else:
                 fq, fk = self.feature_map_q(q[:, 0]), self.feature_map_k(k[:, 0])
-                y, new = hybrid_step(q[:, 0], k[:, 0], v[:, 0], fq, fk, None if g is None else g[:, 0], mix, **one)
+                y, new = hybrid_step(q[:, 0], k[:, 0], v[:, 0], fq, fk, g0, mix, **one)
             return y[:, None], new
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)
         return hybrid_attn(q, k, v, fq, fk, g, mix, valid=valid, state=state, sinks=self.options.sinks, **common)

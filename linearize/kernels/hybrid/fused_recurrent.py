@@ -38,8 +38,9 @@ def _hedgehog(x, w, bias, rd, rf, md, mf, FD: tl.constexpr):
     wt = tl.load(w + rd[:, None] * FD + col[None, :], mask=md[:, None] & mf[None, :], other=0.0).to(tl.float32)
     z = tl.sum(x[:, None] * wt, axis=0) + tl.load(bias + col, mask=mf, other=0.0).to(tl.float32)
     z = tl.where(first, z, -z)
-    m = tl.where(first, tl.max(tl.where(first & mf, z, float("-inf")), axis=0), tl.max(tl.where(first | ~mf, float("-inf"), z), axis=0))
-    e = tl.where(mf, tl.exp(z - m), 0.0)
+    m1 = tl.max(tl.where(first & mf, z, float("-inf")), axis=0)  # each half's own max and sum
+    m2 = tl.max(tl.where(first | ~mf, float("-inf"), z), axis=0)
+    e = tl.where(mf, tl.exp(z - tl.where(first, m1, m2)), 0.0)
     return e / tl.where(first, tl.sum(tl.where(first, e, 0.0), axis=0), tl.sum(tl.where(first, 0.0, e), axis=0))
 
 
