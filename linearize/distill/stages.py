@@ -295,7 +295,7 @@ def _uninterrupted() -> Iterator[None]:
             raise KeyboardInterrupt
 
 
-def _out_of_memory(name: str, err: Exception, shape: torch.Size, device: torch.device, ckpt: Checkpoint) -> str:
+def _out_of_memory(name: str, err: Exception, shape: tuple[int, int], device: torch.device, ckpt: Checkpoint) -> str:
     """One line for a stage that ran out of accelerator memory: what it tried, what it had, what lowers it."""
     tried = re.search(r"Tried to allocate ([\d.]+ [KMG]iB)", str(err))
     have = ""
@@ -345,10 +345,7 @@ def train_loop(
             g = torch.Generator().manual_seed(seed * 1_000_003 + step)
             idx = torch.randint(len(rows), (batch_size * world,), generator=g)[rank::world]
             batch = rows[idx].to(device)
-            try:
-                loss = step_fn(batch)
-            except torch.OutOfMemoryError as e:
-                raise LinearizeError(_out_of_memory(name, e, batch.shape, device, ckpt)) from None
+            loss = step_fn(batch)
             if world > 1:  # FSDP has already averaged the gradients of sharded parameters
                 for p in params.values():
                     if p.grad is not None and not isinstance(p.grad, DTensor):
@@ -364,6 +361,8 @@ def train_loop(
             bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tokens / (time.time() - t0):.0f}")
             if (step + 1) % save_every == 0 or step + 1 == steps:
                 ckpt.save(params, opt, sched, step + 1, step + 1 == steps, history, write=rank == 0)
+    except torch.OutOfMemoryError as e:  # in the step or in the update (the optimizer's first step allocates its state)
+        raise LinearizeError(_out_of_memory(name, e, (batch_size, rows.shape[1]), device, ckpt)) from None
     except KeyboardInterrupt:
         if any(isinstance(p, DTensor) for p in params.values()):  # gathering shards now could hang on a peer
             log(f"\n{name}: interrupted; continue with --resume from the last checkpoint in {ckpt.folder}")
