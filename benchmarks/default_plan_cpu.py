@@ -62,6 +62,8 @@ def main() -> None:
         "heads-free": (free, ["stage1.steps=0", "stage2.steps=0"]),
         # the hybrid started at the window's side (sigmoid(3) = 0.95: nearly the training-free plan)
         "heads-sinks-init3": (head_plan(args.scores, "lolcats(window=64, sinks=4, window_init=3)", budget, meter), []),
+        # twice the window at half the feature dimension: the same cache per head (the GPU's ours-w128)
+        "heads-w128": (head_plan(args.scores, "lolcats(window=128, sinks=4, window_init=3, feature_dim=32)", budget, meter), []),
     }
     cli = [sys.executable, "-m", "linearize.cli"]
     evals = [a.format(data=args.data_dir) for a in EVAL]

@@ -7,7 +7,7 @@ the zero-shot tasks, in records of `{"plan", "cache_fraction", "metric", "contex
         --out benchmarks/results/recall_smollm2.json --workdir /tmp/recall --steps teacher heads free ours
 
 Steps (each skipped when --workdir already holds its result, so a cut-off call resumes; --resume-from
-an earlier results file carries its finished runs into the workdir, so a later session adds rows):
+an earlier results file carries its finished runs, calls and notes into the workdir, so a later session adds rows):
 - teacher: every metric of the teacher;
 - heads: per-KV-head ablation scores and the plan under --budget (`linearize.autoplan.autoplan_heads`)
   with --plan-kind as the converted heads' kind (their cache cost); heads-NAME: another plan from the
@@ -57,6 +57,9 @@ RUNS = {
     "ours-sinks-v2-s1": (V2, 4096, 4, 300, 0, 0.25, 5e-4),
     "ours-sinks-v2-lr2": (V2, 4096, 4, 150, 150, 0.25, 2e-4),  # a gentler LoRA stage (it cost LAMBADA)
     "ours-sinks-v2-20m": (V2, 4096, 4, 600, 600, 0.25, 5e-4),  # 19.7M tokens: the issue's budget (two calls, --resume)
+    # window 128 at feature_dim 32 (Hedgehog's 2*32 features = the head dim, LoLCATs' ratio): the same cache as window 64 at 64
+    "ours-w128": ("heads-v2:lolcats(window=128, sinks=4, window_init=3, feature_dim=32)", 4096, 4, 150, 150, 0.25, 5e-4),
+    "ours-w128-lr2": ("heads-v2:lolcats(window=128, sinks=4, window_init=3, feature_dim=32)", 4096, 4, 150, 150, 0.25, 2e-4),
     "lolcats50": (",".join(f"{i}:lolcats(window=64)" for i in range(0, 30, 2)), 1024, 16, 125, 125, 0.0, 5e-4),
 }
 
@@ -192,7 +195,8 @@ def earlier_state(results: dict) -> dict:
     heads = results.get("head_plans") or {"heads": {"specs": results["head_plan"], "scores": results["head_scores"]}}
     for name, plan in heads.items():
         plans[name], metrics[name] = plan, {}
-    return {"metrics": metrics, "plans": plans, "log": [f"(from {results['date']}) {m}" for m in results["log"]]}
+    return {"metrics": metrics, "plans": plans, "log": [f"(from {results['date']}) {m}" for m in results["log"]],
+            "calls": results.get("calls", []), "notes": results.get("notes")}
 
 
 def head_plan(state: dict, source: str, kind: str) -> str:
@@ -213,11 +217,12 @@ def write_results(state: dict, args: argparse.Namespace) -> None:
             records.append({"run": name, "plan": info["plan"], "cache_fraction": round(info["cache_fraction"], 4),
                             "metric": metric, "context": int(ctx) if ctx else None, "teacher": teacher.get(key),
                             "converted": value, "train_tokens": info["train_tokens"]})
-    out = {**run_info(shlex.join(["python", *sys.argv])), "settings": {k: v for k, v in vars(args).items() if k != "out"},
+    command = shlex.join(["python", *sys.argv])
+    out = {**run_info(command), "settings": {k: v for k, v in vars(args).items() if k != "out"},
            "runs": {k: v for k, v in state["plans"].items() if not k.startswith("heads")},
            "head_scores": state["plans"].get("heads", {}).get("scores"), "head_plan": state["plans"].get("heads", {}).get("specs"),
            "head_plans": {k: v for k, v in state["plans"].items() if k.startswith("heads")},
-           "records": records, "log": state["log"]}
+           "records": records, "log": state["log"], "calls": state.get("calls", []) + [command], "notes": state.get("notes")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 

@@ -65,7 +65,8 @@ def test_scale_benchmark_runs_recipes_through_convert_in_smoke_mode(tmp_path):
     assert not (tmp_path / "w" / "run").exists()  # each run's output folder is removed
 
 def test_recall_benchmark_resumes_an_earlier_results_file(tmp_path):
-    """--resume-from keeps every earlier run's metrics and the teacher's, so records written later still pair them."""
+    """--resume-from keeps every earlier run's metrics and the teacher's, so records written later still pair them,
+    and the earlier calls and notes (the new call's command appended)."""
     import argparse
     import importlib.util
     import json
@@ -76,13 +77,16 @@ def test_recall_benchmark_resumes_an_earlier_results_file(tmp_path):
     metrics = {"teacher": {"copy@256": 0.6, "lambada_acc@": 0.3}, "a": {"copy@256": 0.5, "lambada_acc@": 0.2}}
     plans = {"a": {"plan": "0:softmax", "cache_fraction": 0.2, "train_tokens": 7}}
     args = argparse.Namespace(out=str(tmp_path / "r1.json"))
-    bench.write_results({"metrics": metrics, "plans": plans, "log": []}, args)
+    bench.write_results({"metrics": metrics, "plans": plans, "log": [], "notes": "n"}, args)
     state = bench.earlier_state(json.loads((tmp_path / "r1.json").read_text()) | {"head_plan": [], "head_scores": {}})
     state["metrics"]["b"], state["plans"]["b"] = {"lambada_acc@": 0.25}, {**plans["a"], "plan": "1:softmax"}
     bench.write_results(state, argparse.Namespace(out=str(tmp_path / "r2.json")))
     records = {(r["run"], r["metric"], r["context"]): r for r in json.loads((tmp_path / "r2.json").read_text())["records"]}
     assert records[("a", "copy", 256)]["teacher"] == 0.6 and records[("a", "lambada_acc", None)]["teacher"] == 0.3
     assert records[("b", "lambada_acc", None)]["teacher"] == 0.3 and records[("b", "lambada_acc", None)]["converted"] == 0.25
+    second = json.loads((tmp_path / "r2.json").read_text())
+    assert len(second["calls"]) == 2 and second["calls"][0] == json.loads((tmp_path / "r1.json").read_text())["command"]
+    assert second["notes"] == "n"
 
 
 # --- the other subcommands: help, inspect, plan (convert/eval/bench: test_distill, test_eval; push: test_hub) ---
@@ -195,3 +199,24 @@ def test_recipe_documents_its_token_budget_and_converts_its_model(recipe):
     specs = model.layer_plan
     assert len(specs) == config.num_hidden_layers and any(s.kind != "softmax" for s in specs)
 
+
+
+def test_recall_recipe_is_the_measured_run():
+    """configs/smollm2-135m-recall.yaml is the `ours-w128` run of recall_smollm2.py: its plan as resolved in the
+    results file, and the run's data and stage settings, so RESULTS.md's figures are the recipe's."""
+    import importlib.util
+    import json
+
+    from linearize.distill import load_config
+    from linearize.plan import LayerPlan
+
+    spec = importlib.util.spec_from_file_location("recall_smollm2", ROOT / "benchmarks" / "recall_smollm2.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = load_config(ROOT / "configs" / "smollm2-135m-recall.yaml")
+    measured = json.loads((ROOT / "benchmarks" / "results" / "recall_smollm2.json").read_text())["runs"]["ours-w128"]
+    assert LayerPlan.from_string(cfg.plan).resolve(30) == LayerPlan.from_string(measured["plan"]).resolve(30)
+    _, seq, batch, s1, s2, mix, lr2 = bench.RUNS["ours-w128"]
+    assert (cfg.data.seq_len, cfg.data.recall_mix, cfg.stage2.lr) == (seq, mix, lr2)
+    assert (cfg.stage1.steps, cfg.stage2.steps, cfg.stage1.batch_size, cfg.stage2.batch_size) == (s1, s2, batch, batch)
+    assert (cfg.data.teacher_len, cfg.stage1.lr, cfg.stage2.kl_weight, cfg.stage2.ce_weight) == (1024, 3e-2, 1.0, 0.0)
