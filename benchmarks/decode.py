@@ -10,7 +10,8 @@ Plans: all-converted `lolcats` and `gla`, and `heads`, `make convert`'s head-lev
 (configs/smollm2-135m.yaml: 12 KV heads keep softmax from a preallocated key/value cache). For each
 (B, T): random prompts of T tokens. `ours`: prefill (in chunks), capture one decode step, time
 `--steps` replays with CUDA events (median over `--repeats`), the step as it is (mode `graph`) and
-compiled by torch.compile before capture (mode `compiled`). `teacher_compiled`: prefill into a
+compiled by torch.compile before capture (mode `compiled`; `fused`: the same after
+`fuse_projections`, q/k/v and gate/up each one matrix product). `teacher_compiled`: prefill into a
 `StaticCache` sized T + the steps, then the compiled one-token forward and argmax in a loop, timed
 the same way after three warm-up calls (compilation). `teacher_eager`: (generate(N+1) - generate(1)) / N,
 medians over `--repeats`, as a user runs it. New parameters stay at their initialization (speed does
@@ -36,12 +37,13 @@ import transformers
 
 import linearize
 from linearize import GraphedDecoder
+from linearize.fusion import fuse_projections
 from linearize.info import CacheMeter
 
 from kernel_bench import copy_bandwidth, header  # noqa: E402  (the script's folder is on sys.path)
 
 PLANS = {"lolcats": "*:lolcats(window=64)", "gla": "*:gla", "heads": "configs/smollm2-135m.yaml"}
-OURS = {"graph": False, "compiled": True, "frozen": {"freezing": True}}  # GraphedDecoder's compile= of each mode
+OURS = {"graph": False, "compiled": True, "frozen": {"freezing": True}, "fused": True}  # GraphedDecoder's compile= of each mode
 SMOKE_HEADS = "0:lolcats(window=64, sinks=4, softmax_heads=[1]),1:lolcats(window=64, sinks=4)"  # the 2-layer smoke model
 GIB = 2**30
 
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plans", nargs="+", choices=sorted(PLANS), default=["lolcats", "gla", "heads"])
     ap.add_argument("--ours", nargs="+", choices=sorted(OURS), default=["graph", "compiled"],
                     help="our decode step as captured (graph), compiled with torch.compile before capture (compiled), "
-                    "the same with Inductor's freezing (frozen: weights as constants)")
+                    "the same with Inductor's freezing (frozen), compiled on stacked q/k/v and gate/up projections (fused)")
     ap.add_argument("--teachers", nargs="*", choices=["compiled", "frozen", "eager"], default=["compiled", "eager"],
                     help="the teacher's static cache + compiled step (compiled; frozen: with freezing), its eager generate")
     ap.add_argument("--steps", type=int, default=64, help="decode steps per timing")
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = copy_bandwidth(device)  # bytes per ms
     plans = {name: plan_of(name, args.smoke) for name in args.plans}
     students = {name: linearize.convert(copy.deepcopy(teacher), plan) for name, plan in plans.items()}
+    fused = {name: fuse_projections(copy.deepcopy(m)) for name, m in students.items()} if "fused" in args.ours else {}
     records = []
 
     def save() -> None:  # after every record: a run cut short keeps what it measured
@@ -199,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     for b in args.batches:
         for t in args.contexts:
             ids = torch.randint(3, teacher.config.vocab_size, (b, t), generator=torch.Generator().manual_seed(t)).to(device)
-            runs = [("ours", name, mode, lambda m=m, c=OURS[mode]: ours_decode(m, ids, args.steps, args.repeats, args.prefill_chunk, cuda, c))
+            runs = [("ours", name, mode, lambda m=(fused[name] if mode == "fused" else m), c=OURS[mode]:
+                     ours_decode(m, ids, args.steps, args.repeats, args.prefill_chunk, cuda, c))
                     for name, m in students.items() for mode in args.ours]
             for mode in [m for m in ("compiled", "frozen") if m in args.teachers]:
                 runs.append(("teacher_compiled", "teacher", mode, lambda f=(mode == "frozen"):

@@ -16,6 +16,9 @@ from torch import Tensor, nn
 from .errors import UnsupportedModelError
 
 
+FUSED_QKV = "qkv_proj"  # q, k, v stacked in one Linear: Phi-3's own layout, and any layer after `fuse_projections`
+
+
 @dataclass(frozen=True)
 class Adapter:
     """Where an architecture keeps its attention projections and what it applies to q/k."""
@@ -23,13 +26,14 @@ class Adapter:
     modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # taken over by converted layers
     fused_qkv: bool = False  # one `qkv_proj` holds q, k, v stacked (Phi-3)
     qk_norm: bool = False  # per-head RMSNorm on q and k before rotary (Qwen3)
+    gated_mlp: bool = True  # MLP = down_proj(act_fn(gate_proj(x)) * up_proj(x)), gate and up separate (Phi-3: stacked)
 
     def project(self, attn: nn.Module, x: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """q [B,T,H,D], k and v [B,T,Hk,D], with rotary applied, from hidden states x [B,T,C]."""
         b, t, _ = x.shape
         h, hk, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        if self.fused_qkv:
-            q, k, v = attn.qkv_proj(x).split([h * d, hk * d, hk * d], dim=-1)
+        if self.fused_qkv or hasattr(attn, FUSED_QKV):
+            q, k, v = getattr(attn, FUSED_QKV)(x).split([h * d, hk * d, hk * d], dim=-1)
         else:
             q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         q, k, v = q.view(b, t, h, d), k.view(b, t, hk, d), v.view(b, t, hk, d)
@@ -45,7 +49,7 @@ ADAPTERS: dict[str, Adapter] = {
     "mistral": Adapter(),
     "qwen2": Adapter(),
     "qwen3": Adapter(modules=("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"), qk_norm=True),
-    "phi3": Adapter(modules=("qkv_proj", "o_proj"), fused_qkv=True),
+    "phi3": Adapter(modules=(FUSED_QKV, "o_proj"), fused_qkv=True, gated_mlp=False),
     "gemma2": Adapter(),  # attention logit soft-capping is read from the module
 }
 

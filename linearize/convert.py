@@ -89,6 +89,9 @@ class LinearizedMixin:
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any):
         """Same as HF's, but a new folder appears complete or not at all (an existing one is written into, as HF does)."""
+        if getattr(self, "fused_projections", False):
+            raise LinearizeError("this model's projections were stacked for decoding (linearize.fusion.fuse_projections), "
+                                 "a layout its checkpoint does not load into: save the model before fusing it")
         if Path(save_directory).exists():
             return super().save_pretrained(save_directory, *args, **kwargs)
         with atomic_dir(save_directory, "save_pretrained") as tmp:

@@ -39,9 +39,9 @@ class GraphedDecoder:
     `max_new_tokens` bounds the tokens it decodes (the first comes from the prefill); plans with
     softmax heads need it, to size their key/value cache. `compile=True` puts the step under
     torch.compile(fullgraph=True) before capture: Inductor fuses the glue between the kernels
-    (norms, rotary, projections' epilogues), so a replay launches fewer kernels. A dict instead of True
-    gives Inductor options, e.g. {"freezing": True}: weights folded in as constants (projections that
-    share an input can become one matrix product), so later changes to the weights are not seen.
+    (norms, rotary, projections' epilogues), so a replay launches fewer kernels; a dict instead of True
+    gives Inductor options. The weights stay inputs of the compiled step (Inductor's freezing finds no
+    constants to fold); `linearize.fusion.fuse_projections` stacks the projections that share an input.
     """
 
     def __init__(

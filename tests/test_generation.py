@@ -112,18 +112,51 @@ def test_softmax_heads_decode_from_a_preallocated_cache_with_softcap():
         decoder.step()
 
 
-@pytest.mark.parametrize("how", [True, {"freezing": True}], ids=["compiled", "frozen"])
+@pytest.mark.parametrize("how", [True, {"freezing": True}, "fused"], ids=["compiled", "frozen", "fused"])
 def test_decode_step_compiles_whole_and_matches_eager(base, how):
     """torch.compile(fullgraph=True) takes the whole decode step: no graph break and no host sync in it,
     the softmax heads' preallocated cache and the sinks included (here on the references, Inductor on CPU);
-    also with Inductor options (freezing: the weights as constants)."""
+    also with Inductor options (freezing) and on stacked projections (fused, against the unfused model)."""
+    from linearize.fusion import fuse_projections
+
     model, ids = converted(base, PLANS["heads"]), prompt(2, 7)
-    eager, compiled = (GraphedDecoder(model, ids, max_new_tokens=9, compile=c) for c in (False, how))
+    eager = GraphedDecoder(model, ids, max_new_tokens=9)
+    if how == "fused":
+        model, how = fuse_projections(copy.deepcopy(model)), True
+    compiled = GraphedDecoder(model, ids, max_new_tokens=9, compile=how)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=1):  # one compilation serves every token
         for _ in range(8):
             assert torch.equal(compiled.step(), eager.step())
             assert rel_err(compiled.logits, eager.logits) < 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "phi3", "gemma2"])
+def test_fused_projections_keep_outputs_and_refuse_saving(model_type, tmp_path):
+    """q/k/v stacked into qkv_proj and gate/up into gate_up_proj (Phi-3 has both already): the same logits and
+    decoded tokens, no parameter added or lost, whole softmax layers left alone; a fused model refuses to save."""
+    from linearize.fusion import GateUpMLP, fuse_projections
+
+    model = converted(tiny_model(model_type), "0:lolcats(window=3, sinks=2, softmax_heads=[1]),1:gla")
+    ids = prompt(2, 9)
+    with torch.no_grad():
+        before = model(ids).logits
+    decoded = model.generate(ids, max_new_tokens=6, do_sample=False)
+    count = sum(p.numel() for p in model.parameters())
+    assert fuse_projections(model) is model
+    layers = model.model.layers
+    assert all(hasattr(layer.self_attn, "qkv_proj") and not hasattr(layer.self_attn, "q_proj") for layer in layers[:2])
+    assert hasattr(layers[2].self_attn, "q_proj") != (model_type == "phi3")  # kind softmax: HF's own attention, as it was
+    assert all(isinstance(layer.mlp, GateUpMLP) != (model_type == "phi3") for layer in layers)
+    assert sum(p.numel() for p in model.parameters()) == count
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, before) < 1e-5
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), decoded)
+    with pytest.raises(LinearizeError, match="save the model before fusing"):
+        model.save_pretrained(tmp_path / "fused")
+    assert not (tmp_path / "fused").exists()
+    with pytest.raises(LinearizeError, match="converted with linearize.convert"):
+        fuse_projections(tiny_model("llama"))
 
 
 def test_graphed_decoding_refuses_softmax_layers_and_bad_input(base):
@@ -195,17 +228,23 @@ def test_cuda_graph_replay_equals_eager_decoding(model_type, name, dtype):
 
 
 @cuda
-@pytest.mark.parametrize("how", [True, {"freezing": True}], ids=["compiled", "frozen"])
+@pytest.mark.parametrize("how", [True, {"freezing": True}, "fused"], ids=["compiled", "frozen", "fused"])
 @pytest.mark.parametrize("name", ["lolcats-sinks", "lizard", "gla", "mamba2", "heads"])
 def test_compiled_cuda_graph_decoding_equals_eager(base, name, how):
-    """The decode step through Inductor with the Triton step kernels inside (fullgraph: no graph break), then captured."""
+    """The decode step through Inductor with the Triton step kernels inside (fullgraph: no graph break), then captured
+    (fused: on stacked projections, against the unfused model's eager decoding)."""
+    from linearize.fusion import fuse_projections
+
     model = converted(base, PLANS[name]).cuda()
     ids = prompt(2, 7, device="cuda")
     ids[1, :3] = 0
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     kw = dict(attention_mask=mask, max_new_tokens=20)
-    assert torch.equal(generate_graphed(model, ids, compile=how, **kw), generate_graphed(model, ids, graph=False, **kw))
+    eager = generate_graphed(model, ids, graph=False, **kw)
+    if how == "fused":
+        model, how = fuse_projections(model), True
+    assert torch.equal(generate_graphed(model, ids, compile=how, **kw), eager)
 
 
 @cuda

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..kernels import EPS, chunk_gla, gla_step, hybrid_attn, hybrid_step
 from ..kernels.hybrid import HedgehogMaps
 from .feature_maps import HedgehogFeatureMap
-from ..adapters import Adapter, attention_geometry, key_validity, rotary_fn
+from ..adapters import FUSED_QKV, Adapter, attention_geometry, key_validity, rotary_fn
 from ..cache import state_slot
 from ..errors import LinearizeError, PlanError
 
@@ -189,7 +189,7 @@ class LinearizedAttention(nn.Module):
 
     def new_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of what this kind added, not the projections it took over."""
-        return [(n, p) for n, p in self.named_parameters() if n.split(".")[0] not in self.adapter.modules]
+        return [(n, p) for n, p in self.named_parameters() if n.split(".")[0] not in (*self.adapter.modules, FUSED_QKV)]
 
     def new_parameters(self) -> int:
         """How many parameters this kind adds to the projections it took over."""
