@@ -7,10 +7,11 @@ and this token, the read of the (decayed) linear memory, the shared normalizer a
 it adds the oldest window token to the memory and writes this token into that token's ring slot.
 The program owns its (batch, KV head) slice of every state tensor (value channels are looped over,
 not split across programs, since all of them need the normalizer column and the ring slot before
-either is overwritten). The per-row `valid` slot and `pos` are shared by a row's KV heads, so a
-second one-program-per-row kernel advances them once the first has finished reading. Sink slots
-(when the state has them) are NS more window rows, seen once they are W tokens back; a real token
-that finds a free slot writes its key/value there (first kernel) and its position (second kernel).
+either is overwritten). The per-row `valid` slot and `pos` are shared by a row's KV heads: each
+program takes a ticket (`tick`, an atomic count per row) once it has read them, and the row's last
+program advances them and resets the count, so a step is one launch. Sink slots (when the state has
+them) are NS more window rows, seen once they are W tokens back; a real token that finds a free slot
+writes its key/value there and, with the advance, its position.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _hedgehog(x, w, bias, rd, rf, md, mf, FD: tl.constexpr):
 @triton.jit
 def _hybrid_step_kernel(
     q, k, v, fq, fk, g, valid, mix,  # this token: q [B,H,D], k [B,HK,D], v [B,HK,V], fq [B,H,F], fk/g [B,HK,F], valid [B]
-    s, rk, rv, rfk, rg, rvalid, pos,  # state: S [B,HK,F,V+1], ring k/v/fk/g [B,P,HK,*], ring valid [B,P], pos [B]
+    s, rk, rv, rfk, rg, rvalid, pos, tick,  # state: S [B,HK,F,V+1], ring k/v/fk/g [B,P,HK,*], ring valid [B,P], pos [B], tick [B]
     sk, sv, spos, n,  # sinks: k/v [B,NS,HK,*], positions [B,NS] (empty: NO_SINK), n [B] this token's position
     wq, bq, wk, bk,  # Hedgehog maps (FMAP): weights [H,D,F/2] and [HK,D,F/2], biases [H,F/2] and [HK,F/2]
     y, scale, softcap,
@@ -158,11 +159,15 @@ def _hybrid_step_kernel(
             rv_ = v_start + tl.arange(0, BV)
             mv = rv_ < V
             tl.store(rv + old * V + rv_, tl.load(v + bh * V + rv_, mask=mv, other=0.0).to(rv.dtype.element_ty), mask=mv)
+    tl.debug_barrier()  # every thread of this program is done with the row's shared slots
+    if tl.atomic_add(tick + b, 1) == HK - 1:  # acq_rel: the row's other programs are done with them too
+        _advance_row(valid, rvalid, pos, spos, n, b, P, NS, BS, HAS_VALID)
+        tl.store(tick + b, 0)
 
 
 @triton.jit
-def _ring_advance_kernel(valid, rvalid, pos, spos, n, P: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr, HAS_VALID: tl.constexpr):
-    b = tl.program_id(0)
+def _advance_row(valid, rvalid, pos, spos, n, b, P: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr, HAS_VALID: tl.constexpr):
+    """Row b's shared slots after its token: ring validity at the oldest slot, pos + 1, a sink position, n + 1."""
     p = tl.load(pos + b)
     if HAS_VALID:
         real = tl.load(valid + b)
@@ -212,12 +217,11 @@ def hybrid_step_triton(
     _hybrid_step_kernel[(b * hk,)](
         q.contiguous(), k.contiguous(), v.contiguous(), fq.contiguous(), fk.contiguous(),
         g.contiguous() if g is not None else fk, new_valid, mix.float().contiguous(),
-        state["S"], ring["k"], ring["v"], ring["fk"], rg, rvalid, state["pos"], *sinks, *maps,
+        state["S"], ring["k"], ring["v"], ring["fk"], rg, rvalid, state["pos"], state["tick"], *sinks, *maps,
         y, float(scale), float(softcap or 1.0),
         h, hk, p, d, f, vd, ns,
         triton.next_power_of_2(window + ns), triton.next_power_of_2(d), bf, bv, triton.next_power_of_2(max(ns, 1)),
         g is not None, valid is not None, bool(softcap), fmaps is not None, EPS,
         num_warps=4 if bf * bv + triton.next_power_of_2(window + ns) * (triton.next_power_of_2(d) + bv) <= 8192 else 8,
     )
-    _ring_advance_kernel[(b,)](new_valid, rvalid, state["pos"], sinks[2], sinks[3], p, ns, triton.next_power_of_2(max(ns, 1)), valid is not None)
     return y, state

@@ -55,6 +55,7 @@ def empty_state(
         "fk": torch.zeros(batch, p, num_kv_heads, feature_dim, **zt),
         "valid": torch.zeros(batch, p, dtype=torch.bool, device=device),
         "pos": torch.zeros(batch, dtype=torch.long, device=device),
+        "tick": torch.zeros(batch, dtype=torch.int32, device=device),  # the Triton step's per-row count of finished programs
     }
     if gated:
         state["g"] = torch.zeros(batch, p, num_kv_heads, feature_dim, **z)
@@ -315,7 +316,7 @@ def shift_window(ext: dict[str, Tensor], memory: Tensor, num_tokens: int, like: 
     in the dtypes of the state `like`."""
     pos = torch.zeros(memory.shape[0], dtype=torch.long, device=memory.device)
     window = {name: t[:, num_tokens:].to(like[name].dtype) for name, t in ext.items()}
-    return {"S": memory, **window, "pos": pos}
+    return {"S": memory, **window, "pos": pos, "tick": like["tick"]}
 
 
 class HedgehogMaps(NamedTuple):
@@ -387,7 +388,7 @@ def hybrid_step_ref(
         mem = mem * ext_g[rows, slot].exp()[..., None]
     mem = mem + ext["fk"][rows, slot][..., None] * v1[:, :, None, :]
     hit = torch.arange(p, device=q.device) == slot[:, None]  # [B,P]
-    new = {"S": mem, "pos": state["pos"] + 1}
+    new = {"S": mem, "pos": state["pos"] + 1, "tick": state["tick"]}
     for name, t in ext.items():
         new[name] = torch.where(hit.view(b, p, *[1] * (t.dim() - 2)), t[:, p:], t[:, :p]).to(state[name].dtype)
     if ns:
