@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +34,7 @@ import torch
 import transformers
 
 import linearize
-from linearize import GraphedDecoder
+from linearize.eval.bench import graphed_decode_ms, static_cache_decode_ms, timed_ms as timed
 from linearize.fusion import fuse_projections
 from linearize.info import CacheMeter
 
@@ -60,20 +58,6 @@ def smollm2_shaped(device: torch.device, layers: int = 30, vocab: int = 49152, d
     return transformers.AutoModelForCausalLM.from_config(config).to(device, dtype).eval()
 
 
-def timed(fn: Callable[[], object], cuda: bool) -> float:
-    """Milliseconds of one call of `fn`, device work included."""
-    if cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
 def plan_of(name: str, smoke: bool) -> str:
     """The plan string of `name` (a recipe file's plan for `heads`)."""
     if name != "heads":
@@ -85,59 +69,19 @@ def plan_of(name: str, smoke: bool) -> str:
     return yaml.safe_load((Path(__file__).resolve().parent.parent / PLANS[name]).read_text())["plan"]
 
 
-def ours_decode(model, ids: torch.Tensor, steps: int, repeats: int, chunk: int, cuda: bool, compile: bool | dict) -> dict:
+def ours_decode(model, ids: torch.Tensor, steps: int, repeats: int, chunk: int, compile: bool | dict) -> dict:
     """ms per graphed decode step after prefilling `ids` (the step compiled first if `compile`), and the bytes of
     the cache (states, softmax heads' keys/values)."""
-    decoder = GraphedDecoder(model, ids, prefill_chunk=chunk, graph=cuda, max_new_tokens=4 + steps * repeats, compile=compile)
-    for _ in range(3):
-        decoder.step()
-
-    def run() -> None:
-        for _ in range(steps):
-            decoder.step()
-
-    ms = statistics.median(timed(run, cuda) / steps for _ in range(repeats))
-    return {"ms": ms, "cache_bytes": decoder.cache.nbytes()}
+    ms, cache_bytes = graphed_decode_ms(model, ids, steps, repeats, chunk=chunk, compile=compile)
+    return {"ms": ms, "cache_bytes": cache_bytes}
 
 
-def teacher_compiled_decode(model, ids: torch.Tensor, steps: int, repeats: int, chunk: int, cuda: bool, frozen: bool = False) -> dict:
+def teacher_compiled_decode(model, ids: torch.Tensor, steps: int, repeats: int, chunk: int, frozen: bool = False) -> dict:
     """ms per token of the teacher's fast path: a StaticCache and the one-token forward compiled with
-    mode="reduce-overhead" (CUDA graphs), fullgraph=True, and with Inductor's freezing if `frozen`;
+    mode="reduce-overhead" (CUDA graphs), fullgraph=True, or with Inductor's freezing and CUDA graphs if `frozen`;
     eager on CPU (smoke runs check the script)."""
-    b, t = ids.shape
-    cache = transformers.StaticCache(config=model.config, max_cache_len=t + 3 + steps * repeats)
-    params = inspect.signature(model.forward).parameters  # transformers renamed the cache and dropped cache_position in 5.2x
-
-    def call(tok: torch.Tensor, pos: torch.Tensor, **kw) -> torch.Tensor:
-        kw |= {"cache" if "cache" in params else "past_key_values": cache, "position_ids": pos.expand(b, -1)}
-        if "cache_position" in params:
-            kw["cache_position"] = pos
-        return model(tok, use_cache=True, **kw).logits[:, -1]
-
-    for s in range(0, t, chunk):  # prefill
-        logits = call(ids[:, s : s + chunk], torch.arange(s, min(s + chunk, t), device=ids.device), logits_to_keep=1)
-
-    def forward(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return call(tok, pos).argmax(-1, keepdim=True)
-
-    how = {"options": {"triton.cudagraphs": True, "freezing": True}} if frozen else {"mode": "reduce-overhead"}  # one or the other
-    step = torch.compile(forward, fullgraph=True, **how) if cuda else forward
-    state = {"tok": logits.argmax(-1, keepdim=True)}
-    pos = torch.full((1,), t, device=ids.device)  # advanced on the device: no host-to-device copy a token
-
-    def one() -> None:
-        state["tok"] = step(state["tok"], pos).clone()  # the graph's output buffer is reused by the next call
-        pos.add_(1)
-
-    for _ in range(3):  # compilation and CUDA-graph recording
-        one()
-
-    def run() -> None:
-        for _ in range(steps):
-            one()
-
-    ms = statistics.median(timed(run, cuda) / steps for _ in range(repeats))
-    return {"ms": ms}
+    how = {"options": {"triton.cudagraphs": True, "freezing": True}} if frozen else None  # one or the other
+    return {"ms": static_cache_decode_ms(model, ids, steps, repeats, chunk=chunk, compile=how)}
 
 
 def teacher_eager_decode(model, ids: torch.Tensor, steps: int, repeats: int, cuda: bool) -> dict:
@@ -203,11 +147,11 @@ def main(argv: list[str] | None = None) -> None:
         for t in args.contexts:
             ids = torch.randint(3, teacher.config.vocab_size, (b, t), generator=torch.Generator().manual_seed(t)).to(device)
             runs = [("ours", name, mode, lambda m=(fused[name] if mode == "fused" else m), c=OURS[mode]:
-                     ours_decode(m, ids, args.steps, args.repeats, args.prefill_chunk, cuda, c))
+                     ours_decode(m, ids, args.steps, args.repeats, args.prefill_chunk, c))
                     for name, m in students.items() for mode in args.ours]
             for mode in [m for m in ("compiled", "frozen") if m in args.teachers]:
                 runs.append(("teacher_compiled", "teacher", mode, lambda f=(mode == "frozen"):
-                             teacher_compiled_decode(teacher, ids, args.steps, args.repeats, args.prefill_chunk, cuda, f)))
+                             teacher_compiled_decode(teacher, ids, args.steps, args.repeats, args.prefill_chunk, f)))
             if "eager" in args.teachers:
                 runs.append(("teacher_eager", "teacher", "eager", lambda: teacher_eager_decode(teacher, ids, args.steps, args.repeats, cuda)))
             for impl, name, mode, run in runs:

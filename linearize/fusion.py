@@ -48,12 +48,19 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     if not is_converted(model):
         raise LinearizeError("fuse_projections takes a model converted with linearize.convert (its layers read qkv_proj)")
     adapter = adapter_for(model.config.linearize["base_model_type"])
-    for layer in decoder_layers(model):
-        attn = layer.self_attn
-        if isinstance(attn, LinearizedAttention) and not adapter.fused_qkv and not hasattr(attn, FUSED_QKV):
-            setattr(attn, FUSED_QKV, stack_linears([attn.q_proj, attn.k_proj, attn.v_proj]))
-            del attn.q_proj, attn.k_proj, attn.v_proj
-        if adapter.gated_mlp and not isinstance(layer.mlp, GateUpMLP):
-            layer.mlp = GateUpMLP(layer.mlp)
+    attns = [layer.self_attn for layer in decoder_layers(model) if isinstance(layer.self_attn, LinearizedAttention)
+             and not adapter.fused_qkv and not hasattr(layer.self_attn, FUSED_QKV)]
+    mlps = [layer for layer in decoder_layers(model) if adapter.gated_mlp and not isinstance(layer.mlp, GateUpMLP)]
+    linears = [getattr(a, n) for a in attns for n in ("q_proj", "k_proj", "v_proj")]
+    linears += [getattr(layer.mlp, n) for layer in mlps for n in ("gate_proj", "up_proj")]
+    odd = sorted({type(lin).__name__ for lin in linears if type(lin) is not nn.Linear})
+    if odd:  # a LoRA or quantized layer: stacking its base weight alone would drop the rest silently
+        raise LinearizeError(f"fuse_projections stacks plain nn.Linear projections, not {', '.join(odd)}: merge the "
+                             "adapters first (merge_and_unload) or decode without fusing")
+    for attn in attns:
+        setattr(attn, FUSED_QKV, stack_linears([attn.q_proj, attn.k_proj, attn.v_proj]))
+        del attn.q_proj, attn.k_proj, attn.v_proj
+    for layer in mlps:
+        layer.mlp = GateUpMLP(layer.mlp)
     model.fused_projections = True
     return model

@@ -300,7 +300,20 @@ def test_bench_command_writes_json_table_and_plot(saved, tmp_path):
     assert [(r["model"], r["batch"], r["context"]) for r in res["rows"]] == [
         (m, b, c) for m in (PLAN, "teacher") for b in (1, 2) for c in (32, 64)]
     assert all(r["status"] == "ok" and r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in res["rows"])
-    assert (out / "bench.png").stat().st_size > 1000 and "| model | batch | context |" in (out / "report.md").read_text()
+    # the fastest path each has: the teacher's static cache; none for a plan that keeps whole softmax layers
+    assert all(r["fast_decode_tok_s"] > 0 and r["fast_decode"] == "static cache" for r in res["rows"] if r["model"] == "teacher")
+    assert all(r["fast_decode_tok_s"] is None and "whole softmax" in r["fast_decode"] for r in res["rows"] if r["model"] == PLAN)
+    report = (out / "report.md").read_text()
+    assert (out / "bench.png").stat().st_size > 1000 and "| model | batch | context |" in report and "fast decode tok/s" in report
+
+
+def test_fast_decode_of_a_converted_model_is_its_graphed_step():
+    """bench's fast decode of an all-converted model runs GraphedDecoder (eager step on a CPU), timed per token."""
+    from linearize.eval.bench import bench_model
+
+    model = linearize.convert(tiny_model("llama"), "*:lolcats(window=4, sinks=2)")
+    rows = bench_model(model, lengths=[9], batch_sizes=[2], decode_tokens=3, repeats=1)
+    assert rows[0]["fast_decode"] == "graphed step" and rows[0]["fast_decode_tok_s"] > 0
 
 
 def test_eval_errors_name_the_problem_before_loading(saved, tmp_path, capsys, monkeypatch):

@@ -157,6 +157,13 @@ def test_fused_projections_keep_outputs_and_refuse_saving(model_type, tmp_path):
     assert not (tmp_path / "fused").exists()
     with pytest.raises(LinearizeError, match="converted with linearize.convert"):
         fuse_projections(tiny_model("llama"))
+    if model_type != "phi3":  # (Phi-3 has nothing to stack)
+        other = converted(tiny_model(model_type), "*:gla")
+        mlp = other.model.layers[2].mlp
+        mlp.up_proj = torch.nn.utils.parametrizations.weight_norm(mlp.up_proj)  # not a plain Linear any more
+        with pytest.raises(LinearizeError, match="merge the adapters first"):
+            fuse_projections(other)
+        assert all(hasattr(layer.self_attn, "q_proj") for layer in other.model.layers)  # nothing was stacked
 
 
 def test_graphed_decoding_refuses_softmax_layers_and_bad_input(base):

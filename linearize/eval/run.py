@@ -186,16 +186,20 @@ def run_bench(
 
     labels = _each_model(spec, compare_with, dev, pick_dtype(dtype, dev), work)
     recs = [{"model": r["model"], "task": f"bench_b{r['batch']}@{r['context']}", "metric": m, "value": r[m]}
-            for r in rows if r["status"] == "ok" for m in ("prefill_tok_s", "decode_tok_s", "peak_mem_gib") if r[m] is not None]
+            for r in rows if r["status"] == "ok" for m in ("prefill_tok_s", "decode_tok_s", "fast_decode_tok_s", "peak_mem_gib")
+            if r[m] is not None]
     info = run_info(command)
     settings = {"plan": labels[0], "lengths": list(lengths), "batch_sizes": list(batch_sizes),
                 "decode_tokens": decode_tokens, "repeats": repeats}
     report = _header(f"Speed and memory of {spec}" + (f" against {compare_with}" if compare_with else ""), info, settings)
-    report += "\n" + table(["model", "batch", "context", "prefill tok/s", "decode tok/s", "peak memory GiB", "status"], [
+    report += "\n" + table(["model", "batch", "context", "prefill tok/s", "decode tok/s", "fast decode tok/s", "peak memory GiB",
+                            "status"], [
         ["teacher" if r["model"] == "teacher" else "converted", str(r["batch"]), str(r["context"]),
          *(f"{r[k]:,.{d}f}" if r.get(k) is not None else "—" for k, d in (("prefill_tok_s", 0), ("decode_tok_s", 1),
-                                                                            ("peak_mem_gib", 2))),
+                                                                            ("fast_decode_tok_s", 1), ("peak_mem_gib", 2))),
          r["status"]] for r in rows]) + "\n"
+    fast = sorted({f"{'teacher' if r['model'] == 'teacher' else 'converted'}: {r['fast_decode']}" for r in rows if r.get("fast_decode")})
+    report += f"\nFast decode (the fastest path each model has): {'; '.join(fast)}.\n" if fast else ""
     plot = bench_plot(rows)
     report += "\n![prefill, decode and memory vs context](bench.png)\n" if plot is not None else "\n(no plot: matplotlib is not installed)\n"
     results = {**info, "model": spec, "teacher": compare_with, "settings": settings, "rows": rows, "records": recs}
