@@ -21,19 +21,9 @@ import torch
 import transformers
 
 from ..convert import is_converted
-from ..errors import LinearizeError
+from ..plan import SOFTMAX
 
 GIB = 2**30
-
-
-def _seconds(fn: Callable[[], Any], cuda: bool) -> float:
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def timed_ms(fn: Callable[[], Any], cuda: bool) -> float:
@@ -110,14 +100,12 @@ def fast_decode_ms(model: Any, ids: torch.Tensor, steps: int, repeats: int) -> t
     """ms per token of the fastest decoding `model` has, and its name: a converted model's graphed step
     (compiled on CUDA), an unconverted one's static cache + compiled step; None for converted plans that
     keep whole softmax layers (graphed decoding refuses them)."""
+    compiled = " + torch.compile" * ids.is_cuda
     if not is_converted(model):
-        return static_cache_decode_ms(model, ids, steps, repeats), "static cache" + " + torch.compile" * ids.is_cuda
-    try:
-        return graphed_decode_ms(model, ids, steps, repeats, compile=ids.is_cuda)[0], "graphed step" + " + torch.compile" * ids.is_cuda
-    except LinearizeError as e:
-        if "keep softmax attention whole" not in str(e):
-            raise
+        return static_cache_decode_ms(model, ids, steps, repeats), "static cache" + compiled
+    if any(spec.kind == SOFTMAX for spec in model.layer_plan):
         return None, "none (whole softmax layers)"
+    return graphed_decode_ms(model, ids, steps, repeats, compile=ids.is_cuda)[0], "graphed step" + compiled
 
 
 @torch.no_grad()
@@ -148,10 +136,10 @@ def bench_model(
 
             try:
                 generate(2)  # warm-up: kernels compiled and tuned for this shape
-                first = statistics.median(_seconds(lambda: generate(1), cuda) for _ in range(repeats))
+                first = statistics.median(timed_ms(lambda: generate(1), cuda) / 1e3 for _ in range(repeats))
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(device)
-                full = statistics.median(_seconds(lambda: generate(decode_tokens + 1), cuda) for _ in range(repeats))
+                full = statistics.median(timed_ms(lambda: generate(decode_tokens + 1), cuda) / 1e3 for _ in range(repeats))
                 peak = torch.cuda.max_memory_allocated(device) / GIB if cuda else None  # generate's, before the fast path
                 fast_ms, fast = fast_decode_ms(model, ids, decode_tokens, repeats)
             except torch.cuda.OutOfMemoryError:
