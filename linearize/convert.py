@@ -9,6 +9,7 @@ config records the base architecture and the per-layer plan, and `__init__` rebu
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import os
@@ -150,6 +151,7 @@ def convert(model: PreTrainedModel, plan: LayerPlan | str | dict) -> PreTrainedM
     new_modules = _build_layers(model, specs, base_type)
 
     config_cls, model_cls = CLASSES[base_type]
+    model.config = copy.copy(model.config)  # its own: other models built from the same config object stay as they were
     model.config.__class__ = config_cls
     model.config.linearize = {
         "base_model_type": base_type,
@@ -169,12 +171,11 @@ def converted(model: PreTrainedModel, plan: LayerPlan | str | dict) -> Iterator[
     after it (the converted layers share the original projections, so nothing is copied)."""
     layers = decoder_layers(model)
     originals = [layer.self_attn for layer in layers]
-    model_cls, config_cls = model.__class__, model.config.__class__
+    model_cls, config = model.__class__, model.config
     convert(model, plan)
     try:
         yield model
     finally:
         for layer, attn in zip(layers, originals):
             layer.self_attn = attn
-        model.__class__, model.config.__class__ = model_cls, config_cls
-        del model.config.linearize
+        model.__class__, model.config = model_cls, config

@@ -125,3 +125,22 @@ def test_bf16_model_runs_and_decodes_consistently(base, name):
     full, steps, cache = bf16_parallel_and_stepwise(converted(base, PLANS[name]))
     assert_state_dtypes(cache.layers[0].state, torch.bfloat16)
     assert rel_err(steps, full) < 2e-2  # bf16 projections; the mixing itself runs in fp32
+
+
+def test_converting_leaves_the_config_object_it_was_built_from_alone():
+    """convert gives the model its own config: another model built from the same config object afterwards is a
+    plain one (and converts); `converted` hands the original config back."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from linearize.convert import converted as converted_block
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=64)
+    first = linearize.convert(LlamaForCausalLM(cfg), "*:gla")
+    assert first.config is not cfg and cfg.model_type == "llama" and not hasattr(cfg, "linearize")
+    second = LlamaForCausalLM(cfg)
+    assert linearize.convert(second, "0:lolcats(window=2)").config.linearize["plan"].startswith("0:lolcats")
+    third = LlamaForCausalLM(cfg)
+    with converted_block(third, "1:gla") as model:
+        assert model.config.model_type == "linearize_llama"
+    assert third.config is cfg and type(third) is LlamaForCausalLM and not hasattr(cfg, "linearize")
