@@ -48,6 +48,8 @@ TASKS = {"local_hellaswag": ("hellaswag_acc_norm", "acc_norm"), "local_arc_easy"
 # name: (plan: "heads[-NAME]:KIND" = that head plan's softmax heads with KIND elsewhere, or a plan string;
 #        seq_len, batch, stage-1 steps, stage-2 steps (0: none), recall_mix, stage-2 learning rate)
 V2 = "heads-v2:lolcats(window=64, sinks=4, window_init=3)"
+# window 128 at feature_dim 32 (Hedgehog's 2*32 features = the head dim, LoLCATs' ratio): the same cache as window 64 at 64
+W128 = "heads-v2:lolcats(window=128, sinks=4, window_init=3, feature_dim=32)"
 RUNS = {
     "ours": ("heads:lolcats(window=64)", 4096, 4, 150, 150, 0.25, 5e-4),
     "ours-short": ("heads:lolcats(window=64)", 1024, 16, 150, 150, 0.0, 5e-4),
@@ -57,9 +59,8 @@ RUNS = {
     "ours-sinks-v2-s1": (V2, 4096, 4, 300, 0, 0.25, 5e-4),
     "ours-sinks-v2-lr2": (V2, 4096, 4, 150, 150, 0.25, 2e-4),  # a gentler LoRA stage (it cost LAMBADA)
     "ours-sinks-v2-20m": (V2, 4096, 4, 600, 600, 0.25, 5e-4),  # 19.7M tokens: the issue's budget (two calls, --resume)
-    # window 128 at feature_dim 32 (Hedgehog's 2*32 features = the head dim, LoLCATs' ratio): the same cache as window 64 at 64
-    "ours-w128": ("heads-v2:lolcats(window=128, sinks=4, window_init=3, feature_dim=32)", 4096, 4, 150, 150, 0.25, 5e-4),
-    "ours-w128-lr2": ("heads-v2:lolcats(window=128, sinks=4, window_init=3, feature_dim=32)", 4096, 4, 150, 150, 0.25, 2e-4),
+    "ours-w128": (W128, 4096, 4, 150, 150, 0.25, 5e-4),
+    "ours-w128-lr2": (W128, 4096, 4, 150, 150, 0.25, 2e-4),
     "lolcats50": (",".join(f"{i}:lolcats(window=64)" for i in range(0, 30, 2)), 1024, 16, 125, 125, 0.0, 5e-4),
 }
 

@@ -152,12 +152,17 @@ class GraphedDecoder:
         return self.tokens
 
 
+def whole_softmax_layers(model: nn.Module) -> list[int]:
+    """The layers of a converted model that keep HF's own softmax attention (kind `softmax`): graphed decoding refuses them."""
+    return [i for i, spec in enumerate(model.layer_plan) if spec.kind == SOFTMAX]
+
+
 def check_decodable(model: nn.Module) -> list[int]:
     """Raise unless every layer of `model` is converted (softmax heads within a layer are fine); returns
     the layers that keep softmax heads."""
     if not is_converted(model):
         raise LinearizeError("graphed decoding needs a model converted with linearize.convert")
-    softmax = [i for i, spec in enumerate(model.layer_plan) if spec.kind == SOFTMAX]
+    softmax = whole_softmax_layers(model)
     if softmax:
         raise LinearizeError(
             f"graphed decoding needs every layer converted, but layers {softmax} keep softmax attention whole "

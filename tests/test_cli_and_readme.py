@@ -64,16 +64,23 @@ def test_scale_benchmark_runs_recipes_through_convert_in_smoke_mode(tmp_path):
     assert records[0]["plan"].startswith("0-1:lolcats") and "mamba2" in records[2]["plan"]
     assert not (tmp_path / "w" / "run").exists()  # each run's output folder is removed
 
-def test_recall_benchmark_resumes_an_earlier_results_file(tmp_path):
-    """--resume-from keeps every earlier run's metrics and the teacher's, so records written later still pair them,
-    and the earlier calls and notes (the new call's command appended)."""
-    import argparse
+def recall_benchmark():
+    """benchmarks/recall_smollm2.py as a module (the benchmarks are scripts, not a package)."""
     import importlib.util
-    import json
 
     spec = importlib.util.spec_from_file_location("recall_smollm2", ROOT / "benchmarks" / "recall_smollm2.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_recall_benchmark_resumes_an_earlier_results_file(tmp_path):
+    """--resume-from keeps every earlier run's metrics and the teacher's, so records written later still pair them,
+    and the earlier calls and notes (the new call's command appended)."""
+    import argparse
+    import json
+
+    bench = recall_benchmark()
     metrics = {"teacher": {"copy@256": 0.6, "lambada_acc@": 0.3}, "a": {"copy@256": 0.5, "lambada_acc@": 0.2}}
     plans = {"a": {"plan": "0:softmax", "cache_fraction": 0.2, "train_tokens": 7}}
     args = argparse.Namespace(out=str(tmp_path / "r1.json"))
@@ -200,19 +207,15 @@ def test_recipe_documents_its_token_budget_and_converts_its_model(recipe):
     assert len(specs) == config.num_hidden_layers and any(s.kind != "softmax" for s in specs)
 
 
-
 def test_recall_recipe_is_the_measured_run():
     """configs/smollm2-135m-recall.yaml is the `ours-w128` run of recall_smollm2.py: its plan as resolved in the
     results file, and the run's data and stage settings, so RESULTS.md's figures are the recipe's."""
-    import importlib.util
     import json
 
     from linearize.distill import load_config
     from linearize.plan import LayerPlan
 
-    spec = importlib.util.spec_from_file_location("recall_smollm2", ROOT / "benchmarks" / "recall_smollm2.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = recall_benchmark()
     cfg = load_config(ROOT / "configs" / "smollm2-135m-recall.yaml")
     measured = json.loads((ROOT / "benchmarks" / "results" / "recall_smollm2.json").read_text())["runs"]["ours-w128"]
     assert LayerPlan.from_string(cfg.plan).resolve(30) == LayerPlan.from_string(measured["plan"]).resolve(30)

@@ -21,7 +21,6 @@ import torch
 import transformers
 
 from ..convert import is_converted
-from ..plan import SOFTMAX
 
 GIB = 2**30
 
@@ -100,10 +99,12 @@ def fast_decode_ms(model: Any, ids: torch.Tensor, steps: int, repeats: int) -> t
     """ms per token of the fastest decoding `model` has, and its name: a converted model's graphed step
     (compiled on CUDA), an unconverted one's static cache + compiled step; None for converted plans that
     keep whole softmax layers (graphed decoding refuses them)."""
+    from ..generation import whole_softmax_layers
+
     compiled = " + torch.compile" * ids.is_cuda
     if not is_converted(model):
         return static_cache_decode_ms(model, ids, steps, repeats), "static cache" + compiled
-    if any(spec.kind == SOFTMAX for spec in model.layer_plan):
+    if whole_softmax_layers(model):
         return None, "none (whole softmax layers)"
     return graphed_decode_ms(model, ids, steps, repeats, compile=ids.is_cuda)[0], "graphed step" + compiled
 
