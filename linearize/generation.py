@@ -12,6 +12,7 @@ plus `max_new_tokens`, written in place. On CPU (or with graph=False) the same s
 
 from __future__ import annotations
 
+import types
 from typing import Callable
 
 import torch
@@ -29,6 +30,15 @@ Sampler = Callable[[Tensor], Tensor]  # logits [B, V] -> token ids [B]; runs ins
 def greedy(logits: Tensor) -> Tensor:
     """The most likely token of each row."""
     return logits.argmax(-1)
+
+
+def own_code(fn: Callable) -> Callable:
+    """`fn` (a function or bound method) on a copy of its code object: torch.compile keeps compiled graphs, and
+    counts recompilations against its limit (8), per code object, so each decoder or timing (its batch, its
+    cache length) compiles once on its own instead of the ninth shape in a process failing under fullgraph."""
+    f = getattr(fn, "__func__", fn)
+    g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    return types.MethodType(g, fn.__self__) if hasattr(fn, "__self__") else g
 
 
 class GraphedDecoder:
@@ -88,7 +98,7 @@ class GraphedDecoder:
                     layer.state = static_softmax_cache(layer.state, t + max_new_tokens + 1)
         if compile:
             options = compile if isinstance(compile, dict) else None
-            self._step = torch.compile(self._step, fullgraph=True, dynamic=False, options=options)
+            self._step = torch.compile(own_code(self._step), fullgraph=True, dynamic=False, options=options)
         self.graph = None
         if use_graph:
             self._capture()

@@ -131,6 +131,17 @@ def test_decode_step_compiles_whole_and_matches_eager(base, how):
             assert rel_err(compiled.logits, eager.logits) < 1e-5
 
 
+def test_each_compiled_decoder_compiles_on_its_own(base):
+    """Decoders of other batch sizes and cache lengths in one process do not add up against torch.compile's
+    recompile limit (fullgraph fails hard past it; the H200 suite hit it after 8 plans)."""
+    model = converted(base, PLANS["heads"])
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for b, new in ((1, 3), (2, 3), (2, 5)):
+            eager = generate_graphed(model, prompt(b), new)
+            assert torch.equal(generate_graphed(model, prompt(b), new, compile=True), eager)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "phi3", "gemma2"])
 def test_fused_projections_keep_outputs_and_refuse_saving(model_type, tmp_path):
     """q/k/v stacked into qkv_proj and gate/up into gate_up_proj (Phi-3 has both already): the same logits and

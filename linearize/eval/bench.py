@@ -67,6 +67,8 @@ def static_cache_decode_ms(model: Any, ids: torch.Tensor, steps: int, repeats: i
                            compile: dict | None = None) -> float:
     """ms per greedy token of an unconverted model's fast path: a StaticCache and the one-token forward under
     torch.compile(fullgraph=True, **compile) (default mode="reduce-overhead": CUDA graphs); eager on CPU."""
+    from ..generation import own_code
+
     b, t = ids.shape
     chunk = chunk or t
     cache = transformers.StaticCache(config=model.config, max_cache_len=t + 3 + steps * repeats)
@@ -84,7 +86,7 @@ def static_cache_decode_ms(model: Any, ids: torch.Tensor, steps: int, repeats: i
     def forward(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return call(tok, pos).argmax(-1, keepdim=True)
 
-    step = torch.compile(forward, fullgraph=True, **(compile or {"mode": "reduce-overhead"})) if ids.is_cuda else forward
+    step = torch.compile(own_code(forward), fullgraph=True, **(compile or {"mode": "reduce-overhead"})) if ids.is_cuda else forward
     state = {"tok": logits.argmax(-1, keepdim=True)}
     pos = torch.full((1,), t, device=ids.device)  # advanced on the device: no host-to-device copy a token
 
