@@ -46,7 +46,7 @@ TASKS = {"local_hellaswag": ("hellaswag_acc_norm", "acc_norm"), "local_arc_easy"
          "local_arc_challenge": ("arc_challenge_acc_norm", "acc_norm"), "local_piqa": ("piqa_acc", "acc"),
          "local_lambada": ("lambada_acc", "acc")}
 # name: (plan: "heads[-NAME]:KIND" = that head plan's softmax heads with KIND elsewhere, or a plan string;
-#        seq_len, batch, stage-1 steps, stage-2 steps (0: none), recall_mix, stage-2 learning rate)
+#        seq_len, batch, stage-1 steps, stage-2 steps (0: none), recall_mix, stage-2 learning rate[, recipe keys])
 V2 = "heads-v2:lolcats(window=64, sinks=4, window_init=3)"
 # window 128 at feature_dim 32 (Hedgehog's 2*32 features = the head dim, LoLCATs' ratio): the same cache as window 64 at 64
 W128 = "heads-v2:lolcats(window=128, sinks=4, window_init=3, feature_dim=32)"
@@ -61,6 +61,9 @@ RUNS = {
     "ours-sinks-v2-20m": (V2, 4096, 4, 600, 600, 0.25, 5e-4),  # 19.7M tokens: the issue's budget (two calls, --resume)
     "ours-w128": (W128, 4096, 4, 150, 150, 0.25, 5e-4),
     "ours-w128-lr2": (W128, 4096, 4, 150, 150, 0.25, 2e-4),
+    # issue 20's precision study: the frozen weights in bfloat16 (new parameters and LoRA float32), then everything bfloat16
+    "ours-w128-bf16": (W128, 4096, 4, 150, 150, 0.25, 5e-4, {"dtype": "bfloat16"}),
+    "ours-w128-bf16-all": (W128, 4096, 4, 150, 150, 0.25, 5e-4, {"dtype": "bfloat16", "train_dtype": "bfloat16"}),
     "lolcats50": (",".join(f"{i}:lolcats(window=64)" for i in range(0, 30, 2)), 1024, 16, 125, 125, 0.0, 5e-4),
 }
 
@@ -156,7 +159,7 @@ def main() -> None:
                                         "cache_fraction": meter.fraction(model.layer_plan) if free else 1.0}
                 state["metrics"][step] = measure(model, tok, args, log)
         else:
-            plan_s, seq, batch, s1, s2, mix, lr2 = RUNS[step]
+            plan_s, seq, batch, s1, s2, mix, lr2, *keys = RUNS[step]
             s1, s2 = (max(1, round(s * args.scale_steps)) if s else 0 for s in (s1, s2))  # 0: the stage is skipped
             if plan_s.startswith("heads"):
                 plan_s = head_plan(state, *plan_s.split(":", 1))
@@ -166,6 +169,7 @@ def main() -> None:
                                 val_fraction=0.05, recall_mix=mix, cache_dir=str(work / "cache")),
                 stage1=Stage1Config(steps=s1, batch_size=batch, lr=3e-2, save_every=50),
                 stage2=Stage2Config(steps=s2, batch_size=batch, lr=lr2, kl_weight=1.0, ce_weight=0.0, save_every=50),
+                **(keys[0] if keys else {}),
             )
             out_dir = work / step
             if not out_dir.is_dir():
@@ -174,7 +178,8 @@ def main() -> None:
             model.to(device=device, dtype=dtype).eval()
             meter = meter or CacheMeter(model.config)
             state["plans"][step] = {"plan": label(model), "cache_fraction": meter.fraction(model.layer_plan),
-                                    "train_tokens": (s1 + s2) * batch * seq, "seq_len": seq, "recall_mix": mix, "stage2_lr": lr2}
+                                    "train_tokens": (s1 + s2) * batch * seq, "seq_len": seq, "recall_mix": mix, "stage2_lr": lr2,
+                                    **(keys[0] if keys else {})}
             state["metrics"][step] = measure(model, tok, args, log)
         log(f"{step}: {time.time() - t0:.0f}s")
         save()

@@ -77,12 +77,13 @@ def write_text(path: Path, vocab: int, tokens: int) -> None:
             f.write(" ".join(f"w{rng.randrange(4, vocab)}" for _ in range(1000)) + "\n")
 
 
-def convert_run(recipe: str, folder: Path, text: Path, out: Path, seq: int, batch: int, steps: int, smoke: bool) -> dict:
+def convert_run(recipe: str, folder: Path, text: Path, out: Path, seq: int, batch: int, steps: int, smoke: bool,
+                dtype: str = "auto") -> dict:
     """One `linearize convert` process; its stage metrics and the plan it ran."""
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out.with_name(out.name + ".ckpt"), ignore_errors=True)
     overrides = [f"data.source={text}", "data.template=null", f"data.seq_len={seq}", "data.val_fraction=0.02",
-                 f"data.cache_dir={out.parent / 'cache'}"]
+                 f"data.cache_dir={out.parent / 'cache'}", f"dtype={dtype}"]
     for stage in ("stage1", "stage2"):
         overrides += [f"{stage}.steps={steps}", f"{stage}.batch_size={batch}", f"{stage}.save_every={10 * steps}"]
     cmd = [sys.executable, "-m", "linearize.cli", "convert", "--config", recipe, "--model", str(folder), "--out", str(out), *overrides]
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--tokens-per-step", type=int, default=8192, help="batch = this / seq len (at least 1)")
     ap.add_argument("--steps", type=int, default=8, help="steps per stage (the first is not timed)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="the recipe's dtype for the frozen weights (auto: bfloat16 here, the folder's dtype, on a GPU)")
     ap.add_argument("--smoke", action="store_true", help="CPU, a tiny shape, short runs (checks the script)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
@@ -125,13 +128,13 @@ def main(argv: list[str] | None = None) -> None:
     for recipe in args.recipes:
         for seq in args.seq_lens:
             batch = max(1, args.tokens_per_step // seq)
-            m = convert_run(recipe, folder, text, work / "run", seq, batch, args.steps, args.smoke)
+            m = convert_run(recipe, folder, text, work / "run", seq, batch, args.steps, args.smoke, args.dtype)
             for stage in ("stage1", "stage2"):
                 records.append({"shape": args.shape, "recipe": recipe, "plan": m["summary"]["plan"], "stage": stage,
-                                "seq_len": seq, "batch": batch, "gpus": 1, "via": "convert", "steps": m[stage]["steps"],
+                                "seq_len": seq, "batch": batch, "gpus": 1, "via": "convert", "dtype": args.dtype, "steps": m[stage]["steps"],
                                 "tokens_per_s": m[stage].get("tokens_per_s"), "peak_gib": m[stage].get("peak_gib")})
     out = {**header(cuda, ("transformers", "peft")), "setup": {"shape": SHAPES[args.shape], "steps": args.steps,
-           "tokens_per_step": args.tokens_per_step, "dtype": "bfloat16 weights"}, "records": records}
+           "tokens_per_step": args.tokens_per_step, "dtype": args.dtype}, "records": records}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print("| recipe | stage | seq x batch | tokens/s | peak GiB |\n|---|---|---|---:|---:|")

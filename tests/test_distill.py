@@ -407,3 +407,48 @@ def test_cli_convert_of_a_plan_without_new_parameters(smollm2_base, tmp_path, mo
     assert json.loads((tmp_path / "a" / "metrics" / "stage2.json").read_text())["steps"] == 2
     assert cli.main(base + ["--out", str(tmp_path / "b"), "stage1.steps=0", "stage2.steps=0"]) == 0
     assert linearize.load(tmp_path / "b")[0].config.linearize["layers"][4]["kind"] == "streaming"
+
+
+def test_weights_and_trained_parameters_dtypes(tmp_path, capsys):
+    """dtype auto: a bfloat16 checkpoint stays bfloat16 on a GPU, float32 otherwise; bfloat16 on a CPU and unknown
+    dtypes are one-line errors before anything loads or any folder appears."""
+    from linearize import cli
+    from linearize.distill.run import resolve_dtypes
+    from conftest import tiny_folder
+
+    bf16 = tiny_folder(tmp_path / "bf16")
+    linearize.load(bf16)[0].to(torch.bfloat16).save_pretrained(bf16)
+    fp32 = tiny_folder(tmp_path / "fp32")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cases = [(bf16, [], cuda, (torch.bfloat16, torch.float32)), (bf16, [], cpu, (torch.float32, torch.float32)),
+             (fp32, [], cuda, (torch.float32, torch.float32)), (fp32, ["dtype=bfloat16", "train_dtype=bfloat16"], cuda,
+                                                                 (torch.bfloat16, torch.bfloat16))]
+    for folder, overrides, device, expected in cases:
+        assert resolve_dtypes(load_config(None, [f"model={folder}", *overrides]), device) == expected
+    capsys.readouterr()
+    for overrides, msg in [(["dtype=bfloat16"], "dtype=bfloat16 needs a GPU"), (["train_dtype=bfloat16"], "train_dtype=bfloat16 needs"),
+                           (["dtype=float16"], "dtype='float16' is not a dtype")]:
+        assert cli.main(["convert", "--model", str(fp32), "--plan", "1:gla", "--out", str(tmp_path / "out"), *overrides]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.ckpt").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 weights train under CUDA's autocast")
+def test_bfloat16_weights_with_float32_trained_parameters_on_a_gpu(tmp_path):
+    from linearize.distill import distill
+    from conftest import tiny_folder
+
+    folder = tiny_folder(tmp_path / "m")
+    (tmp_path / "d.txt").write_text("\n".join(" ".join(f"w{(7 * i + j) % 120 + 4}" for j in range(200)) for i in range(20)))
+    cfg = load_config(None, [f"model={folder}", "plan=1:lolcats(window=4)", "dtype=bfloat16", f"data.source={tmp_path / 'd.txt'}",
+                             "data.seq_len=32", "stage1.steps=3", "stage2.steps=3", "stage2.merge=false"])
+    summary = distill(cfg, tmp_path / "out", log=lambda s: None)
+    assert summary["student_val_ppl"] < float("inf")
+    from safetensors.torch import load_file
+
+    base = load_file(tmp_path / "out" / "model.safetensors")
+    lora = load_file(tmp_path / "out" / "lora" / "adapter_model.safetensors")
+    assert base["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    assert {t.dtype for k, t in base.items() if "feature_map" in k or "mix" in k} == {torch.float32}
+    assert {t.dtype for t in lora.values()} == {torch.float32}

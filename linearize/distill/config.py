@@ -15,6 +15,9 @@ from ..errors import LinearizeError
 from ..recipes import read_yaml, recipes
 
 
+DTYPES = ("float32", "bfloat16")
+
+
 class ConfigError(LinearizeError, ValueError):
     """A recipe or override that does not fit the recipe schema."""
 
@@ -70,6 +73,10 @@ class DistillConfig:
     model: str = "smollm2-135m"
     plan: str | dict = "0-1:softmax,2-27:lolcats(window=64),28-:softmax"
     seed: int = 0
+    # the original (frozen) weights while distilling and in the saved model: "float32", "bfloat16", or "auto"
+    # (bfloat16 for a bfloat16 checkpoint on a GPU, half the memory and exact; float32 otherwise)
+    dtype: str = "auto"
+    train_dtype: str = "float32"  # the trained parameters (the kinds' new ones and LoRA): "float32" or "bfloat16"
     data: DataConfig = field(default_factory=DataConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
@@ -78,7 +85,10 @@ class DistillConfig:
         return dataclasses.asdict(self)
 
     def check(self) -> None:
-        """Refuse values no run can use (before any model loads): sizes and counts must be positive."""
+        """Refuse values no run can use (before any model loads): known dtypes, positive sizes and counts."""
+        for key, value, allowed in (("dtype", self.dtype, (*DTYPES, "auto")), ("train_dtype", self.train_dtype, DTYPES)):
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r} is not a dtype distillation runs in: give one of {', '.join(allowed)}")
         bad = [f"{k}={v}" for k, v, ok in [
             ("data.seq_len", self.data.seq_len, self.data.seq_len >= 2),
             ("data.val_fraction", self.data.val_fraction, 0 < self.data.val_fraction < 1),
