@@ -117,9 +117,13 @@ def test_chunked_lm_loss_equals_the_whole_logits_loss(model_type):
         teacher = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
     whole = 0.7 * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)) + 0.5 * F.kl_div(
         logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean()
-    refs = torch.autograd.grad(whole, params)
+    refs = torch.autograd.grad(whole, params, retain_graph=True)  # the CE-only check below reuses the logits
     assert abs(chunked.item() - whole.item()) < 1e-5 * whole.item()
     assert all(rel_err(g, r) < 1e-4 for g, r in zip(grads, refs))
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))  # without the teacher
+    chunked = lm_loss(model, batch, 1.0, 0.0, chunk=7)
+    assert abs(chunked.item() - ce.item()) < 1e-5 * ce.item()
+    assert all(rel_err(g, r) < 1e-4 for g, r in zip(torch.autograd.grad(chunked, params), torch.autograd.grad(ce, params)))
 
 
 def test_stage2_gradient_checkpointing_gives_the_same_gradients(two_layers, rows):

@@ -111,7 +111,22 @@ def held_out_transfer(model: nn.Module, rows: Tensor, batch_size: int, stop_earl
             for layer, v in sorted(per_layer.items())]
 
 
-LOSS_CHUNK = 4096  # tokens whose logits exist at once in `lm_loss`
+LOSS_ELEMENTS = 2**27  # logits held at once by `ChunkedLMLoss`: tokens x vocabulary, 512 MiB per fp32 copy
+
+
+def loss_chunk(vocab: int) -> int:
+    """Tokens whose logits `lm_loss` forms at once: LOSS_ELEMENTS per copy whatever the vocabulary (1,046 tokens at
+    Llama 3's 128,256 words, 2,730 at SmolLM2's 49,152)."""
+    return max(1, LOSS_ELEMENTS // vocab)
+
+
+def _log_probs(logits: Tensor, cap: float | None) -> tuple[Tensor, Tensor | None]:
+    """log_softmax of fp32 `logits` soft-capped by `cap` (Gemma 2: cap x tanh(logits / cap)) and the tanh
+    (the cap's derivative needs it); `logits` is overwritten."""
+    if not cap:
+        return logits.log_softmax(-1), None
+    squash = logits.div_(cap).tanh_()
+    return (squash * cap).log_softmax(-1), squash
 
 
 class ChunkedLMLoss(torch.autograd.Function):
@@ -119,7 +134,9 @@ class ChunkedLMLoss(torch.autograd.Function):
     final hidden states h [N,C] (student) and ht [N,C] (teacher, or None) through the frozen output
     head `weight` [V,C] (soft-capped by `cap` as Gemma 2's logits are), `chunk` tokens at a time: the
     gradient for h is formed chunk by chunk in the forward, so no [N x V] tensor is ever whole (an 8B
-    model's 128k-token vocabulary makes each fp32 copy 0.5 GB per 1k tokens)."""
+    model's 128k-token vocabulary makes each fp32 copy 0.5 GB per 1k tokens), and within a chunk four
+    [chunk x V] fp32 copies live at most (student and teacher log-probabilities and probabilities,
+    the gradient formed in place of the student's)."""
 
     @staticmethod
     def forward(ctx, h: Tensor, ht: Tensor | None, weight: Tensor, labels: Tensor, ce: float, kl: float,
@@ -128,23 +145,22 @@ class ChunkedLMLoss(torch.autograd.Function):
         grad = torch.empty_like(h, dtype=torch.float32)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for i in range(0, n, chunk):
-            logits = F.linear(h[i : i + chunk], weight).float()
-            if cap:
-                squash = torch.tanh(logits / cap)
-                logits = cap * squash
-            logp = logits.log_softmax(-1)
-            p = logp.exp()
             y = labels[i : i + chunk, None]
-            g = ce * p.scatter_add(1, y, torch.full_like(y, -1.0, dtype=p.dtype))  # softmax - one-hot
-            total += ce * -logp.gather(1, y).sum()
+            logp, squash = _log_probs(F.linear(h[i : i + chunk], weight).float(), cap)
+            total -= ce * logp.gather(1, y).sum()
+            g = logp.exp()  # p, turned into the gradient of the logits in place: ce (p - onehot) + kl (p - q)
             if ht is not None:
-                teacher = F.linear(ht[i : i + chunk], weight).float()
-                logq = (cap * torch.tanh(teacher / cap) if cap else teacher).log_softmax(-1)
+                logq, _ = _log_probs(F.linear(ht[i : i + chunk], weight).float(), cap)
                 q = logq.exp()
-                total += kl * (q * (logq - logp)).sum()
-                g += kl * (p - q)
-            if cap:
-                g *= 1 - squash * squash
+                total += kl * torch.vdot(q.flatten(), logq.sub_(logp).flatten())
+                g.mul_(ce + kl).sub_(q, alpha=kl)
+                del logq, q
+            else:
+                g.mul_(ce)
+            del logp
+            g.scatter_add_(1, y, torch.full_like(y, -ce, dtype=g.dtype))
+            if squash is not None:
+                g.mul_(squash.square_().neg_().add_(1))
             grad[i : i + chunk] = F.linear(g.to(weight.dtype), weight.t()).float() / n
         ctx.save_for_backward(grad)
         ctx.h_dtype = h.dtype
@@ -178,9 +194,10 @@ def final_hidden(model: nn.Module, batch: Tensor) -> Tensor | None:
     return seen["h"]
 
 
-def lm_loss(model: nn.Module, batch: Tensor, ce_weight: float, kl_weight: float, chunk: int = LOSS_CHUNK) -> Tensor:
+def lm_loss(model: nn.Module, batch: Tensor, ce_weight: float, kl_weight: float, chunk: int | None = None) -> Tensor:
     """Next-token cross-entropy (+ KL(teacher || student) when kl_weight > 0) of a batch, through
-    `ChunkedLMLoss` where the model allows (the same value and gradients without whole logits)."""
+    `ChunkedLMLoss` where the model allows (the same value and gradients without whole logits), `chunk`
+    tokens at a time (default `loss_chunk` of the vocabulary)."""
     with autocast(batch.device):
         h = final_hidden(model, batch)
     if h is not None:
@@ -190,8 +207,9 @@ def lm_loss(model: nn.Module, batch: Tensor, ce_weight: float, kl_weight: float,
                 ht = final_hidden(model, batch)[:, :-1].reshape(-1, h.shape[-1])
         cap = getattr(model.config, "final_logit_softcapping", None)
         with autocast(batch.device):  # the head's products in bf16 on a GPU, as the model's own forward
-            return ChunkedLMLoss.apply(h[:, :-1].reshape(-1, h.shape[-1]), ht, model.get_output_embeddings().weight,
-                                       batch[:, 1:].reshape(-1), ce_weight, kl_weight, cap, chunk)
+            weight = model.get_output_embeddings().weight
+            return ChunkedLMLoss.apply(h[:, :-1].reshape(-1, h.shape[-1]), ht, weight, batch[:, 1:].reshape(-1), ce_weight,
+                                       kl_weight, cap, chunk or loss_chunk(weight.shape[0]))
     with autocast(batch.device):
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
     loss = ce_weight * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
