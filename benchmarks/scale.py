@@ -1,7 +1,8 @@
 """7-8B recipes through `linearize convert` on one GPU (issue 20): stage speed and peak memory.
 
     python benchmarks/scale.py --out benchmarks/results/scale_h200.json --workdir /tmp/scale \
-        [--shape llama3-8b] [--recipes llama3-8b-lolcats llama3-8b-lizard llama3-8b-instruct-mamba2-50] [--seq-lens 1024 4096]
+        [--shape llama3-8b] [--recipes llama3-8b-lolcats llama3-8b-lizard llama3-8b-instruct-mamba2-50] [--seq-lens 1024 4096] \
+        [--dtype auto] [--resume-check]
     python benchmarks/scale.py --smoke --out /tmp/scale.json --workdir /tmp/scale   # CPU: a tiny shape, checks the script
 
 Pretrained 8B weights cannot be downloaded here, and speed and memory do not depend on the values: the
@@ -11,7 +12,8 @@ len) then runs as a user runs it, `linearize convert --config RECIPE --model FOL
 process, with the data, sequence length, batch and step counts overridden; each stage's tokens/s
 (past its first step) and peak GPU memory come from the run's own metrics/stage{1,2}.json. The output
 folder is deleted after each run (an 8B model per run would fill the disk). Records
-{"shape", "recipe", "plan", "stage", "seq_len", "batch", "gpus": 1, "via": "convert", "tokens_per_s", "peak_gib"}.
+{"shape", "recipe", "plan", "stage", "seq_len", "batch", "gpus": 1, "via": "convert", "dtype", "tokens_per_s", "peak_gib"};
+with --resume-check, "resume": the first run again, stopped by Ctrl-C in stage 1 and resumed, its losses against the first's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import json
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -77,25 +80,44 @@ def write_text(path: Path, vocab: int, tokens: int) -> None:
             f.write(" ".join(f"w{rng.randrange(4, vocab)}" for _ in range(1000)) + "\n")
 
 
-def convert_run(recipe: str, folder: Path, text: Path, out: Path, seq: int, batch: int, steps: int, smoke: bool,
-                dtype: str = "auto") -> dict:
-    """One `linearize convert` process; its stage metrics and the plan it ran."""
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(out.with_name(out.name + ".ckpt"), ignore_errors=True)
+def convert_run(recipe: str, folder: Path, text: Path, out: Path, seq: int, batch: int, steps: int, dtype: str = "auto",
+                interrupt: bool = False) -> dict:
+    """One `linearize convert` process; its stage metrics and the plan it ran. `interrupt`: stopped by Ctrl-C
+    (SIGINT) as soon as stage 1 has written its first checkpoint (one per step), then the same command with
+    --resume, as a user continues an interrupted run."""
+    ckpt = out.with_name(out.name + ".ckpt")
+    for path in (out, ckpt):
+        shutil.rmtree(path, ignore_errors=True)
     overrides = [f"data.source={text}", "data.template=null", f"data.seq_len={seq}", "data.val_fraction=0.02",
                  f"data.cache_dir={out.parent / 'cache'}", f"dtype={dtype}"]
     for stage in ("stage1", "stage2"):
-        overrides += [f"{stage}.steps={steps}", f"{stage}.batch_size={batch}", f"{stage}.save_every={10 * steps}"]
+        overrides += [f"{stage}.steps={steps}", f"{stage}.batch_size={batch}", f"{stage}.save_every={1 if interrupt else 10 * steps}"]
     cmd = [sys.executable, "-m", "linearize.cli", "convert", "--config", recipe, "--model", str(folder), "--out", str(out), *overrides]
     t0 = time.time()
+    if interrupt:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        while proc.poll() is None and not (ckpt / "stage1" / "state.pt").is_file():
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate()[1]
+        if proc.returncode != 130:
+            raise SystemExit(f"{recipe} seq {seq}: not interrupted during stage 1 (exit {proc.returncode}; raise --steps):\n{err[-3000:]}")
+        cmd.append("--resume")
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if run.returncode != 0:
         raise SystemExit(f"{recipe} seq {seq}: convert failed ({run.returncode}):\n{run.stderr[-3000:]}")
     metrics = {s: json.loads((out / "metrics" / f"{s}.json").read_text()) for s in ("stage1", "stage2", "summary")}
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(out.with_name(out.name + ".ckpt"), ignore_errors=True)
-    print(f"{recipe} seq {seq} x {batch}: {time.time() - t0:.0f}s", file=sys.stderr)
+    for path in (out, ckpt):
+        shutil.rmtree(path, ignore_errors=True)
+    print(f"{recipe} seq {seq} x {batch}{' (interrupted, resumed)' * interrupt}: {time.time() - t0:.0f}s", file=sys.stderr)
     return metrics
+
+
+def resume_check(first: dict, resumed: dict) -> dict:
+    """How an interrupted and resumed run's losses compare with the uninterrupted run's, step by step."""
+    diff = {s: max(abs(a - b) for a, b in zip(first[s]["history"], resumed[s]["history"])) for s in ("stage1", "stage2")}
+    same_length = all(len(first[s]["history"]) == len(resumed[s]["history"]) for s in diff)
+    return {"interrupted_at_step": resumed["stage1"]["resumed_from"], "max_abs_loss_diff": diff, "same_steps": same_length}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,11 +131,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=8, help="steps per stage (the first is not timed)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                     help="the recipe's dtype for the frozen weights (auto: bfloat16 here, the folder's dtype, on a GPU)")
+    ap.add_argument("--resume-check", action="store_true",
+                    help="then the first recipe at the first length again, interrupted in stage 1 and resumed: its losses vs the first run's")
     ap.add_argument("--smoke", action="store_true", help="CPU, a tiny shape, short runs (checks the script)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
     if args.smoke:
-        args.shape, args.seq_lens, args.tokens_per_step, args.steps = "smoke", [32], 64, 3
+        args.shape, args.seq_lens, args.tokens_per_step, args.steps = "smoke", [32], 64, 3 + 27 * args.resume_check
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     folder = work / f"{args.shape}-random"
@@ -124,17 +148,22 @@ def main(argv: list[str] | None = None) -> None:
     need = 2 * args.steps * max(args.tokens_per_step, max(args.seq_lens)) * 2  # both stages, with room for validation
     if not text.is_file() or text.stat().st_size < need * 6:
         write_text(text, vocab, need)
-    records = []
+    records, runs = [], {}
     for recipe in args.recipes:
         for seq in args.seq_lens:
             batch = max(1, args.tokens_per_step // seq)
-            m = convert_run(recipe, folder, text, work / "run", seq, batch, args.steps, args.smoke, args.dtype)
+            m = runs[recipe, seq] = convert_run(recipe, folder, text, work / "run", seq, batch, args.steps, args.dtype)
             for stage in ("stage1", "stage2"):
                 records.append({"shape": args.shape, "recipe": recipe, "plan": m["summary"]["plan"], "stage": stage,
                                 "seq_len": seq, "batch": batch, "gpus": 1, "via": "convert", "dtype": args.dtype, "steps": m[stage]["steps"],
                                 "tokens_per_s": m[stage].get("tokens_per_s"), "peak_gib": m[stage].get("peak_gib")})
     out = {**header(cuda, ("transformers", "peft")), "setup": {"shape": SHAPES[args.shape], "steps": args.steps,
            "tokens_per_step": args.tokens_per_step, "dtype": args.dtype}, "records": records}
+    if args.resume_check:
+        recipe, seq = args.recipes[0], args.seq_lens[0]
+        resumed = convert_run(recipe, folder, text, work / "run", seq, max(1, args.tokens_per_step // seq), args.steps, args.dtype, interrupt=True)
+        out["resume"] = {"recipe": recipe, "seq_len": seq, **resume_check(runs[recipe, seq], resumed)}
+        print(f"resumed at stage-1 step {out['resume']['interrupted_at_step']}: largest loss difference {out['resume']['max_abs_loss_diff']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print("| recipe | stage | seq x batch | tokens/s | peak GiB |\n|---|---|---|---:|---:|")

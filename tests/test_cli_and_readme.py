@@ -64,6 +64,19 @@ def test_scale_benchmark_runs_recipes_through_convert_in_smoke_mode(tmp_path):
     assert records[0]["plan"].startswith("0-1:lolcats") and "mamba2" in records[2]["plan"]
     assert not (tmp_path / "w" / "run").exists()  # each run's output folder is removed
 
+
+def test_scale_benchmark_interrupts_and_resumes_with_the_same_losses(tmp_path):
+    """scale.py --resume-check: the run again, Ctrl-C once stage 1 has a checkpoint, then --resume; the same losses."""
+    import json
+
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--smoke", "--resume-check", "--out",
+                          str(tmp_path / "s.json"), "--workdir", str(tmp_path / "w"), "--recipes", "llama3-8b-lolcats"],
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    resume = json.loads((tmp_path / "s.json").read_text())["resume"]
+    assert 1 <= resume["interrupted_at_step"] < 30 and resume["same_steps"]
+    assert resume["max_abs_loss_diff"] == {"stage1": 0.0, "stage2": 0.0}
+
 def recall_benchmark():
     """benchmarks/recall_smollm2.py as a module (the benchmarks are scripts, not a package)."""
     import importlib.util
