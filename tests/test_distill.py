@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -317,21 +321,11 @@ def test_cli_convert_end_to_end_with_resume(smollm2_base, tmp_path, monkeypatch,
     assert "finished earlier" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
-def test_two_processes_match_one_process_with_double_batch(smollm2_base, tmp_path, sharding):
-    """`torchrun --nproc_per_node 2` (gloo on CPU) runs the same code, replicated (DDP-style) or with
-    FSDP2 (ACCELERATE_USE_FSDP=true, as accelerate's FSDP config sets): averaged gradients over two
-    ranks of batch 1 give the weights of one process with batch 2. The FSDP run then resumes from
-    its gathered checkpoints alone and saves the same model again."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    from safetensors.torch import load_file
+def _tiny_llama_run(tmp_path, tok, fsdp: bool) -> tuple[list[str], dict]:
+    """A 2-layer random Llama folder and a text file in tmp_path: convert's arguments for them, and the environment
+    of its processes (one thread each; FSDP2 when two of them run and `fsdp`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = smollm2_base[1]
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id)
@@ -340,7 +334,52 @@ def test_two_processes_match_one_process_with_double_batch(smollm2_base, tmp_pat
     (tmp_path / "d.txt").write_text("\n".join([TEXT, TEXT[::-1], TEXT.lower(), TEXT.upper()] * 3))
     common = ["--model", str(tmp_path / "tiny"), "--plan", "0:lolcats(window=4),1:gla", f"data.source={tmp_path / 'd.txt'}",
               "data.seq_len=32", "stage1.steps=3", "stage2.steps=2", "stage2.lr=0.001"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_FSDP": str(sharding == "fsdp").lower()}
+    return common, {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_FSDP": str(fsdp).lower()}
+
+
+def test_a_run_resumes_on_another_number_of_processes(smollm2_base, tmp_path):
+    """Checkpoints of 2 processes (gloo, FSDP2) continue on 1 with the same rows a step (batch_size doubled), and
+    the reverse: the model equals the uninterrupted run's. Another global batch is a one-line error naming the fix."""
+    from safetensors.torch import load_file
+
+    common, env = _tiny_llama_run(tmp_path, smollm2_base[1], fsdp=True)
+
+    def convert(out, processes, batch, *extra):
+        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if processes == 2 else []
+        cmd = [sys.executable, *launch, "-m", "linearize.cli", "convert", "--out", str(tmp_path / out), *common,
+               f"stage1.batch_size={batch}", f"stage2.batch_size={batch}", *extra]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+    def stop_after_stage1(out):  # as a run interrupted in stage 2 leaves it (its checkpoints there removed)
+        shutil.rmtree(tmp_path / out)
+        shutil.rmtree(tmp_path / f"{out}.ckpt" / "stage2")
+        (tmp_path / f"{out}.ckpt" / "complete").unlink()
+
+    for out, processes, batch in (("one", 1, 2), ("two", 2, 1)):
+        assert (run := convert(out, processes, batch)).returncode == 0, run.stderr[-3000:]
+    reference = load_file(tmp_path / "one" / "model.safetensors")
+    stop_after_stage1("two")
+    wrong = convert("two", 1, 1, "--resume")
+    assert wrong.returncode == 2 and "made on 2 process(es) drawing 2 rows a stage1 step" in wrong.stderr
+    assert "resume with stage1.batch_size=2" in wrong.stderr
+    stop_after_stage1("one")
+    for out, processes, batch in (("two", 1, 2), ("one", 2, 1)):
+        run = convert(out, processes, batch, "--resume")
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "stage1: finished earlier" in run.stdout + run.stderr
+        resumed = load_file(tmp_path / out / "model.safetensors")
+        assert all(torch.allclose(resumed[k], reference[k], atol=1e-5, rtol=1e-4) for k in reference), out
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_match_one_process_with_double_batch(smollm2_base, tmp_path, sharding):
+    """`torchrun --nproc_per_node 2` (gloo on CPU) runs the same code, replicated (DDP-style) or with
+    FSDP2 (ACCELERATE_USE_FSDP=true, as accelerate's FSDP config sets): averaged gradients over two
+    ranks of batch 1 give the weights of one process with batch 2. The FSDP run then resumes from
+    its gathered checkpoints alone and saves the same model again."""
+    from safetensors.torch import load_file
+
+    common, env = _tiny_llama_run(tmp_path, smollm2_base[1], sharding == "fsdp")
     one = subprocess.run([sys.executable, "-m", "linearize.cli", "convert", "--out", str(tmp_path / "one"), *common, "stage1.batch_size=2", "stage2.batch_size=2"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]

@@ -64,6 +64,23 @@ def resolve_dtypes(cfg: DistillConfig, device: torch.device) -> tuple[torch.dtyp
     return getattr(torch, weights), getattr(torch, cfg.train_dtype)
 
 
+def _check_same_run(work: Path, cfg: DistillConfig, world: int) -> None:
+    """Refuse checkpoints that `cfg` on `world` processes would not continue exactly: another recipe, or another
+    global batch (batch_size x processes; each step draws that many rows, so a run may resume on another
+    number of GPUs with batch_size scaled to keep it)."""
+    saved, new = yaml.safe_load((work / "recipe.yaml").read_text()), cfg.to_dict()
+    processes = int((work / "processes").read_text()) if (work / "processes").is_file() else 1
+    for stage in ("stage1", "stage2"):
+        rows, per = saved[stage].pop("batch_size") * processes, new[stage].pop("batch_size")
+        if rows != per * world:
+            fix = f"resume with {stage}.batch_size={rows // world}" if rows % world == 0 else \
+                  f"resume on a number of processes that divides {rows}"
+            raise LinearizeError(f"the checkpoints in {work} were made on {processes} process(es) drawing {rows} rows a "
+                                 f"{stage} step, this run draws {per * world} ({per} x {world}): {fix}")
+    if saved != new:
+        raise LinearizeError(f"the checkpoints in {work} were made with another recipe; resume with the same one, or delete them")
+
+
 def _lora_targets(model: torch.nn.Module, names: list[str]) -> list[str]:
     from ..kinds.base import LinearizedAttention
 
@@ -116,8 +133,8 @@ def distill(
     if trained and resume and not (work / "recipe.yaml").is_file():
         raise LinearizeError(f"the checkpoints in {work} have no recipe.yaml, so they cannot be checked against this "
                              "recipe: delete them to start afresh")
-    if trained and resume and (work / "recipe.yaml").read_text() != recipe:
-        raise LinearizeError(f"the checkpoints in {work} were made with another recipe; resume with the same one, or delete them")
+    if trained and resume:
+        _check_same_run(work, cfg, world)
     if finished and not resume and rank == 0:
         shutil.rmtree(work)  # the earlier run finished and saved its model: start afresh
     if sharded and cfg.data.source == "teacher" and not teacher_cache(cfg.data, cfg.seed, str(cfg.model)).is_file():
@@ -175,6 +192,7 @@ def distill(
     if rank == 0:  # only now: a run that fails before training leaves no checkpoint folder
         work.mkdir(parents=True, exist_ok=True)
         (work / "recipe.yaml").write_text(recipe)
+        (work / "processes").write_text(str(world))
 
     # Stage 1: attention transfer; only the new parameters train (adapters off).
     s1 = cfg.stage1
