@@ -2,7 +2,7 @@
 
     python benchmarks/scale.py --out benchmarks/results/scale_h200.json --workdir /tmp/scale \
         [--shape llama3-8b] [--recipes llama3-8b-lolcats llama3-8b-lizard llama3-8b-instruct-mamba2-50] [--seq-lens 1024 4096] \
-        [--dtype auto] [--resume-check]
+        [--dtype auto] [--gpus 1] [--resume-check [--resume-gpus N]]
     python benchmarks/scale.py --smoke --out /tmp/scale.json --workdir /tmp/scale   # CPU: a tiny shape, checks the script
 
 Pretrained 8B weights cannot be downloaded here, and speed and memory do not depend on the values: the
@@ -13,13 +13,17 @@ process, with the data, sequence length, batch and step counts overridden; each 
 (past its first step) and peak GPU memory come from the run's own metrics/stage{1,2}.json. The output
 folder is deleted after each run (an 8B model per run would fill the disk). Records
 {"shape", "recipe", "plan", "stage", "seq_len", "batch", "gpus": 1, "via": "convert", "dtype", "tokens_per_s", "peak_gib"};
-with --resume-check, "resume": the first run again, stopped by Ctrl-C in stage 1 and resumed, its losses against the first's.
+with --resume-check, "resume": the first run again, stopped by Ctrl-C in stage 1 and resumed (on --resume-gpus
+processes, the batch scaled to keep the rows a step), its losses against the first's. --gpus N runs each recipe on N
+processes sharded by FSDP2 (`accelerate launch --config_file configs/accelerate/fsdp.yaml`; torchrun in smoke mode).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import random
 import shutil
 import signal
@@ -80,36 +84,54 @@ def write_text(path: Path, vocab: int, tokens: int) -> None:
             f.write(" ".join(f"w{rng.randrange(4, vocab)}" for _ in range(1000)) + "\n")
 
 
-def convert_run(recipe: str, folder: Path, text: Path, out: Path, seq: int, batch: int, steps: int, dtype: str = "auto",
-                interrupt: bool = False) -> dict:
-    """One `linearize convert` process; its stage metrics and the plan it ran. `interrupt`: stopped by Ctrl-C
-    (SIGINT) as soon as stage 1 has written its first checkpoint (one per step), then the same command with
-    --resume, as a user continues an interrupted run."""
+def launch(gpus: int, cuda: bool) -> list[str]:
+    """The command that starts `-m linearize.cli ...` on `gpus` processes: accelerate with the FSDP config on GPUs,
+    torchrun on CPUs (the smoke run; ACCELERATE_USE_FSDP, what the config sets, comes from the environment)."""
+    if gpus == 1:
+        return [sys.executable]
+    if cuda:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml"),
+                "--num_processes", str(gpus)]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus)]
+
+
+def convert_run(recipe: str, folder: Path, text: Path, out: Path, seq: int, rows: int, steps: int, dtype: str = "auto",
+                gpus: int = 1, cuda: bool = True, resume_gpus: int | None = None) -> dict:
+    """One `linearize convert` run on `gpus` processes drawing `rows` sequences a step (batch_size rows / gpus); its
+    stage metrics and the plan it ran. `resume_gpus`: stopped by Ctrl-C (SIGINT) as soon as stage 1 has written a
+    checkpoint (one per step), then continued with --resume on that many processes, as a user would."""
+    interrupt = resume_gpus is not None
     ckpt = out.with_name(out.name + ".ckpt")
     for path in (out, ckpt):
         shutil.rmtree(path, ignore_errors=True)
     overrides = [f"data.source={text}", "data.template=null", f"data.seq_len={seq}", "data.val_fraction=0.02",
                  f"data.cache_dir={out.parent / 'cache'}", f"dtype={dtype}"]
     for stage in ("stage1", "stage2"):
-        overrides += [f"{stage}.steps={steps}", f"{stage}.batch_size={batch}", f"{stage}.save_every={1 if interrupt else 10 * steps}"]
-    cmd = [sys.executable, "-m", "linearize.cli", "convert", "--config", recipe, "--model", str(folder), "--out", str(out), *overrides]
+        overrides += [f"{stage}.steps={steps}", f"{stage}.save_every={1 if interrupt else 10 * steps}"]
+
+    def cmd(n: int) -> list[str]:
+        batch = [f"{stage}.batch_size={rows // n}" for stage in ("stage1", "stage2")]
+        return [*launch(n, cuda), "-m", "linearize.cli", "convert", "--config", recipe, "--model", str(folder), "--out", str(out),
+                *overrides, *batch]
+
+    env = {**os.environ, "ACCELERATE_USE_FSDP": "true"}  # FSDP2 wherever several processes run
     t0 = time.time()
     if interrupt:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd(gpus), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         while proc.poll() is None and not (ckpt / "stage1" / "state.pt").is_file():
             time.sleep(0.01)
         proc.send_signal(signal.SIGINT)
         err = proc.communicate()[1]
-        if proc.returncode != 130:
-            raise SystemExit(f"{recipe} seq {seq}: not interrupted during stage 1 (exit {proc.returncode}; raise --steps):\n{err[-3000:]}")
-        cmd.append("--resume")
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode == 0 or (ckpt / "complete").is_file():
+            raise SystemExit(f"{recipe} seq {seq}: finished before it could be interrupted (raise --steps):\n{err[-3000:]}")
+    run = subprocess.run(cmd(resume_gpus or gpus) + ["--resume"] * interrupt, cwd=ROOT, env=env, capture_output=True, text=True)
     if run.returncode != 0:
         raise SystemExit(f"{recipe} seq {seq}: convert failed ({run.returncode}):\n{run.stderr[-3000:]}")
     metrics = {s: json.loads((out / "metrics" / f"{s}.json").read_text()) for s in ("stage1", "stage2", "summary")}
     for path in (out, ckpt):
         shutil.rmtree(path, ignore_errors=True)
-    print(f"{recipe} seq {seq} x {batch}{' (interrupted, resumed)' * interrupt}: {time.time() - t0:.0f}s", file=sys.stderr)
+    how = f" (interrupted on {gpus}, resumed on {resume_gpus})" if interrupt else ""
+    print(f"{recipe} seq {seq} x {rows} rows on {gpus} process(es){how}: {time.time() - t0:.0f}s", file=sys.stderr)
     return metrics
 
 
@@ -127,12 +149,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     ap.add_argument("--recipes", nargs="+", default=["llama3-8b-lolcats", "llama3-8b-lizard", "llama3-8b-instruct-mamba2-50"])
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096])
-    ap.add_argument("--tokens-per-step", type=int, default=8192, help="batch = this / seq len (at least 1)")
+    ap.add_argument("--tokens-per-step", type=int, default=8192, help="rows a step = this / seq len (at least 1 per GPU)")
+    ap.add_argument("--gpus", type=int, default=1, help="processes (GPUs) per run: FSDP through accelerate when more than 1")
     ap.add_argument("--steps", type=int, default=8, help="steps per stage (the first is not timed)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                     help="the recipe's dtype for the frozen weights (auto: bfloat16 here, the folder's dtype, on a GPU)")
     ap.add_argument("--resume-check", action="store_true",
                     help="then the first recipe at the first length again, interrupted in stage 1 and resumed: its losses vs the first run's")
+    ap.add_argument("--resume-gpus", type=int, default=None, help="--resume-check continues on this many processes (default --gpus)")
     ap.add_argument("--smoke", action="store_true", help="CPU, a tiny shape, short runs (checks the script)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
@@ -149,20 +173,23 @@ def main(argv: list[str] | None = None) -> None:
     if not text.is_file() or text.stat().st_size < need * 6:
         write_text(text, vocab, need)
     records, runs = [], {}
+    unit = math.lcm(args.gpus, args.resume_gpus or args.gpus)
+    rows_of = lambda seq: max(unit, args.tokens_per_step // seq // unit * unit)  # noqa: E731  (a multiple of every process count)
     for recipe in args.recipes:
         for seq in args.seq_lens:
-            batch = max(1, args.tokens_per_step // seq)
-            m = runs[recipe, seq] = convert_run(recipe, folder, text, work / "run", seq, batch, args.steps, args.dtype)
+            rows = rows_of(seq)
+            m = runs[recipe, seq] = convert_run(recipe, folder, text, work / "run", seq, rows, args.steps, args.dtype, args.gpus, cuda)
             for stage in ("stage1", "stage2"):
                 records.append({"shape": args.shape, "recipe": recipe, "plan": m["summary"]["plan"], "stage": stage,
-                                "seq_len": seq, "batch": batch, "gpus": 1, "via": "convert", "dtype": args.dtype, "steps": m[stage]["steps"],
+                                "seq_len": seq, "batch": rows // args.gpus, "gpus": args.gpus, "via": "convert", "dtype": args.dtype, "steps": m[stage]["steps"],
                                 "tokens_per_s": m[stage].get("tokens_per_s"), "peak_gib": m[stage].get("peak_gib")})
     out = {**header(cuda, ("transformers", "peft")), "setup": {"shape": SHAPES[args.shape], "steps": args.steps,
            "tokens_per_step": args.tokens_per_step, "dtype": args.dtype}, "records": records}
     if args.resume_check:
         recipe, seq = args.recipes[0], args.seq_lens[0]
-        resumed = convert_run(recipe, folder, text, work / "run", seq, max(1, args.tokens_per_step // seq), args.steps, args.dtype, interrupt=True)
-        out["resume"] = {"recipe": recipe, "seq_len": seq, **resume_check(runs[recipe, seq], resumed)}
+        again = args.resume_gpus or args.gpus
+        resumed = convert_run(recipe, folder, text, work / "run", seq, rows_of(seq), args.steps, args.dtype, args.gpus, cuda, again)
+        out["resume"] = {"recipe": recipe, "seq_len": seq, "gpus": args.gpus, "resumed_on_gpus": again, **resume_check(runs[recipe, seq], resumed)}
         print(f"resumed at stage-1 step {out['resume']['interrupted_at_step']}: largest loss difference {out['resume']['max_abs_loss_diff']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))

@@ -77,6 +77,23 @@ def test_scale_benchmark_interrupts_and_resumes_with_the_same_losses(tmp_path):
     assert 1 <= resume["interrupted_at_step"] < 30 and resume["same_steps"]
     assert resume["max_abs_loss_diff"] == {"stage1": 0.0, "stage2": 0.0}
 
+
+def test_scale_benchmark_on_two_processes_resumed_on_one(tmp_path):
+    """scale.py --gpus 2 (FSDP2; torchrun and gloo on the CPU) runs the recipe sharded; interrupted there, it resumes on
+    one process with the batch doubled, and its losses (the whole batch's, averaged over processes) stay the same."""
+    import json
+
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--smoke", "--gpus", "2", "--resume-check",
+                          "--resume-gpus", "1", "--out", str(tmp_path / "s.json"), "--workdir", str(tmp_path / "w"),
+                          "--recipes", "llama3-8b-lolcats"], env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert {(r["gpus"], r["batch"]) for r in data["records"]} == {(2, 1)}
+    resume = data["resume"]
+    assert (resume["gpus"], resume["resumed_on_gpus"]) == (2, 1) and 1 <= resume["interrupted_at_step"] < 30
+    assert resume["same_steps"] and max(resume["max_abs_loss_diff"].values()) < 1e-5
+
 def recall_benchmark():
     """benchmarks/recall_smollm2.py as a module (the benchmarks are scripts, not a package)."""
     import importlib.util

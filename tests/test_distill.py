@@ -393,6 +393,9 @@ def test_two_processes_match_one_process_with_double_batch(smollm2_base, tmp_pat
     assert moved
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    for stage in ("stage1", "stage2"):  # the logged losses are the whole batch's too
+        one_h, two_h = (json.loads((tmp_path / d / "metrics" / f"{stage}.json").read_text())["history"] for d in ("one", "two"))
+        assert two_h == pytest.approx(one_h, rel=1e-4)
     if sharding == "fsdp":
         shutil.rmtree(tmp_path / "two")
         (tmp_path / "two.ckpt" / "complete").unlink()

@@ -368,6 +368,9 @@ def train_loop(
                 for p in params.values():
                     if p.grad is not None and not isinstance(p.grad, DTensor):
                         torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+                mean = torch.tensor(float(loss), device=device)  # each process saw its slice of the batch
+                torch.distributed.all_reduce(mean, op=torch.distributed.ReduceOp.AVG)
+                loss = mean.item()  # the whole batch's loss: the history of one process drawing every row
             with _uninterrupted():  # an update is kept only together with its count
                 clip_grad_norm_(params.values(), 1.0)
                 opt.step()
