@@ -13,7 +13,8 @@ plus `max_new_tokens`, written in place. On CPU (or with graph=False) the same s
 from __future__ import annotations
 
 import types
-from typing import Callable
+import weakref
+from typing import Callable, Hashable
 
 import torch
 from torch import Tensor, nn
@@ -32,12 +33,17 @@ def greedy(logits: Tensor) -> Tensor:
     return logits.argmax(-1)
 
 
-def own_code(fn: Callable) -> Callable:
-    """`fn` (a function or bound method) on a copy of its code object: torch.compile keeps compiled graphs, and
-    counts recompilations against its limit (8), per code object, so each decoder or timing (its batch, its
-    cache length) compiles once on its own instead of the ninth shape in a process failing under fullgraph."""
+_CODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(code, key): its copy}
+
+
+def own_code(fn: Callable, model: nn.Module, key: Hashable) -> Callable:
+    """`fn` (a function or bound method) on the copy of its code object kept for `model` and `key` (the shapes it
+    runs on): torch.compile caches compiled graphs, and counts recompilations against its limit (8; fullgraph
+    fails past it), per code object, so a model's steps of one batch and cache length reuse their compilation
+    while other models and shapes, each on their own code, do not use up the limit."""
     f = getattr(fn, "__func__", fn)
-    g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    code = _CODES.setdefault(model, {}).setdefault((f.__code__, key), f.__code__.replace())
+    g = types.FunctionType(code, f.__globals__, f.__name__, f.__defaults__, f.__closure__)
     return types.MethodType(g, fn.__self__) if hasattr(fn, "__self__") else g
 
 
@@ -98,7 +104,8 @@ class GraphedDecoder:
                     layer.state = static_softmax_cache(layer.state, t + max_new_tokens + 1)
         if compile:
             options = compile if isinstance(compile, dict) else None
-            self._step = torch.compile(own_code(self._step), fullgraph=True, dynamic=False, options=options)
+            key = (tuple(self.tokens.shape), self.prompt_len + max_new_tokens if heads else None, repr(options))
+            self._step = torch.compile(own_code(self._step, model, key), fullgraph=True, dynamic=False, options=options)
         self.graph = None
         if use_graph:
             self._capture()

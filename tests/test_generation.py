@@ -133,13 +133,17 @@ def test_decode_step_compiles_whole_and_matches_eager(base, how):
 
 def test_each_compiled_decoder_compiles_on_its_own(base):
     """Decoders of other batch sizes and cache lengths in one process do not add up against torch.compile's
-    recompile limit (fullgraph fails hard past it; the H200 suite hit it after 8 plans)."""
+    recompile limit (fullgraph fails hard past it; the H200 suite hit it after 8 plans); one of a shape seen
+    before reuses its compilation."""
     model = converted(base, PLANS["heads"])
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=1):
         for b, new in ((1, 3), (2, 3), (2, 5)):
             eager = generate_graphed(model, prompt(b), new)
             assert torch.equal(generate_graphed(model, prompt(b), new, compile=True), eager)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch.equal(generate_graphed(model, prompt(2), 5, compile=True), eager)  # a shape seen before: no new compilation
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "phi3", "gemma2"])

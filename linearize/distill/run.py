@@ -53,9 +53,9 @@ def resolve_dtypes(cfg: DistillConfig, device: torch.device) -> tuple[torch.dtyp
     a GPU (exactly its weights, half float32's memory: 15 instead of 30 GiB at 8B) and float32 otherwise;
     bfloat16 computes under CUDA's autocast, so a CPU run refuses it before loading anything."""
     weights = cfg.dtype
-    if weights == "auto":
-        cuda = device.type == "cuda"
-        weights = "bfloat16" if cuda and str(getattr(load_config(cfg.model), "dtype", None)) in ("bfloat16", "torch.bfloat16") else "float32"
+    if weights == "auto":  # the checkpoint's own dtype where that is bfloat16 and a GPU computes
+        saved = device.type == "cuda" and str(getattr(load_config(cfg.model), "dtype", None)).removeprefix("torch.")
+        weights = "bfloat16" if saved == "bfloat16" else "float32"
     if device.type != "cuda":
         for key, value in (("dtype", weights), ("train_dtype", cfg.train_dtype)):
             if value == "bfloat16":

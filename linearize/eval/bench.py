@@ -71,7 +71,8 @@ def static_cache_decode_ms(model: Any, ids: torch.Tensor, steps: int, repeats: i
 
     b, t = ids.shape
     chunk = chunk or t
-    cache = transformers.StaticCache(config=model.config, max_cache_len=t + 3 + steps * repeats)
+    length = t + 3 + steps * repeats
+    cache = transformers.StaticCache(config=model.config, max_cache_len=length)
     params = inspect.signature(model.forward).parameters  # transformers renamed the cache and dropped cache_position in 5.2x
 
     def call(tok: torch.Tensor, pos: torch.Tensor, **kw: Any) -> torch.Tensor:
@@ -86,7 +87,7 @@ def static_cache_decode_ms(model: Any, ids: torch.Tensor, steps: int, repeats: i
     def forward(tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return call(tok, pos).argmax(-1, keepdim=True)
 
-    step = torch.compile(own_code(forward), fullgraph=True, **(compile or {"mode": "reduce-overhead"})) if ids.is_cuda else forward
+    step = torch.compile(own_code(forward, model, (b, length, repr(compile))), fullgraph=True, **(compile or {"mode": "reduce-overhead"})) if ids.is_cuda else forward
     state = {"tok": logits.argmax(-1, keepdim=True)}
     pos = torch.full((1,), t, device=ids.device)  # advanced on the device: no host-to-device copy a token
 
