@@ -498,3 +498,22 @@ def test_bfloat16_weights_with_float32_trained_parameters_on_a_gpu(tmp_path):
     assert base["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
     assert {t.dtype for k, t in base.items() if "feature_map" in k or "mix" in k} == {torch.float32}
     assert {t.dtype for t in lora.values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("model_type", sorted(ADAPTERS))
+def test_teacher_mode_is_the_original_model(model_type):
+    """Converted layers in teacher mode (stage 1's targets, stage 2's KL teacher) compute the original attention
+    (grouped key/value heads read in place where there is no mask): the original model's logits, packed rows and a
+    left-padded batch."""
+    base = tiny_model(model_type)
+    model = linearize.convert(copy.deepcopy(base), "*:lolcats(window=3)")
+    ids = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(0))
+    padded = torch.ones_like(ids)
+    padded[1, :3] = 0
+    for mask in (None, padded):
+        with torch.no_grad():
+            expected = base(input_ids=ids, attention_mask=mask).logits
+            with attention_mode(model, "teacher"):
+                got = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        assert rel_err(got[keep], expected[keep]) < 1e-5

@@ -259,9 +259,11 @@ class LinearizedAttention(nn.Module):
             weights = self.softmax_weights(q, k, mask)
             vh = v.transpose(1, 2).repeat_interleave(rep, 1).float()
             return torch.einsum("bhij,bhjd->bhid", weights, vh).to(v.dtype).transpose(1, 2)
-        qh = q.transpose(1, 2)
-        kh, vh = (x.transpose(1, 2).repeat_interleave(rep, 1) for x in (k, v))
-        y = nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None, scale=self.scaling)
+        qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+        if mask is not None and rep > 1:  # with a mask only SDPA's math path reads grouped heads: give it copies
+            kh, vh = kh.repeat_interleave(rep, 1), vh.repeat_interleave(rep, 1)
+        y = nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=mask is None, scale=self.scaling,
+                                                       enable_gqa=mask is None and rep > 1)  # flash reads grouped heads in place
         return y.transpose(1, 2)
 
     def extra_repr(self) -> str:
