@@ -160,6 +160,7 @@ def main() -> None:
                 state["metrics"][step] = measure(model, tok, args, log)
         else:
             plan_s, seq, batch, s1, s2, mix, lr2, *keys = RUNS[step]
+            keys = keys[0] if keys else {}  # recipe keys beyond the columns
             s1, s2 = (max(1, round(s * args.scale_steps)) if s else 0 for s in (s1, s2))  # 0: the stage is skipped
             if plan_s.startswith("heads"):
                 plan_s = head_plan(state, *plan_s.split(":", 1))
@@ -169,7 +170,7 @@ def main() -> None:
                                 val_fraction=0.05, recall_mix=mix, cache_dir=str(work / "cache")),
                 stage1=Stage1Config(steps=s1, batch_size=batch, lr=3e-2, save_every=50),
                 stage2=Stage2Config(steps=s2, batch_size=batch, lr=lr2, kl_weight=1.0, ce_weight=0.0, save_every=50),
-                **(keys[0] if keys else {}),
+                **keys,
             )
             out_dir = work / step
             if not out_dir.is_dir():
@@ -179,7 +180,7 @@ def main() -> None:
             meter = meter or CacheMeter(model.config)
             state["plans"][step] = {"plan": label(model), "cache_fraction": meter.fraction(model.layer_plan),
                                     "train_tokens": (s1 + s2) * batch * seq, "seq_len": seq, "recall_mix": mix, "stage2_lr": lr2,
-                                    **(keys[0] if keys else {})}
+                                    **keys}
             state["metrics"][step] = measure(model, tok, args, log)
         log(f"{step}: {time.time() - t0:.0f}s")
         save()

@@ -470,7 +470,8 @@ def test_weights_and_trained_parameters_dtypes(tmp_path, capsys):
              (fp32, [], cuda, (torch.float32, torch.float32)), (fp32, ["dtype=bfloat16", "train_dtype=bfloat16"], cuda,
                                                                  (torch.bfloat16, torch.bfloat16))]
     for folder, overrides, device, expected in cases:
-        assert resolve_dtypes(load_config(None, [f"model={folder}", *overrides]), device) == expected
+        cfg = load_config(None, [f"model={folder}", *overrides])
+        assert resolve_dtypes(cfg, device, linearize.loading.load_config(folder)) == expected
     capsys.readouterr()
     for overrides, msg in [(["dtype=bfloat16"], "dtype=bfloat16 needs a GPU"), (["train_dtype=bfloat16"], "train_dtype=bfloat16 needs"),
                            (["dtype=float16"], "dtype='float16' is not a dtype")]:

@@ -19,11 +19,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 import yaml
+from transformers import PretrainedConfig
 
 from ..convert import convert
 from ..errors import LinearizeError
 from ..info import resolve_plan
-from ..loading import load, load_config
+from ..loading import load
 from ..outputs import atomic_dir, check_out
 from ..plan import LayerPlan
 from . import fsdp
@@ -48,13 +49,13 @@ def _distributed() -> tuple[torch.device, int, int]:
     return device, torch.distributed.get_rank(), world
 
 
-def resolve_dtypes(cfg: DistillConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
-    """(original weights, trained parameters) dtypes of a run. "auto" keeps a bfloat16 checkpoint in bfloat16 on
-    a GPU (exactly its weights, half float32's memory: 15 instead of 30 GiB at 8B) and float32 otherwise;
-    bfloat16 computes under CUDA's autocast, so a CPU run refuses it before loading anything."""
+def resolve_dtypes(cfg: DistillConfig, device: torch.device, config: PretrainedConfig) -> tuple[torch.dtype, torch.dtype]:
+    """(original weights, trained parameters) dtypes of a run on the model of `config`. "auto" keeps a bfloat16
+    checkpoint in bfloat16 on a GPU (exactly its weights, half float32's memory: 15 instead of 30 GiB at 8B) and
+    float32 otherwise; bfloat16 computes under CUDA's autocast, so a CPU run refuses it before loading anything."""
     weights = cfg.dtype
     if weights == "auto":  # the checkpoint's own dtype where that is bfloat16 and a GPU computes
-        saved = device.type == "cuda" and str(getattr(load_config(cfg.model), "dtype", None)).removeprefix("torch.")
+        saved = device.type == "cuda" and str(getattr(config, "dtype", None)).removeprefix("torch.")
         weights = "bfloat16" if saved == "bfloat16" else "float32"
     if device.type != "cuda":
         for key, value in (("dtype", weights), ("train_dtype", cfg.train_dtype)):
@@ -68,6 +69,9 @@ def _check_same_run(work: Path, cfg: DistillConfig, world: int) -> None:
     """Refuse checkpoints that `cfg` on `world` processes would not continue exactly: another recipe, or another
     global batch (batch_size x processes; each step draws that many rows, so a run may resume on another
     number of GPUs with batch_size scaled to keep it)."""
+    if not (work / "recipe.yaml").is_file():
+        raise LinearizeError(f"the checkpoints in {work} have no recipe.yaml, so they cannot be checked against this "
+                             "recipe: delete them to start afresh")
     saved, new = yaml.safe_load((work / "recipe.yaml").read_text()), cfg.to_dict()
     processes = int((work / "processes").read_text()) if (work / "processes").is_file() else 1
     for stage in ("stage1", "stage2"):
@@ -120,9 +124,9 @@ def distill(
     out = Path(out)
     output = dict(force=force, inputs=[cfg.model, cfg.data.source])
     check_out(out, "convert", **output)
-    resolve_plan(cfg.model, plan)  # from the model's config: a plan that does not fit fails before any loading
+    config, _ = resolve_plan(cfg.model, plan)  # from the model's config: a plan that does not fit fails before any loading
     device, rank, world = _distributed()
-    dtype, train_dtype = resolve_dtypes(cfg, device)
+    dtype, train_dtype = resolve_dtypes(cfg, device, config)
     sharded = world > 1 and fsdp.requested()
     work = Path(str(out) + ".ckpt")
     recipe = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -130,9 +134,6 @@ def distill(
     finished = (work / "complete").is_file()
     if trained and not resume and not finished:
         raise LinearizeError(f"checkpoints of an unfinished run are in {work}: pass --resume to continue, or delete it")
-    if trained and resume and not (work / "recipe.yaml").is_file():
-        raise LinearizeError(f"the checkpoints in {work} have no recipe.yaml, so they cannot be checked against this "
-                             "recipe: delete them to start afresh")
     if trained and resume:
         _check_same_run(work, cfg, world)
     if finished and not resume and rank == 0:
