@@ -2,7 +2,7 @@
 
     python benchmarks/scale.py --out benchmarks/results/scale_h200.json --workdir /tmp/scale \
         [--shape llama3-8b] [--recipes llama3-8b-lolcats llama3-8b-lizard llama3-8b-instruct-mamba2-50] [--seq-lens 1024 4096] \
-        [--dtype auto] [--gpus 1] [--resume-check [--resume-gpus N]]
+        [--dtype auto] [--gpus 1] [--resume-check [--resume-gpus N]] [--set stage2.gradient_checkpointing=false ...]
     python benchmarks/scale.py --smoke --out /tmp/scale.json --workdir /tmp/scale   # CPU: a tiny shape, checks the script
 
 Pretrained 8B weights cannot be downloaded here, and speed and memory do not depend on the values: the
@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from kernel_bench import header  # noqa: E402  (the script's folder is on sys.path)
+from linearize.distill import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {  # the published configs' sizes (untied embeddings)
@@ -96,7 +97,7 @@ def launch(gpus: int, cuda: bool) -> list[str]:
 
 
 def convert_run(recipe: str, folder: Path, text: Path, out: Path, seq: int, rows: int, steps: int, dtype: str = "auto",
-                gpus: int = 1, cuda: bool = True, resume_gpus: int | None = None) -> dict:
+                gpus: int = 1, cuda: bool = True, resume_gpus: int | None = None, extra: tuple[str, ...] = ()) -> dict:
     """One `linearize convert` run on `gpus` processes drawing `rows` sequences a step (batch_size rows / gpus); its
     stage metrics and the plan it ran. `resume_gpus`: stopped by Ctrl-C (SIGINT) as soon as stage 1 has written a
     checkpoint (one per step), then continued with --resume on that many processes, as a user would."""
@@ -105,7 +106,7 @@ def convert_run(recipe: str, folder: Path, text: Path, out: Path, seq: int, rows
     for path in (out, ckpt):
         shutil.rmtree(path, ignore_errors=True)
     overrides = [f"data.source={text}", "data.template=null", f"data.seq_len={seq}", "data.val_fraction=0.02",
-                 f"data.cache_dir={out.parent / 'cache'}", f"dtype={dtype}"]
+                 f"data.cache_dir={out.parent / 'cache'}", f"dtype={dtype}", *extra]
     for stage in ("stage1", "stage2"):
         overrides += [f"{stage}.steps={steps}", f"{stage}.save_every={1 if interrupt else 10 * steps}"]
 
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume-check", action="store_true",
                     help="then the first recipe at the first length again, interrupted in stage 1 and resumed: its losses vs the first run's")
     ap.add_argument("--resume-gpus", type=int, default=None, help="--resume-check continues on this many processes (default --gpus)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more recipe overrides for every run, as `linearize convert` takes them (stage2.gradient_checkpointing=false)")
     ap.add_argument("--smoke", action="store_true", help="CPU, a tiny shape, short runs (checks the script)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
@@ -173,26 +176,32 @@ def main(argv: list[str] | None = None) -> None:
     if not text.is_file() or text.stat().st_size < need * 6:
         write_text(text, vocab, need)
     records, runs = [], {}
+    out = {**header(cuda, ("transformers", "peft")), "setup": {"shape": SHAPES[args.shape], "steps": args.steps,
+           "tokens_per_step": args.tokens_per_step, "dtype": args.dtype, "set": args.set}, "records": records}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save = lambda: Path(args.out).write_text(json.dumps(out, indent=1))  # noqa: E731  (after every run: a cut-off call keeps what ran)
     unit = math.lcm(args.gpus, args.resume_gpus or args.gpus)
     rows_of = lambda seq: max(unit, args.tokens_per_step // seq // unit * unit)  # noqa: E731  (a multiple of every process count)
     for recipe in args.recipes:
         for seq in args.seq_lens:
             rows = rows_of(seq)
-            m = runs[recipe, seq] = convert_run(recipe, folder, text, work / "run", seq, rows, args.steps, args.dtype, args.gpus, cuda)
+            m = runs[recipe, seq] = convert_run(recipe, folder, text, work / "run", seq, rows, args.steps, args.dtype, args.gpus, cuda,
+                                                  extra=tuple(args.set))
             for stage in ("stage1", "stage2"):
                 records.append({"shape": args.shape, "recipe": recipe, "plan": m["summary"]["plan"], "stage": stage,
                                 "seq_len": seq, "batch": rows // args.gpus, "gpus": args.gpus, "via": "convert", "dtype": args.dtype, "steps": m[stage]["steps"],
-                                "tokens_per_s": m[stage].get("tokens_per_s"), "peak_gib": m[stage].get("peak_gib")})
-    out = {**header(cuda, ("transformers", "peft")), "setup": {"shape": SHAPES[args.shape], "steps": args.steps,
-           "tokens_per_step": args.tokens_per_step, "dtype": args.dtype}, "records": records}
+                                "tokens_per_s": m[stage].get("tokens_per_s"), "peak_gib": m[stage].get("peak_gib"),
+                                "stage2_gradient_checkpointing": load_config(recipe, args.set).stage2.gradient_checkpointing,
+                                **({"set": args.set} if args.set else {})})
+            save()
     if args.resume_check:
         recipe, seq = args.recipes[0], args.seq_lens[0]
         again = args.resume_gpus or args.gpus
-        resumed = convert_run(recipe, folder, text, work / "run", seq, rows_of(seq), args.steps, args.dtype, args.gpus, cuda, again)
+        resumed = convert_run(recipe, folder, text, work / "run", seq, rows_of(seq), args.steps, args.dtype, args.gpus, cuda, again,
+                             tuple(args.set))
         out["resume"] = {"recipe": recipe, "seq_len": seq, "gpus": args.gpus, "resumed_on_gpus": again, **resume_check(runs[recipe, seq], resumed)}
         print(f"resumed at stage-1 step {out['resume']['interrupted_at_step']}: largest loss difference {out['resume']['max_abs_loss_diff']}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    save()
     print("| recipe | stage | seq x batch | tokens/s | peak GiB |\n|---|---|---|---:|---:|")
     for r in records:
         print(f"| {r['recipe']} | {r['stage']} | {r['seq_len']} x {r['batch']} | {r['tokens_per_s']} | {r['peak_gib'] or ''} |")

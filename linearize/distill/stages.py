@@ -77,7 +77,6 @@ def transfer_losses(
     `train`, gradients are accumulated. `stop_early=False` runs the whole forward (FSDP needs every
     layer's forward to finish)."""
     device = batch.device
-    losses: dict[int, tuple[float, float]] = {}
     layers = [m for m in model.modules() if isinstance(m, LinearizedAttention)]
     last = max(m.layer_idx for m in layers)
 
@@ -88,16 +87,21 @@ def transfer_losses(
             loss = loss + attn_ce_weight * attention_ce(mod, q, k)
         if train:
             loss.backward()
-        losses[mod.layer_idx] = (loss.item(), (diff.pow(2).sum() / teacher.float().pow(2).sum().clamp_min(1e-12)).item())
+        with torch.no_grad():  # off the graph: kept until the pass ends, these must not hold `diff` alive
+            pending[mod.layer_idx] = torch.stack([loss, diff.pow(2).sum() / teacher.float().pow(2).sum().clamp_min(1e-12)])
         if mod.layer_idx == last and stop_early:
             raise _StopForward
 
+    pending: dict[int, Tensor] = {}  # read once after the pass: a read per layer would stall the GPU 2 x layers times a step
     with attention_mode(model, "transfer", on_transfer), torch.no_grad(), autocast(device):
         try:
             model(input_ids=batch, use_cache=False)
         except _StopForward:
             pass
-    return losses
+    if not pending:
+        return {}
+    values = torch.stack(list(pending.values())).tolist()
+    return {layer: (pair[0], pair[1]) for layer, pair in zip(pending, values)}
 
 
 def held_out_transfer(model: nn.Module, rows: Tensor, batch_size: int, stop_early: bool = True) -> list[dict[str, float]]:
