@@ -51,10 +51,25 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    """Architecture, sizes, adapter, parameter counts and what each kind would add (no weights loaded)."""
-    from .info import describe, format_description
+    """Architecture, sizes, adapter, parameter counts and what each kind would add (no weights loaded); with
+    --config, the memory each stage of that recipe needs on each GPU."""
+    from .info import describe, format_description, resolve_plan
 
-    print(format_description(describe(args.model)))
+    if args.config is None:
+        if args.set or args.gpus != 1:
+            raise LinearizeError("--set and --gpus describe a run: give its recipe too (--config RECIPE)")
+        print(format_description(describe(args.model)))
+        return
+    if args.gpus < 1:
+        raise LinearizeError(f"--gpus {args.gpus}: give the number of GPUs the run shards over (1 or more)")
+    from .distill import load_config
+    from .distill.memory import estimate, format_estimate
+
+    cfg = load_config(args.config, [*args.set, *([f"model={args.model}"] if args.model else [])])
+    cfg.check()
+    config, _ = resolve_plan(cfg.model, cfg.plan)  # the plan must fit the model before anything is estimated
+    print(format_description(describe(cfg.model)))
+    print(format_estimate(estimate(config, cfg, args.gpus), cfg, args.gpus))
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -225,8 +240,14 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"linearize {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="architecture, sizes, adapter and what each kind would add (no weights loaded)")
-    p.add_argument("model", nargs="?", default="smollm2-135m", help="smollm2-135m (default), a .gguf, a folder or a Hub id")
+    p = sub.add_parser("inspect", help="architecture, sizes, adapter and what each kind would add (no weights loaded); "
+                                       "with --config, each stage's GPU memory")
+    p.add_argument("model", nargs="?", default=None,
+                   help="smollm2-135m (default; with --config, the recipe's model), a .gguf, a folder or a Hub id")
+    p.add_argument("--config", default=None, help="a recipe (name or YAML file): print the memory each stage needs")
+    p.add_argument("--gpus", type=int, default=1, help="with --config: the GPUs FSDP shards over (configs/accelerate/fsdp.yaml)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="with --config: recipe overrides, e.g. stage2.batch_size=8 data.seq_len=4096")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("plan", help="resolve a layer plan against a model; --out writes it as YAML for convert")

@@ -83,6 +83,10 @@ BAD = [
     (["plan", "model", "--budget", "softmax=1", "--report", "existing"], "was not written by `linearize plan`"),
     # 4: config.json that is not JSON
     (["inspect", "badjson"], "badjson/config.json' is not valid JSON"),
+    (["inspect", "model", "--gpus", "2"], "give its recipe too (--config RECIPE)"),
+    (["inspect", "model", "--config", "bad.yaml"], "recipe 'bad.yaml' is not valid YAML"),
+    (["inspect", "model", "--config", "smollm2-135m-recall", "--gpus", "0"], "--gpus 0: give the number of GPUs"),
+    (["inspect", "model", "--config", "smollm2-135m-recall", "--set", "stage2.batch_size=0"], "stage2.batch_size=0"),
     (["convert", "--model", "badjson", "--out", "o"], "is not valid JSON"),
     (["push", "badjson", "me/x", "--dry-run", "--out", "o"], "is not valid JSON"),
     (["eval", "badjson", *PPL, "--out", "o"], "is not valid JSON"),
