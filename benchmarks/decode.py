@@ -6,8 +6,9 @@ at batch sizes 1 and 16 and contexts of 1k to 32k tokens.
     python benchmarks/decode.py --out benchmarks/results/decode_h200.json [--model path/to/smollm2.gguf]
     python benchmarks/decode.py --smoke --out /tmp/decode.json   # CPU: tiny random model, eager steps
 
-Plans: all-converted `lolcats` and `gla`, and `heads`, `make convert`'s head-level default
-(configs/smollm2-135m.yaml: 12 KV heads keep softmax from a preallocated key/value cache). For each
+Plans: all-converted `lolcats` and `gla`, `heads`, `make convert`'s head-level default
+(configs/smollm2-135m.yaml: 12 KV heads keep softmax from a preallocated key/value cache), and `layers`,
+every other layer kept softmax whole (decoded from a preallocated cache the same way). For each
 (B, T): random prompts of T tokens. `ours`: prefill (in chunks), capture one decode step, time
 `--steps` replays with CUDA events (median over `--repeats`), the step as it is (mode `graph`) and
 compiled by torch.compile before capture (mode `compiled`; `fused`: the same after
@@ -40,7 +41,8 @@ from linearize.info import CacheMeter
 
 from kernel_bench import copy_bandwidth, header  # noqa: E402  (the script's folder is on sys.path)
 
-PLANS = {"lolcats": "*:lolcats(window=64)", "gla": "*:gla", "heads": "configs/smollm2-135m.yaml"}
+PLANS = {"lolcats": "*:lolcats(window=64)", "gla": "*:gla", "heads": "configs/smollm2-135m.yaml",
+         "layers": "0-/2:lolcats(window=64),1-/2:softmax"}  # layers: issue 17's 50% plan, every other layer softmax whole
 OURS = {"graph": False, "compiled": True, "frozen": {"freezing": True}, "fused": True}  # GraphedDecoder's compile= of each mode
 SMOKE_HEADS = "0:lolcats(window=64, sinks=4, softmax_heads=[1]),1:lolcats(window=64, sinks=4)"  # the 2-layer smoke model
 GIB = 2**30
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--random", action="store_true", help="random weights of SmolLM2-135M's config instead of the GGUF (same speed)")
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--plans", nargs="+", choices=sorted(PLANS), default=["lolcats", "gla", "heads"])
+    ap.add_argument("--plans", nargs="+", choices=sorted(PLANS), default=["lolcats", "gla", "heads", "layers"])
     ap.add_argument("--ours", nargs="+", choices=sorted(OURS), default=["graph", "compiled"],
                     help="our decode step as captured (graph), compiled with torch.compile before capture (compiled), "
                     "the same with Inductor's freezing (frozen), compiled on stacked q/k/v and gate/up projections (fused)")

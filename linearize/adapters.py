@@ -75,7 +75,8 @@ def rotary_fn(attn: nn.Module):
 
 
 def attention_geometry(attn: nn.Module, config) -> dict:
-    """Head counts, head size, score scale and soft-cap of an HF attention module."""
+    """Head counts, head size, score scale, soft-cap and sliding window (keys within the last W positions,
+    None for full attention) of an HF attention module."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     head_dim = getattr(attn, "head_dim", None) or text.hidden_size // text.num_attention_heads
     return {
@@ -85,6 +86,8 @@ def attention_geometry(attn: nn.Module, config) -> dict:
         "hidden_size": text.hidden_size,
         "scaling": float(getattr(attn, "scaling", head_dim**-0.5)),
         "softcap": getattr(attn, "attn_logit_softcapping", None),
+        # per layer where HF sets it on the module (Gemma 2, Qwen 2/3), else the whole model's (Mistral, Phi-3)
+        "sliding_window": attn.sliding_window if hasattr(attn, "sliding_window") else getattr(text, "sliding_window", None),
     }
 
 

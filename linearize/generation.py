@@ -4,25 +4,29 @@ A converted model decodes from fixed-size states that the kernels update in plac
 step (embedding, every layer, head, next-token choice, position advance) can be recorded once with
 `torch.cuda.graphs` and replayed without Python or launch overhead. The token and the rotary
 positions live in static tensors that the step itself advances, so each replay sees the next
-position. Softmax heads (`softmax_heads`) decode from a key/value cache preallocated for the prompt
-plus `max_new_tokens`, written in place. On CPU (or with graph=False) the same step runs eagerly.
+position. Softmax heads (`softmax_heads`) and the layers a plan keeps softmax whole decode from a
+key/value cache preallocated for the prompt plus `max_new_tokens`, written in place (whole layers
+through `ExactAttention`, swapped in for the decoder's own calls only). On CPU (or with graph=False)
+the same step runs eagerly.
 
     tokens = linearize.generate_graphed(model, input_ids, max_new_tokens=64)
 """
 
 from __future__ import annotations
 
+import contextlib
 import types
 import weakref
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from .adapters import adapter_for, decoder_layers
 from .cache import StateLayer
 from .convert import is_converted
 from .errors import LinearizeError
-from .kinds.base import static_softmax_cache
+from .kinds.base import LinearizedAttention, State, static_softmax_cache
 from .plan import SOFTMAX
 
 Sampler = Callable[[Tensor], Tensor]  # logits [B, V] -> token ids [B]; runs inside the captured step
@@ -47,13 +51,31 @@ def own_code(fn: Callable, model: nn.Module, key: Hashable) -> Callable:
     return types.MethodType(g, fn.__self__) if hasattr(fn, "__self__") else g
 
 
+class ExactAttention(LinearizedAttention):
+    """A layer the plan keeps softmax, for graphed decoding: the original attention (its projections, rotary,
+    scale, soft-cap and sliding window) over a key/value cache held like softmax heads' in the layer's
+    StateLayer, which the decoder preallocates and the step writes in place (HF's growing cache cannot be
+    captured)."""
+
+    kind = SOFTMAX
+
+    def __init__(self, attn: nn.Module, config: Any):
+        super().__init__(attn, config, adapter_for(config.linearize["base_model_type"]), types.SimpleNamespace())
+
+    def build(self, options: Any) -> None:
+        """No new parameters: the layer is the original one."""
+
+    def student_mix(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, valid: Tensor | None, state: State | None) -> tuple[Tensor, State]:
+        return self.cached_softmax(q, k, v, valid, state)
+
+
 class GraphedDecoder:
     """Prefills a prompt eagerly, then decodes one token per `step()` from static buffers.
 
     `tokens` [B,1] holds the last generated token (the next step's input), `logits` [B,V] the logits
     that chose it; both are overwritten by every step. `sample` must be capturable (no host syncs).
     `max_new_tokens` bounds the tokens it decodes (the first comes from the prefill); plans with
-    softmax heads need it, to size their key/value cache. `compile=True` puts the step under
+    softmax heads or layers need it, to size their key/value cache. `compile=True` puts the step under
     torch.compile(fullgraph=True) before capture: Inductor fuses the glue between the kernels
     (norms, rotary, projections' epilogues), so a replay launches fewer kernels; a dict instead of True
     gives Inductor options. The weights stay inputs of the compiled step (Inductor's freezing finds no
@@ -68,8 +90,8 @@ class GraphedDecoder:
         heads = check_decodable(model)
         if heads and max_new_tokens is None:
             raise LinearizeError(
-                f"layers {heads} keep softmax heads, which decode from a preallocated key/value cache: give "
-                "max_new_tokens (generate_graphed does) to size it"
+                f"layers {heads} keep softmax heads or attention, which decode from a preallocated key/value cache: "
+                "give max_new_tokens (generate_graphed does) to size it"
             )
         if max_new_tokens is not None and max_new_tokens < 1:
             raise LinearizeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -82,6 +104,9 @@ class GraphedDecoder:
             raise LinearizeError("graph=True needs the model and input_ids on a CUDA device")
         self.model, self.sample = model, sample
         self.cache = model.new_cache()
+        self._exact = {i: ExactAttention(decoder_layers(model)[i].self_attn, model.config) for i in whole_softmax_layers(model)}
+        for i in self._exact:  # their keys/values go where softmax heads keep theirs
+            self.cache.layers[i] = StateLayer()
         self._layers = [layer for layer in self.cache.layers if isinstance(layer, StateLayer)]
         b, t = input_ids.shape
         if attention_mask is None:  # left padding: positions count from each row's first real token
@@ -89,7 +114,7 @@ class GraphedDecoder:
         else:
             positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         chunk = prefill_chunk or t
-        with torch.no_grad():
+        with torch.no_grad(), self._exact_layers():
             for s in range(0, t, chunk):
                 mask = None if attention_mask is None else attention_mask[:, : s + chunk]
                 logits = self._forward(input_ids[:, s : s + chunk], positions[:, s : s + chunk], mask)
@@ -110,6 +135,19 @@ class GraphedDecoder:
         if use_graph:
             self._capture()
 
+    @contextlib.contextmanager
+    def _exact_layers(self) -> Iterator[None]:
+        """The whole softmax layers as `ExactAttention` for the decoder's own calls; the model is left as it was."""
+        layers = decoder_layers(self.model)
+        original = {i: layers[i].self_attn for i in self._exact}
+        try:
+            for i, module in self._exact.items():
+                layers[i].self_attn = module
+            yield
+        finally:
+            for i, module in original.items():
+                layers[i].self_attn = module
+
     def _forward(self, ids: Tensor, positions: Tensor, mask: Tensor | None = None) -> Tensor:
         kw = {self.model._cache_kwarg: self.cache}
         out = self.model(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True, logits_to_keep=1, **kw)
@@ -126,7 +164,7 @@ class GraphedDecoder:
         the device, never this host count, and a fixed value keeps a compiled step from recompiling per token."""
         for layer in self._layers:
             layer.seen = self.prompt_len
-        with torch.no_grad():
+        with torch.no_grad(), self._exact_layers():
             self._step()
 
     def _static_tensors(self) -> list[Tensor]:
@@ -170,23 +208,16 @@ class GraphedDecoder:
 
 
 def whole_softmax_layers(model: nn.Module) -> list[int]:
-    """The layers of a converted model that keep HF's own softmax attention (kind `softmax`): graphed decoding refuses them."""
+    """The layers of a converted model that keep HF's own softmax attention (kind `softmax`)."""
     return [i for i, spec in enumerate(model.layer_plan) if spec.kind == SOFTMAX]
 
 
 def check_decodable(model: nn.Module) -> list[int]:
-    """Raise unless every layer of `model` is converted (softmax heads within a layer are fine); returns
-    the layers that keep softmax heads."""
+    """Raise unless `model` was converted; returns the layers that keep softmax heads or whole softmax attention
+    (they decode from a preallocated key/value cache)."""
     if not is_converted(model):
         raise LinearizeError("graphed decoding needs a model converted with linearize.convert")
-    softmax = whole_softmax_layers(model)
-    if softmax:
-        raise LinearizeError(
-            f"graphed decoding needs every layer converted, but layers {softmax} keep softmax attention whole "
-            "(kind 'softmax', HF's own attention and cache). Convert one of their KV heads or more (softmax_heads keeps the "
-            "others exact), or use model.generate()."
-        )
-    return [i for i, spec in enumerate(model.layer_plan) if spec.options.get("softmax_heads")]
+    return [i for i, spec in enumerate(model.layer_plan) if spec.kind == SOFTMAX or spec.options.get("softmax_heads")]
 
 
 def generate_graphed(

@@ -30,6 +30,8 @@ PLANS = {
     "mamba2": "*:mamba2",
     # softmax heads beside converted ones: a preallocated key/value cache written in place
     "heads": "0:lolcats(window=3, softmax_heads=[0]),1:gla(softmax_heads=[1]),2:lolcats(window=3, sinks=2, softmax_heads=[1])",
+    # a layer kept softmax whole beside converted ones and softmax heads: its keys/values preallocated too
+    "layers": "0:softmax,1:lolcats(window=3),2:gla(softmax_heads=[1])",
 }
 
 
@@ -61,7 +63,7 @@ def test_static_decode_step_matches_generate(base, name):
     assert torch.equal(generate_graphed(model, ids, 12), expected)
 
 
-@pytest.mark.parametrize("name", ["lolcats", "lizard", "gla", "mamba2", "heads"])
+@pytest.mark.parametrize("name", ["lolcats", "lizard", "gla", "mamba2", "heads", "layers"])
 def test_left_padded_batch_with_chunked_prefill_matches_generate(base, name):
     model = converted(base, PLANS[name])
     ids = prompt(2, 9)
@@ -88,6 +90,38 @@ def test_cache_states_keep_their_addresses_through_decode_and_prefill(base, name
     assert rel_err(torch.cat(logits, 1), full) < 1e-4
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2"])
+def test_whole_softmax_layers_decode_as_the_original_attention(model_type):
+    """Layers a plan keeps softmax decode graphed from a preallocated cache with the original attention's result
+    (rotary, q/k norms, soft-cap, Gemma 2's and Mistral's sliding windows, shorter than prompt + new tokens here):
+    the tokens and logits of model.generate, whose softmax layers are HF's own, on a left-padded batch with a
+    chunked prefill; the model keeps its own modules."""
+    from conftest import EXTRA, TINY
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    torch.manual_seed(0)
+    extra = {**EXTRA.get(model_type, {}), **({"sliding_window": 6} if model_type == "mistral" else {})}
+    base = AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type](**TINY, **extra)).eval()
+    model = converted(base, "0:softmax,1:gla,2:softmax")
+    originals = [layer.self_attn for layer in model.model.layers]
+    ids = prompt(2, 9)
+    ids[1, :3] = 0
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    decoder = GraphedDecoder(model, ids, attention_mask=mask, prefill_chunk=4, max_new_tokens=8)
+    assert [layer.self_attn for layer in model.model.layers] == originals  # swapped in only for the decoder's calls
+    assert all(int(decoder.cache.layers[i].state["sm_n"]) == 9 for i in (0, 2))
+    tokens, logits = [decoder.tokens.clone()], [decoder.logits.clone()]
+    for _ in range(7):
+        tokens.append(decoder.step().clone())
+        logits.append(decoder.logits.clone())
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                              output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(torch.cat([ids, *tokens], 1), expected.sequences)
+    assert rel_err(torch.stack(logits, 1), torch.stack(expected.logits, 1)) < 1e-4
+
+
 def test_softmax_heads_decode_from_a_preallocated_cache_with_softcap():
     """Gemma-2 (soft-capped logits, a sliding window): the static cache's masked attention path."""
     model, ids = converted(tiny_model("gemma2"), "*:lizard(window=3, softmax_heads=[1])"), prompt(2, 9)
@@ -112,14 +146,16 @@ def test_softmax_heads_decode_from_a_preallocated_cache_with_softcap():
         decoder.step()
 
 
-@pytest.mark.parametrize("how", [True, {"freezing": True}, "fused"], ids=["compiled", "frozen", "fused"])
+@pytest.mark.parametrize("how", [True, {"freezing": True}, "fused", "layers"], ids=["compiled", "frozen", "fused", "layers"])
 def test_decode_step_compiles_whole_and_matches_eager(base, how):
     """torch.compile(fullgraph=True) takes the whole decode step: no graph break and no host sync in it,
     the softmax heads' preallocated cache and the sinks included (here on the references, Inductor on CPU);
-    also with Inductor options (freezing) and on stacked projections (fused, against the unfused model)."""
+    also with Inductor options (freezing), on stacked projections (fused, against the unfused model) and with a
+    layer kept softmax whole."""
     from linearize.fusion import fuse_projections
 
-    model, ids = converted(base, PLANS["heads"]), prompt(2, 7)
+    model, ids = converted(base, PLANS["layers" if how == "layers" else "heads"]), prompt(2, 7)
+    how = True if how == "layers" else how
     eager = GraphedDecoder(model, ids, max_new_tokens=9)
     if how == "fused":
         model, how = fuse_projections(copy.deepcopy(model)), True
@@ -181,12 +217,12 @@ def test_fused_projections_keep_outputs_and_refuse_saving(model_type, tmp_path):
         assert all(hasattr(layer.self_attn, "q_proj") for layer in other.model.layers)  # nothing was stacked
 
 
-def test_graphed_decoding_refuses_softmax_layers_and_bad_input(base):
+def test_graphed_decoding_refuses_bad_input(base):
     ids = prompt()
-    with pytest.raises(LinearizeError, match=r"layers \[1\] keep softmax attention whole"):
-        generate_graphed(converted(base, "0:lolcats,1:softmax,2:gla"), ids, 3)
-    with pytest.raises(LinearizeError, match=r"layers \[0, 1, 2\] keep softmax heads.*give max_new_tokens"):
+    with pytest.raises(LinearizeError, match=r"layers \[0, 1, 2\] keep softmax heads or attention.*give max_new_tokens"):
         GraphedDecoder(converted(base, PLANS["heads"]), ids)
+    with pytest.raises(LinearizeError, match=r"layers \[1\] keep softmax heads or attention.*give max_new_tokens"):
+        GraphedDecoder(converted(base, "0:lolcats,1:softmax,2:gla"), ids)
     with pytest.raises(LinearizeError, match="converted with linearize.convert"):
         generate_graphed(base, ids, 3)
     model = converted(base, "*:gla")
@@ -209,7 +245,7 @@ def test_decode_benchmark_runs_in_smoke_mode(tmp_path):
     assert {"command", "date", "device", "versions", "records"} <= set(data)
     records = data["records"]
     runs = {(r["impl"], r["name"], r["mode"], r["B"]) for r in records}
-    ours = [("ours", name, mode) for name in ("lolcats", "gla", "heads") for mode in ("graph", "compiled")]
+    ours = [("ours", name, mode) for name in ("lolcats", "gla", "heads", "layers") for mode in ("graph", "compiled")]
     assert runs == {(*run, b) for b in (1, 2) for run in ours + [("teacher_compiled", "teacher", "compiled"), ("teacher_eager", "teacher", "eager")]}
     heads_plan = data["setup"]["plans"]["heads"]
     assert "softmax_heads" in heads_plan and all(r["plan"] == heads_plan for r in records if r["name"] == "heads")
@@ -251,7 +287,7 @@ def test_cuda_graph_replay_equals_eager_decoding(model_type, name, dtype):
 
 @cuda
 @pytest.mark.parametrize("how", [True, {"freezing": True}, "fused"], ids=["compiled", "frozen", "fused"])
-@pytest.mark.parametrize("name", ["lolcats-sinks", "lizard", "gla", "mamba2", "heads"])
+@pytest.mark.parametrize("name", ["lolcats-sinks", "lizard", "gla", "mamba2", "heads", "layers"])
 def test_compiled_cuda_graph_decoding_equals_eager(base, name, how):
     """The decode step through Inductor with the Triton step kernels inside (fullgraph: no graph break), then captured
     (fused: on stacked projections, against the unfused model's eager decoding)."""

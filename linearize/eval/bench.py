@@ -98,17 +98,12 @@ def static_cache_decode_ms(model: Any, ids: torch.Tensor, steps: int, repeats: i
     return _per_step(one, steps, repeats, ids.is_cuda)
 
 
-def fast_decode_ms(model: Any, ids: torch.Tensor, steps: int, repeats: int) -> tuple[float | None, str]:
+def fast_decode_ms(model: Any, ids: torch.Tensor, steps: int, repeats: int) -> tuple[float, str]:
     """ms per token of the fastest decoding `model` has, and its name: a converted model's graphed step
-    (compiled on CUDA), an unconverted one's static cache + compiled step; None for converted plans that
-    keep whole softmax layers (graphed decoding refuses them)."""
-    from ..generation import whole_softmax_layers
-
+    (compiled on CUDA), an unconverted one's static cache + compiled step."""
     compiled = " + torch.compile" * ids.is_cuda
     if not is_converted(model):
         return static_cache_decode_ms(model, ids, steps, repeats), "static cache" + compiled
-    if whole_softmax_layers(model):
-        return None, "none (whole softmax layers)"
     return graphed_decode_ms(model, ids, steps, repeats, compile=ids.is_cuda)[0], "graphed step" + compiled
 
 
@@ -154,10 +149,10 @@ def bench_model(
             row.update(status="ok", prefill_tok_s=batch * context / first,
                        decode_tok_s=batch * decode_tokens / max(full - first, 1e-9),
                        peak_mem_gib=peak,
-                       fast_decode_tok_s=None if fast_ms is None else batch * 1e3 / fast_ms, fast_decode=fast)
+                       fast_decode_tok_s=batch * 1e3 / fast_ms, fast_decode=fast)
             rows.append(row)
             if progress:
                 progress(f"batch {batch} context {context}: prefill {row['prefill_tok_s']:,.0f} tok/s, "
                          f"decode {row['decode_tok_s']:,.1f} tok/s, fast decode ({fast}) "
-                         + ("-" if fast_ms is None else f"{row['fast_decode_tok_s']:,.1f} tok/s"))
+                         f"{row['fast_decode_tok_s']:,.1f} tok/s")
     return rows

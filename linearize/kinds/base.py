@@ -86,7 +86,7 @@ class LinearizedAttention(nn.Module):
         self.layer_idx = attn.layer_idx
         self.num_heads, self.num_kv_heads = geo["num_heads"], geo["num_kv_heads"]
         self.head_dim, self.hidden_size = geo["head_dim"], geo["hidden_size"]
-        self.scaling, self.softcap = geo["scaling"], geo["softcap"]
+        self.scaling, self.softcap, self.sliding_window = geo["scaling"], geo["softcap"], geo["sliding_window"]
         self.adapter, self.options, self.rotary_fn = adapter, options, rotary_fn(attn)
         for name in adapter.modules:
             setattr(self, name, getattr(attn, name))
@@ -151,9 +151,8 @@ class LinearizedAttention(nn.Module):
             k, v = torch.cat([state["sm_k"], k], 1), torch.cat([state["sm_v"], v], 1)
             kvalid = torch.cat([state["sm_valid"], kvalid], 1)
         mask = None
-        if valid is not None or k.shape[1] > t:
-            causal = torch.ones(t, k.shape[1], dtype=torch.bool, device=q.device).tril(k.shape[1] - t)
-            mask = causal & kvalid[:, None, :]
+        if valid is not None or k.shape[1] > t or self.sliding_window:
+            mask = self.visible(k.shape[1] - t + torch.arange(t, device=q.device), k.shape[1]) & kvalid[:, None, :]
         y = self.attend_masked(q, k, v, mask)
         return y, {"sm_k": k, "sm_v": v, "sm_valid": kvalid}
 
@@ -166,9 +165,15 @@ class LinearizedAttention(nn.Module):
         for name, x in (("sm_k", k), ("sm_v", v), ("sm_valid", kvalid)):
             state[name].index_copy_(1, slots, x)
         n.add_(q.shape[1])
-        causal = torch.arange(cache_k.shape[1], device=q.device)[None, :] <= slots[:, None]
-        y = self.attend_masked(q, cache_k, state["sm_v"], causal & state["sm_valid"][:, None, :])
+        y = self.attend_masked(q, cache_k, state["sm_v"], self.visible(slots, cache_k.shape[1]) & state["sm_valid"][:, None, :])
         return y, {name: state[name] for name in ("sm_k", "sm_v", "sm_valid", "sm_n")}
+
+    def visible(self, slots: Tensor, keys: int) -> Tensor:
+        """[T, keys] bool: which cache slots the queries at `slots` see, causally and, in a sliding-window
+        layer, within the window (as HF masks it: key slot > query slot - window)."""
+        j = torch.arange(keys, device=slots.device)[None, :]
+        seen = j <= slots[:, None]
+        return seen & (j > slots[:, None] - self.sliding_window) if self.sliding_window else seen
 
     def attend_masked(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Softmax attention of q [B,T,h,D] over k/v [B,S,hk,D] where mask [B,T,S] (bool) allows, or
