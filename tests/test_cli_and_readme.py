@@ -282,3 +282,30 @@ def test_recall_recipe_is_the_measured_run():
     assert (cfg.data.seq_len, cfg.data.recall_mix, cfg.stage2.lr) == (seq, mix, lr2)
     assert (cfg.stage1.steps, cfg.stage2.steps, cfg.stage1.batch_size, cfg.stage2.batch_size) == (s1, s2, batch, batch)
     assert (cfg.data.teacher_len, cfg.stage1.lr, cfg.stage2.kl_weight, cfg.stage2.ce_weight) == (1024, 3e-2, 1.0, 0.0)
+
+
+def test_a_recipe_that_cannot_fit_is_refused_with_the_settings_that_fit():
+    """Before loading, a run whose estimate is past the GPU's memory gets one line naming what it needs and what
+    fits: checkpointing, a batch size, more GPUs; one that fits passes."""
+    from transformers import LlamaConfig
+
+    from linearize.distill import load_config
+    from linearize.distill.memory import GiB, check_fits, estimate
+
+    shape = json.loads((ROOT / "benchmarks" / "results" / "scale_h200.json").read_text())["setup"]["shape"]
+    config = LlamaConfig(**{k: v for k, v in shape.items() if k != "model_type"}, dtype="bfloat16")
+    cfg = load_config("llama3-8b-lolcats", ["stage1.batch_size=32", "stage2.batch_size=32"])
+    check_fits(config, cfg, 300 * GiB)
+    with pytest.raises(linearize.LinearizeError) as e:
+        check_fits(config, cfg, 80 * GiB)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("stage2 needs about 224 GiB on each GPU")
+    assert "stage2.gradient_checkpointing=true (about 32 GiB)" in message and "fsdp.yaml" in message
+    rows = int(re.search(r"stage2\.batch_size=(\d+)", message).group(1))
+    fits = load_config("llama3-8b-lolcats", [f"stage2.batch_size={rows}"])
+    assert estimate(config, fits)["stage2"].total <= 80 * GiB
+    fits.stage2.batch_size += 1
+    assert estimate(config, fits)["stage2"].total > 80 * GiB  # the largest batch that fits
+    assert not cfg.stage2.gradient_checkpointing  # the recipe is left as given
+    with pytest.raises(linearize.LinearizeError, match=r"stage1 needs about 22 GiB.*stage1.batch_size=4 "):
+        check_fits(config, cfg, 16 * GiB)

@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 
 from ..adapters import decoder_layers
 from ..convert import _build_layers
+from ..errors import LinearizeError
 from ..info import skeleton
 from ..plan import LayerPlan
 from .config import DistillConfig
@@ -29,6 +30,7 @@ from .stages import loss_chunk
 # (1024 x 8 tokens, results/scale_h200.json), what is left of each peak after the exact parts below.
 LAYER_BYTES_PER_UNIT = 11.5
 ADAM_BYTES = 8  # AdamW's exp_avg and exp_avg_sq, fp32 whatever the parameter's dtype
+MARGIN = 0.1  # the estimates' error bound where measured (8%) and a little more: a run is refused only past it
 GiB = 2**30
 
 
@@ -104,3 +106,28 @@ def format_estimate(est: dict[str, StageMemory], cfg: DistillConfig, gpus: int =
                      f"({m.trained_params:,} parameters, gradients, AdamW states) + activations {m.activations / GiB:.2f} "
                      f"({cfg.data.seq_len} x {s.batch_size} tokens{how})" + (f" + loss {m.loss / GiB:.2f}" if m.loss else ""))
     return "\n".join(lines)
+
+
+def check_fits(config: PretrainedConfig, cfg: DistillConfig, capacity: float, gpus: int = 1) -> None:
+    """Refuse, before any weights load, a recipe whose estimate exceeds `capacity` bytes (each GPU's memory) by
+    more than the estimate's error: one line with what the stage needs and the settings that bring it under."""
+    est = estimate(config, cfg, gpus)
+    for stage, m in est.items():
+        if m.total * (1 - MARGIN) <= capacity:
+            continue
+        s = getattr(cfg, stage)
+        fixes = []
+        if stage == "stage2" and not s.gradient_checkpointing:
+            s.gradient_checkpointing = True
+            on = estimate(config, cfg, gpus)[stage]
+            s.gradient_checkpointing = False
+            if on.total <= capacity:
+                fixes.append(f"set stage2.gradient_checkpointing=true (about {on.total / GiB:.0f} GiB)")
+        per_row = m.activations / s.batch_size
+        rows = int((capacity - (m.total - m.activations)) // per_row)
+        if 0 < rows < s.batch_size:
+            fixes.append(f"set {stage}.batch_size={rows} (about {(m.total - m.activations + rows * per_row) / GiB:.0f} GiB)")
+        fixes.append("shard over more GPUs (configs/accelerate/fsdp.yaml)")
+        raise LinearizeError(f"{stage} needs about {m.total / GiB:.0f} GiB on each GPU (weights {m.weights / GiB:.0f}, activations "
+                             f"{m.activations / GiB:.0f}) and the GPU has {capacity / GiB:.0f} GiB: " + ", or ".join(fixes)
+                             + " (`linearize inspect MODEL --config RECIPE` shows the estimate)")

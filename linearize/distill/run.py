@@ -128,6 +128,10 @@ def distill(
     device, rank, world = _distributed()
     dtype, train_dtype = resolve_dtypes(cfg, device, config)
     sharded = world > 1 and fsdp.requested()
+    if device.type == "cuda":  # a recipe that clearly cannot fit fails now, not after minutes of loading
+        from .memory import check_fits
+
+        check_fits(config, cfg, torch.cuda.get_device_properties(device).total_memory, world if sharded else 1)
     work = Path(str(out) + ".ckpt")
     recipe = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     trained = any(Checkpoint(work / s).exists() for s in ("stage1", "stage2"))
