@@ -405,3 +405,38 @@ def test_packed_hybrid_on_the_kernels_matches_reference_with_gradients(gated, si
     tol = 1e-5 if DEVICE == "cpu" else 5e-3
     assert rel_err(y, y_ref) < tol
     assert all(_window_err(a, r) < tol for a, r in zip(grads, refs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,h,hk,d,s", [(1, 9, 3, 64, 100), (2, 4, 4, 16, 33), (3, 8, 2, 128, 300)])
+@pytest.mark.parametrize("softcap,window", [(None, None), (30.0, None), (None, 17)])
+def test_decode_attention_kernel_matches_reference(dtype, b, h, hk, d, s, softcap, window):
+    """The split-K decode kernel against the reference: GQA groups, empty and padded slots, the query's slot
+    anywhere in the cache (spans before it, after it, and cut by the sliding window), soft-capped scores."""
+    from linearize.kernels.attention.decode import cached_attention_triton
+    from linearize.kernels.attention.naive import cached_attention_ref
+
+    g = torch.Generator().manual_seed(b * s + h)
+    q, k, v = (torch.randn(b, t, n, d, generator=g).to(DEVICE, dtype) for t, n in ((1, h), (s, hk), (s, hk)))
+    for pos in (0, s // 2, s - 1):
+        valid = torch.rand(b, s, generator=g).to(DEVICE) > 0.2
+        valid[:, pos] = True  # a decode step has just written its own slot
+        valid[:, pos + 1 :] = False  # not written yet (garbage keys there must not count)
+        slots = torch.tensor([pos], device=DEVICE)
+        kw = dict(scale=d**-0.5, softcap=softcap, window=window)
+        got = cached_attention_triton(q, k, v, valid, slots, **kw)
+        ref = cached_attention_ref(q, k, v, valid, slots, **kw)
+        assert got.dtype == dtype and rel_err(got, ref) < TOL[dtype], (pos, rel_err(got, ref))
+
+
+def test_decode_attention_dispatch_and_refusals():
+    from linearize import kernels
+    from linearize.kernels.attention.decode import cached_attention_triton
+
+    q, k = torch.randn(1, 2, 4, 16, device=DEVICE), torch.randn(1, 8, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="one query token"):
+        cached_attention_triton(q, k, k, torch.ones(1, 8, dtype=torch.bool, device=DEVICE), torch.tensor([3, 4], device=DEVICE), scale=0.25)
+    # several query tokens (a prefill into a static cache) take the reference on any device
+    valid = torch.ones(1, 8, dtype=torch.bool, device=DEVICE)
+    got = kernels.cached_attention(q, k, k, valid, torch.tensor([3, 4], device=DEVICE), scale=0.25)
+    assert rel_err(got, kernels.cached_attention_ref(q, k, k, valid, torch.tensor([3, 4], device=DEVICE), scale=0.25)) == 0

@@ -13,18 +13,20 @@ import os
 
 from torch import Tensor
 
+from .attention import cached_attention_ref
 from .gla import chunk_gla_ref, gla_step_ref
 from .hybrid import EPS, empty_state
 from .hybrid import hybrid_attn_ref
 from .hybrid import hybrid_step_ref
 
 try:  # Triton is Linux-only; without it everything runs on the references
+    from .attention.decode import cached_attention_triton
     from .gla.chunk import chunk_gla_triton
     from .gla.fused_recurrent import gla_step_triton
     from .hybrid.fused_recurrent import hybrid_step_triton
     from .hybrid.window import window_combine
 except ImportError:  # pragma: no cover - depends on the platform
-    chunk_gla_triton = gla_step_triton = hybrid_step_triton = window_combine = None
+    cached_attention_triton = chunk_gla_triton = gla_step_triton = hybrid_step_triton = window_combine = None
 
 
 def use_triton(x: Tensor) -> bool:
@@ -48,6 +50,13 @@ def hybrid_attn(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tens
     (`window_combine`), both on q's dtype (16-bit operands, fp32 accumulation) where the references work in fp32."""
     fast = {"combine": window_combine, "compute_dtype": None} if use_triton(q) else {}
     return hybrid_attn_ref(q, k, v, fq, fk, g, mix, scan=chunk_gla, **fast, **kw)
+
+
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, slots: Tensor, **kw) -> Tensor:
+    """Softmax attention over a static key/value cache (see `cached_attention_ref`): a decode token on CUDA goes to
+    the split-K kernel (its own slot is valid: the step has just written it), anything else to the reference."""
+    fn = cached_attention_triton if use_triton(q) and q.shape[1] == 1 else cached_attention_ref
+    return fn(q, k, v, valid, slots, **kw)
 
 
 def gla_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, state: Tensor) -> tuple[Tensor, Tensor]:

@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..kernels import EPS, chunk_gla, gla_step, hybrid_attn, hybrid_step
+from ..kernels import EPS, cached_attention, chunk_gla, gla_step, hybrid_attn, hybrid_step
 from ..kernels.hybrid import HedgehogMaps
 from .feature_maps import HedgehogFeatureMap
 from ..adapters import FUSED_QKV, Adapter, attention_geometry, key_validity, rotary_fn
@@ -165,7 +165,8 @@ class LinearizedAttention(nn.Module):
         for name, x in (("sm_k", k), ("sm_v", v), ("sm_valid", kvalid)):
             state[name].index_copy_(1, slots, x)
         n.add_(q.shape[1])
-        y = self.attend_masked(q, cache_k, state["sm_v"], self.visible(slots, cache_k.shape[1]) & state["sm_valid"][:, None, :])
+        y = cached_attention(q, cache_k, state["sm_v"], state["sm_valid"], slots, scale=self.scaling, softcap=self.softcap,
+                             window=self.sliding_window)
         return y, {name: state[name] for name in ("sm_k", "sm_v", "sm_valid", "sm_n")}
 
     def visible(self, slots: Tensor, keys: int) -> Tensor:
