@@ -113,9 +113,9 @@ def check_fits(config: PretrainedConfig, cfg: DistillConfig, capacity: float, gp
     more than the estimate's error: one line with what the stage needs and the settings that bring it under."""
     est = estimate(config, cfg, gpus)
     for stage, m in est.items():
-        if m.total * (1 - MARGIN) <= capacity:
-            continue
         s = getattr(cfg, stage)
+        if s.steps == 0 or m.total * (1 - MARGIN) <= capacity:  # a stage that does not run needs nothing
+            continue
         fixes = []
         if stage == "stage2" and not s.gradient_checkpointing:
             s.gradient_checkpointing = True
