@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     unit = math.lcm(args.gpus, args.resume_gpus or args.gpus)
     rows_of = lambda seq: max(unit, args.tokens_per_step // seq // unit * unit)  # noqa: E731  (a multiple of every process count)
     for recipe in args.recipes:
+        checkpointing = load_config(recipe, args.set).stage2.gradient_checkpointing
         for seq in args.seq_lens:
             rows = rows_of(seq)
             m = runs[recipe, seq] = convert_run(recipe, folder, text, work / "run", seq, rows, args.steps, args.dtype, args.gpus, cuda,
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
                 records.append({"shape": args.shape, "recipe": recipe, "plan": m["summary"]["plan"], "stage": stage,
                                 "seq_len": seq, "batch": rows // args.gpus, "gpus": args.gpus, "via": "convert", "dtype": args.dtype, "steps": m[stage]["steps"],
                                 "tokens_per_s": m[stage].get("tokens_per_s"), "peak_gib": m[stage].get("peak_gib"),
-                                "stage2_gradient_checkpointing": load_config(recipe, args.set).stage2.gradient_checkpointing,
+                                "stage2_gradient_checkpointing": checkpointing,
                                 **({"set": args.set} if args.set else {})})
             save()
     if args.resume_check:

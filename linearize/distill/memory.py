@@ -11,7 +11,7 @@ checkpointing each layer's input plus one layer's during its recomputation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PretrainedConfig
@@ -49,10 +49,6 @@ class StageMemory:
         return self.weights + self.trained + self.activations + self.loss
 
 
-def _bytes(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
-
-
 def estimate(config: PretrainedConfig, cfg: DistillConfig, gpus: int = 1) -> dict[str, StageMemory]:
     """Each stage's memory on each of `gpus` GPUs (FSDP2 as configs/accelerate/fsdp.yaml shards it: decoder layers
     and the root sharded, two layers gathered at a time, new parameters replicated) for the recipe `cfg`."""
@@ -69,11 +65,11 @@ def estimate(config: PretrainedConfig, cfg: DistillConfig, gpus: int = 1) -> dic
         layers[i].self_attn = m  # where convert puts them: _lora_targets finds the converted layers' projections
     targets = set(_lora_targets(model, cfg.stage2.lora_targets))
     lora = sum(cfg.stage2.lora_r * (mod.in_features + mod.out_features) for name, mod in model.named_modules() if name in targets)
-    wb = _bytes(weights_dtype)
+    wb = weights_dtype.itemsize
     weights = total * wb / gpus + (0 if gpus == 1 else (2 * per_layer + total - len(layers) * per_layer) * wb)
 
     def trained(replicated: int, sharded: int) -> tuple[float, int]:
-        state = 2 * _bytes(train_dtype) + ADAM_BYTES  # the parameter, its gradient, AdamW's states
+        state = 2 * train_dtype.itemsize + ADAM_BYTES  # the parameter, its gradient, AdamW's states
         return (replicated + sharded / gpus) * state, replicated + sharded
 
     width = LAYER_BYTES_PER_UNIT * (text.hidden_size + text.intermediate_size)
@@ -118,9 +114,7 @@ def check_fits(config: PretrainedConfig, cfg: DistillConfig, capacity: float, gp
             continue
         fixes = []
         if stage == "stage2" and not s.gradient_checkpointing:
-            s.gradient_checkpointing = True
-            on = estimate(config, cfg, gpus)[stage]
-            s.gradient_checkpointing = False
+            on = estimate(config, replace(cfg, stage2=replace(s, gradient_checkpointing=True)), gpus)[stage]
             if on.total <= capacity:
                 fixes.append(f"set stage2.gradient_checkpointing=true (about {on.total / GiB:.0f} GiB)")
         per_row = m.activations / s.batch_size

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels import EPS, cached_attention, chunk_gla, gla_step, hybrid_attn, hybrid_step
+from ..kernels.attention import visible_slots
 from ..kernels.hybrid import HedgehogMaps
 from .feature_maps import HedgehogFeatureMap
 from ..adapters import FUSED_QKV, Adapter, attention_geometry, key_validity, rotary_fn
@@ -152,7 +153,8 @@ class LinearizedAttention(nn.Module):
             kvalid = torch.cat([state["sm_valid"], kvalid], 1)
         mask = None
         if valid is not None or k.shape[1] > t or self.sliding_window:
-            mask = self.visible(k.shape[1] - t + torch.arange(t, device=q.device), k.shape[1]) & kvalid[:, None, :]
+            slots = k.shape[1] - t + torch.arange(t, device=q.device)
+            mask = visible_slots(slots, k.shape[1], self.sliding_window) & kvalid[:, None, :]
         y = self.attend_masked(q, k, v, mask)
         return y, {"sm_k": k, "sm_v": v, "sm_valid": kvalid}
 
@@ -168,13 +170,6 @@ class LinearizedAttention(nn.Module):
         y = cached_attention(q, cache_k, state["sm_v"], state["sm_valid"], slots, scale=self.scaling, softcap=self.softcap,
                              window=self.sliding_window)
         return y, {name: state[name] for name in ("sm_k", "sm_v", "sm_valid", "sm_n")}
-
-    def visible(self, slots: Tensor, keys: int) -> Tensor:
-        """[T, keys] bool: which cache slots the queries at `slots` see, causally and, in a sliding-window
-        layer, within the window (as HF masks it: key slot > query slot - window)."""
-        j = torch.arange(keys, device=slots.device)[None, :]
-        seen = j <= slots[:, None]
-        return seen & (j > slots[:, None] - self.sliding_window) if self.sliding_window else seen
 
     def attend_masked(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Softmax attention of q [B,T,h,D] over k/v [B,S,hk,D] where mask [B,T,S] (bool) allows, or
