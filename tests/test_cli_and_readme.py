@@ -268,7 +268,7 @@ def test_recipe_documents_its_token_budget_and_converts_its_model(recipe):
 
 
 def test_recall_recipe_is_the_measured_run():
-    """configs/smollm2-135m-recall.yaml is the `ours-w128` run of recall_smollm2.py: its plan as resolved in the
+    """configs/smollm2-135m-recall.yaml is the `ours-w128-8k` run of recall_smollm2.py: its plan as resolved in the
     results file, and the run's data and stage settings, so RESULTS.md's figures are the recipe's."""
 
     from linearize.distill import load_config
@@ -276,9 +276,9 @@ def test_recall_recipe_is_the_measured_run():
 
     bench = recall_benchmark()
     cfg = load_config(ROOT / "configs" / "smollm2-135m-recall.yaml")
-    measured = json.loads((ROOT / "benchmarks" / "results" / "recall_smollm2.json").read_text())["runs"]["ours-w128"]
+    measured = json.loads((ROOT / "benchmarks" / "results" / "recall_smollm2.json").read_text())["runs"]["ours-w128-8k"]
     assert LayerPlan.from_string(cfg.plan).resolve(30) == LayerPlan.from_string(measured["plan"]).resolve(30)
-    _, seq, batch, s1, s2, mix, lr2 = bench.RUNS["ours-w128"]
+    _, seq, batch, s1, s2, mix, lr2 = bench.RUNS["ours-w128-8k"]
     assert (cfg.data.seq_len, cfg.data.recall_mix, cfg.stage2.lr) == (seq, mix, lr2)
     assert (cfg.stage1.steps, cfg.stage2.steps, cfg.stage1.batch_size, cfg.stage2.batch_size) == (s1, s2, batch, batch)
     assert (cfg.data.teacher_len, cfg.stage1.lr, cfg.stage2.kl_weight, cfg.stage2.ce_weight) == (1024, 3e-2, 1.0, 0.0)

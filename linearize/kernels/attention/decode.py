@@ -32,7 +32,7 @@ def _span_kernel(
     rr, rd = tl.arange(0, BR), tl.arange(0, BD)
     mr, md = rr < REP, rd < D
     qq = tl.load(q + (b * HK * REP + hk * REP + rr)[:, None] * D + rd[None, :], mask=mr[:, None] & md[None, :], other=0.0)
-    qq = qq.to(tl.float32) * scale
+    qq = (qq.to(tl.float32) * scale).to(tl.float32)  # Inductor passes Python floats as fp64: keep the loop in fp32
     pos = tl.load(slots)
     m = tl.full([BR], float("-inf"), tl.float32)
     l = tl.zeros([BR], tl.float32)
@@ -49,7 +49,7 @@ def _span_kernel(
         s = tl.sum(qq[:, None, :] * kk[None, :, :], 2)  # [BR, BS]
         if HAS_CAP:  # cap * tanh(s / cap), tanh from the exp of a non-positive number
             e = tl.exp(-2.0 * tl.abs(s) / cap)
-            s = tl.where(s >= 0, cap, -cap) * (1.0 - e) / (1.0 + e)
+            s = (tl.where(s >= 0, cap, -cap) * (1.0 - e) / (1.0 + e)).to(tl.float32)
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: no NaN from -inf - -inf
