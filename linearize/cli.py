@@ -64,11 +64,13 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         raise LinearizeError(f"--gpus {args.gpus}: give the number of GPUs the run shards over (1 or more)")
     from .distill import load_config
     from .distill.memory import estimate, format_estimate
+    from .loading import load_config as model_config
 
     cfg = load_config(args.config, [*args.set, *([f"model={args.model}"] if args.model else [])])
     cfg.check()
-    config, _ = resolve_plan(cfg.model, cfg.plan)  # the plan must fit the model before anything is estimated
-    print(format_description(describe(cfg.model)))
+    raw = model_config(cfg.model)  # read once (a Hub id: one lookup)
+    config, _ = resolve_plan(cfg.model, cfg.plan, raw)  # the plan must fit the model before anything is estimated
+    print(format_description(describe(cfg.model, raw)))
     print(format_estimate(estimate(config, cfg, args.gpus), cfg, args.gpus))
 
 

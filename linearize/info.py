@@ -115,9 +115,10 @@ def format_cache(summary: dict[str, Any]) -> str:
             f"{summary['teacher_bytes'] / mib:.2f} MiB; cache_fraction {summary['cache_fraction']:.3f}")
 
 
-def describe(name_or_path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Architecture, sizes, adapter, parameter counts and per-kind additions of a model."""
-    config = load_config(name_or_path)
+def describe(name_or_path: str | os.PathLike | None = None, config: PretrainedConfig | None = None) -> dict[str, Any]:
+    """Architecture, sizes, adapter, parameter counts and per-kind additions of a model (`config`: its config,
+    already read)."""
+    config = config if config is not None else load_config(name_or_path)
     base = _base_config(config)
     text = base.get_text_config(decoder=True) if hasattr(base, "get_text_config") else base
     info: dict[str, Any] = {
@@ -185,10 +186,12 @@ def format_description(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def resolve_plan(name_or_path: str | os.PathLike | None, plan: LayerPlan | str | dict) -> tuple[PretrainedConfig, list[LayerSpec]]:
-    """The model's config and `plan` resolved against its layers, from the config alone: an unsupported
-    architecture or a plan that does not fit the model fails before any weights load."""
-    config = _base_config(load_config(name_or_path))
+def resolve_plan(
+    name_or_path: str | os.PathLike | None, plan: LayerPlan | str | dict, config: PretrainedConfig | None = None,
+) -> tuple[PretrainedConfig, list[LayerSpec]]:
+    """The model's config and `plan` resolved against its layers, from the config alone (`config`: already read): an
+    unsupported architecture or a plan that does not fit the model fails before any weights load."""
+    config = _base_config(config if config is not None else load_config(name_or_path))
     if config.model_type not in ADAPTERS:
         raise UnsupportedModelError(f"architecture {config.model_type!r} is not supported; supported: {', '.join(sorted(ADAPTERS))}")
     return config, LayerPlan.coerce(plan).resolve(config.get_text_config(decoder=True).num_hidden_layers)

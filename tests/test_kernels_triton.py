@@ -429,6 +429,23 @@ def test_decode_attention_kernel_matches_reference(dtype, b, h, hk, d, s, softca
         assert got.dtype == dtype and rel_err(got, ref) < TOL[dtype], (pos, rel_err(got, ref))
 
 
+def test_decode_attention_merges_many_spans():
+    """A long cache at one KV head splits into 125 spans, merged in tiles of 32 (the last one partial); the query
+    in the middle leaves the later spans with no visible slot, which must weigh nothing."""
+    from linearize.kernels.attention.decode import cached_attention_triton
+    from linearize.kernels.attention.naive import cached_attention_ref
+
+    g = torch.Generator().manual_seed(7)
+    b, h, hk, d, s = 1, 3, 1, 16, 4000
+    q, k, v = (torch.randn(b, t, n, d, generator=g).to(DEVICE) for t, n in ((1, h), (s, hk), (s, hk)))
+    valid = torch.rand(b, s, generator=g).to(DEVICE) > 0.3
+    for pos in (2500, s - 1):
+        valid[:, pos] = True
+        slots = torch.tensor([pos], device=DEVICE)
+        got = cached_attention_triton(q, k, v, valid, slots, scale=d**-0.5)
+        assert rel_err(got, cached_attention_ref(q, k, v, valid, slots, scale=d**-0.5)) < TOL[torch.float32], pos
+
+
 def test_decode_attention_dispatch_and_refusals():
     from linearize import kernels
     from linearize.kernels.attention.decode import cached_attention_triton

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from linearize.kernels.gla.naive import chunk_gla_ref, recurrent_gla_ref
-from linearize.kernels.hybrid.naive import empty_state, hybrid_attn_ref, hybrid_step_ref, token_order
+from linearize.kernels.hybrid.naive import empty_state, hybrid_attn_ref, hybrid_step_ref, linear_normalizer, token_order
 
 from conftest import rel_err
 
@@ -21,6 +21,22 @@ def _qkvg(b, t, h, hk, kd, vd, dtype, gated, seed):
     q, k, v = r(b, t, h, kd), r(b, t, hk, kd), r(b, t, hk, vd)
     gate = F.logsigmoid(r(b, t, hk, *([] if gated == "scalar" else [kd])) + 2) if gated else None
     return q.to(dtype), k.to(dtype), v.to(dtype), gate
+
+
+def test_linear_normalizer_is_the_memory_ones_column():
+    """The undecayed normalizer as a running sum equals an exclusive scan of a ones column (GQA, a starting memory,
+    and packed sequences restarting at each boundary)."""
+    g = torch.Generator().manual_seed(3)
+    fq, fk = torch.rand(2, 45, 4, 8, generator=g), torch.rand(2, 45, 2, 8, generator=g)
+    z0 = torch.rand(2, 2, 8, generator=g)
+    ones = torch.ones(2, 45, 2, 1)
+    want, state = chunk_gla_ref(fq, fk, ones, initial_state=z0[..., None], exclusive=True, chunk_size=16)
+    den, z = linear_normalizer(fq, fk, z0)
+    assert rel_err(den, want[..., 0]) < 1e-6 and rel_err(z, state[..., 0]) < 1e-6
+    cu = torch.tensor([0, 5, 30, 45])
+    den, _ = linear_normalizer(fq[:1], fk[:1], None, cu)
+    parts = [chunk_gla_ref(fq[:1, a:b], fk[:1, a:b], ones[:1, a:b], exclusive=True)[0] for a, b in zip(cu[:-1], cu[1:])]
+    assert rel_err(den, torch.cat(parts, 1)[..., 0]) < 1e-6
 
 
 @pytest.mark.parametrize("t", [1, 7, 16, 45])

@@ -3,7 +3,7 @@
 One query token per row. The first kernel gives each (batch row, KV head, span of slots) a program: it
 reads its keys and values once for every query head of the group (GQA without repeated k/v), masks
 slots that are empty, in the future or out of the sliding window, and keeps an online softmax (max,
-sum, weighted values) in fp32; the second merges the spans' partial results per (row, KV head). Two
+sum, weighted values) in fp32; the second merges the spans' partial results per query head in one reduction. Two
 launches in place of the mask, the repeated keys/values and SDPA; no host sync, so a CUDA graph or
 torch.compile(fullgraph) holds it. Same maths as `cached_attention_ref` where the query's own slot is
 valid (a decode step writes it before attending).
@@ -68,26 +68,27 @@ def _span_kernel(
 @triton.jit
 def _merge_kernel(
     m_in, l_in, acc_in, y, HK: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, NSPAN: tl.constexpr,
-    BR: tl.constexpr, BD: tl.constexpr,
+    BR: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    """One program per (row, KV head, query head of the group): the largest span maximum first, then the spans'
+    sums and values in tiles of BT under that one shift: independent loads, not NSPAN dependent steps."""
+    bh, r = tl.program_id(0), tl.program_id(1)
     b, hk = bh // HK, bh % HK
-    rr, rd = tl.arange(0, BR), tl.arange(0, BD)
-    m = tl.full([BR], float("-inf"), tl.float32)
-    l = tl.zeros([BR], tl.float32)
-    acc = tl.zeros([BR, BD], tl.float32)
-    for sp in range(NSPAN):
-        part = bh * NSPAN + sp
-        ms = tl.load(m_in + part * BR + rr)
-        m_new = tl.maximum(m, ms)
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        a, c = tl.exp(m - shift), tl.exp(ms - shift)
-        l = l * a + tl.load(l_in + part * BR + rr) * c
-        acc = acc * a[:, None] + tl.load(acc_in + (part * BR + rr)[:, None] * BD + rd[None, :]) * c[:, None]
-        m = m_new
-    out = acc / l[:, None]
-    tl.store(y + (b * HK * REP + hk * REP + rr)[:, None] * D + rd[None, :], out.to(y.dtype.element_ty),
-             mask=(rr < REP)[:, None] & (rd < D)[None, :])
+    base = bh * NSPAN * BR + r  # span sp of this query head: base + sp * BR
+    rn, rd = tl.arange(0, BN), tl.arange(0, BD)
+    mn = rn < NSPAN
+    top = tl.max(tl.load(m_in + base + rn * BR, mask=mn, other=float("-inf")), 0)
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    l = 0.0
+    acc = tl.zeros([BD], tl.float32)
+    for s0 in range(0, NSPAN, BT):
+        rt = s0 + tl.arange(0, BT)
+        mt = rt < NSPAN
+        c = tl.exp(tl.load(m_in + base + rt * BR, mask=mt, other=float("-inf")) - shift)  # a span seeing no slot: 0
+        l += tl.sum(tl.load(l_in + base + rt * BR, mask=mt, other=0.0) * c, 0)
+        part = tl.load(acc_in + (base + rt * BR)[:, None] * BD + rd[None, :], mask=mt[:, None], other=0.0)
+        acc += tl.sum(part * c[:, None], 0)
+    tl.store(y + (b * HK * REP + hk * REP + r) * D + rd, (acc / l).to(y.dtype.element_ty), mask=rd < D)
 
 
 def cached_attention_triton(
@@ -112,5 +113,6 @@ def cached_attention_triton(
         float(softcap or 1.0), s, hk, rep, d, span, nspan, br, bd, BLOCK, int(window or 0), bool(softcap),
     )
     y = torch.empty_like(q)
-    _merge_kernel[(b * hk,)](m, l, acc, y, hk, rep, d, nspan, br, bd)
+    bn = triton.next_power_of_2(nspan)
+    _merge_kernel[(b * hk, rep)](m, l, acc, y, hk, rep, d, nspan, br, bd, bn, min(bn, 32))
     return y

@@ -197,19 +197,43 @@ def hybrid_attn_ref(
         cum = torch.nn.functional.pad(ext_g.cumsum(1), (0, 0, 0, 0, 1, 0))
         win_decay = (cum[:, window : window + t] - cum[:, :t]).exp()  # [B,T,Hk,F]
         fq = (fq.reshape(b, t, hk, h // hk, f) * win_decay[:, :, :, None]).reshape(b, t, h, f).to(dt)
-    v1 = torch.cat([ext_v[:, :t], ext_v.new_ones(b, t, hk, 1)], -1)  # a column of ones: the normalizer
     packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
-    o_l, mem = scan(
-        fq, keys_fk, v1, keys_g, initial_state=None if packed else state["S"], exclusive=True, chunk_size=chunk_size, **packed,
-    )
-    y = combine(q, ext_k, ext_v, ext_valid, o_l[..., :vd], o_l[..., vd], mix, window, scale, softcap, dtype=v.dtype,
-                sink=sink, sinks=sinks)
+    if ext_g is None:  # the normalizer is a running sum of the key features: the scan takes the V columns alone
+        num_l, mem = scan(fq, keys_fk, ext_v[:, :t], None, initial_state=None if packed else state["S"][..., :vd],
+                          exclusive=True, chunk_size=chunk_size, **packed)
+        den_l, z = linear_normalizer(fq, keys_fk, None if packed else state["S"][..., vd], cu_seqlens)
+        mem = None if packed else torch.cat([mem, z[..., None]], -1)
+    else:  # decayed: a column of ones beside the values
+        v1 = torch.cat([ext_v[:, :t], ext_v.new_ones(b, t, hk, 1)], -1)
+        o_l, mem = scan(fq, keys_fk, v1, keys_g, initial_state=None if packed else state["S"], exclusive=True,
+                        chunk_size=chunk_size, **packed)
+        num_l, den_l = o_l[..., :vd], o_l[..., vd]
+    y = combine(q, ext_k, ext_v, ext_valid, num_l, den_l, mix, window, scale, softcap, dtype=v.dtype, sink=sink, sinks=sinks)
     if packed:
         return y, None
     out = shift_window(ext, mem, t, state)
     if sink is not None:
         out.update(sink_k=sink["k"][:, :sinks], sink_v=sink["v"][:, :sinks], sink_pos=sink["pos"][:, :sinks], n=state["n"] + t)
     return y, out
+
+
+def linear_normalizer(fq: Tensor, fk: Tensor, z0: Tensor | None, cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The undecayed linear part's normalizer, phi(q_t) . (z0 + sum_{s<t} phi(k_s)) [B,T,H] in fp32, and the final sum
+    z [B,Hk,F] (packed: each sequence restarts at 0). The memory's ones column as a cumulative sum: one pass over the
+    key features instead of a value column more in the scan (V+1 columns tile badly: 129 = three 64-wide blocks)."""
+    b, t, h, f = fq.shape
+    hk = fk.shape[2]
+    run = fk.to(torch.float32 if cu_seqlens is None else torch.float64).cumsum(1)  # fp64: exact differences below
+    excl = torch.nn.functional.pad(run[:, :-1], (0, 0, 0, 0, 1, 0))  # keys before t
+    if cu_seqlens is not None:  # subtract what came before each token's sequence
+        starts = cu_seqlens[:-1].to(fk.device)
+        seg = torch.repeat_interleave(torch.arange(len(starts), device=fk.device), cu_seqlens.diff().to(fk.device))
+        excl = (excl - excl[:, starts][:, seg]).float()
+    if z0 is not None:
+        excl = excl + z0.float()[:, None]
+    den = torch.einsum("bthgf,bthf->bthg", fq.float().reshape(b, t, hk, h // hk, f), excl).reshape(b, t, h)
+    z = run[:, -1].float() if z0 is None else run[:, -1].float() + z0.float()
+    return den, z
 
 
 def sink_table(
