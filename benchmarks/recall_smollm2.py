@@ -63,6 +63,7 @@ RUNS = {
     "ours-w128-lr2": (W128, 4096, 4, 150, 150, 0.25, 2e-4),
     # the same tokens on 8192-token rows: passkey-8k is twice the 4096-token rows of ours-w128 (0.20 vs the baseline's 0.35)
     "ours-w128-8k": (W128, 8192, 2, 150, 150, 0.25, 5e-4),
+    "ours-w128-8k-norecall": (W128, 8192, 2, 150, 150, 0.0, 5e-4),  # the recall rows' share of it (teacher text alone)
     # issue 20's precision study: the frozen weights in bfloat16 (new parameters and LoRA float32), then everything bfloat16
     "ours-w128-bf16": (W128, 4096, 4, 150, 150, 0.25, 5e-4, {"dtype": "bfloat16"}),
     "ours-w128-bf16-all": (W128, 4096, 4, 150, 150, 0.25, 5e-4, {"dtype": "bfloat16", "train_dtype": "bfloat16"}),

@@ -218,9 +218,10 @@ def hybrid_attn_ref(
 
 
 def linear_normalizer(fq: Tensor, fk: Tensor, z0: Tensor | None, cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The undecayed linear part's normalizer, phi(q_t) . (z0 + sum_{s<t} phi(k_s)) [B,T,H] in fp32, and the final sum
-    z [B,Hk,F] (packed: each sequence restarts at 0). The memory's ones column as a cumulative sum: one pass over the
-    key features instead of a value column more in the scan (V+1 columns tile badly: 129 = three 64-wide blocks)."""
+    """The undecayed linear part's normalizer phi(q_t) . (z0 + sum_{s<t} phi(k_s)) [B,T,H] in phi(q)'s dtype (as the
+    scan's ones column gave it; the backward keeps no fp32 copy of phi(q)), and the final sum z [B,Hk,F] in fp32
+    (packed: each sequence restarts at 0). The memory's ones column as a cumulative sum: one pass over the key
+    features instead of a value column more in the scan (V+1 columns tile badly: 129 = three 64-wide blocks)."""
     b, t, h, f = fq.shape
     hk = fk.shape[2]
     run = fk.to(torch.float32 if cu_seqlens is None else torch.float64).cumsum(1)  # fp64: exact differences below
@@ -228,12 +229,12 @@ def linear_normalizer(fq: Tensor, fk: Tensor, z0: Tensor | None, cu_seqlens: Ten
     if cu_seqlens is not None:  # subtract what came before each token's sequence
         starts = cu_seqlens[:-1].to(fk.device)
         seg = torch.repeat_interleave(torch.arange(len(starts), device=fk.device), cu_seqlens.diff().to(fk.device))
-        excl = (excl - excl[:, starts][:, seg]).float()
+        excl = excl - excl[:, starts][:, seg]
+    z = run[:, -1]
     if z0 is not None:
-        excl = excl + z0.float()[:, None]
-    den = torch.einsum("bthgf,bthf->bthg", fq.float().reshape(b, t, hk, h // hk, f), excl).reshape(b, t, h)
-    z = run[:, -1].float() if z0 is None else run[:, -1].float() + z0.float()
-    return den, z
+        excl, z = excl + z0[:, None], z + z0
+    den = torch.einsum("bthgf,bthf->bthg", fq.reshape(b, t, hk, h // hk, f), excl.to(fq.dtype)).reshape(b, t, h)
+    return den, z.float()
 
 
 def sink_table(
