@@ -446,6 +446,43 @@ def test_decode_attention_merges_many_spans():
         assert rel_err(got, cached_attention_ref(q, k, v, valid, slots, scale=d**-0.5)) < TOL[torch.float32], pos
 
 
+# Compiles the decode kernels for sm_90 in a process without TRITON_INTERPRET (the interpreter patches triton.language).
+SM90_DECODE = """
+import inspect
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from linearize.kernels.attention.decode import _merge_kernel, _span_kernel
+
+def compile_sm90(kernel, pointers, constants):
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature = {n: pointers.get(n, "constexpr") for n in names}
+    source = ASTSource(kernel, signature, {(names.index(n),): v for n, v in constants.items()})
+    triton.compile(source, target=GPUTarget("cuda", 90, 32))
+
+for scalar in ("fp32", "fp64"):
+    compile_sm90(_span_kernel, {"q": "*bf16", "k": "*bf16", "v": "*bf16", "valid": "*i1", "slots": "*i64",
+                                "m_out": "*fp32", "l_out": "*fp32", "acc_out": "*fp32", "scale": scalar, "cap": scalar,
+                                "S": "i32"},
+                 {"HK": 3, "REP": 3, "D": 64, "SPAN": 128, "NSPAN": 8, "BR": 4, "BD": 64, "BS": 32, "WINDOW": 17,
+                  "HAS_CAP": True})
+compile_sm90(_merge_kernel, {"m_in": "*fp32", "l_in": "*fp32", "acc_in": "*fp32", "y": "*bf16"},
+             {"HK": 3, "REP": 3, "D": 64, "NSPAN": 85, "BR": 4, "BD": 64, "BN": 128, "BT": 32})
+"""
+
+
+def test_decode_attention_compiles_for_hopper():
+    """The decode kernels through Triton's real compiler for an H100/H200 (no GPU needed): the interpreter misses type
+    errors only compilation sees. Float scalars as fp32 and as fp64, which is how Inductor passes Python floats under
+    torch.compile (the online softmax once changed type in its loop there and failed only on the GPU)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", SM90_DECODE], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 def test_decode_attention_dispatch_and_refusals():
     from linearize import kernels
     from linearize.kernels.attention.decode import cached_attention_triton

@@ -70,22 +70,22 @@ def _merge_kernel(
     m_in, l_in, acc_in, y, HK: tl.constexpr, REP: tl.constexpr, D: tl.constexpr, NSPAN: tl.constexpr,
     BR: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
 ):
-    """One program per (row, KV head, query head of the group): the largest span maximum first, then the spans'
-    sums and values in tiles of BT under that one shift: independent loads, not NSPAN dependent steps."""
+    """One program per (row, KV head, query head of the group): the spans' maxima and sums at once, then their
+    values in tiles of BT under the one shift: independent loads, not NSPAN dependent steps."""
     bh, r = tl.program_id(0), tl.program_id(1)
     b, hk = bh // HK, bh % HK
     base = bh * NSPAN * BR + r  # span sp of this query head: base + sp * BR
     rn, rd = tl.arange(0, BN), tl.arange(0, BD)
     mn = rn < NSPAN
-    top = tl.max(tl.load(m_in + base + rn * BR, mask=mn, other=float("-inf")), 0)
+    ms = tl.load(m_in + base + rn * BR, mask=mn, other=float("-inf"))
+    top = tl.max(ms, 0)
     shift = tl.where(top == float("-inf"), 0.0, top)
-    l = 0.0
+    l = tl.sum(tl.load(l_in + base + rn * BR, mask=mn, other=0.0) * tl.exp(ms - shift), 0)  # a span seeing no slot: 0
     acc = tl.zeros([BD], tl.float32)
     for s0 in range(0, NSPAN, BT):
         rt = s0 + tl.arange(0, BT)
         mt = rt < NSPAN
-        c = tl.exp(tl.load(m_in + base + rt * BR, mask=mt, other=float("-inf")) - shift)  # a span seeing no slot: 0
-        l += tl.sum(tl.load(l_in + base + rt * BR, mask=mt, other=0.0) * c, 0)
+        c = tl.exp(tl.load(m_in + base + rt * BR, mask=mt, other=float("-inf")) - shift)
         part = tl.load(acc_in + (base + rt * BR)[:, None] * BD + rd[None, :], mask=mt[:, None], other=0.0)
         acc += tl.sum(part * c[:, None], 0)
     tl.store(y + (b * HK * REP + hk * REP + r) * D + rd, (acc / l).to(y.dtype.element_ty), mask=rd < D)
