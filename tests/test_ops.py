@@ -34,7 +34,7 @@ def test_linear_normalizer_is_the_memory_ones_column():
     den, z = linear_normalizer(fq, fk, z0)
     assert rel_err(den, want[..., 0]) < 1e-6 and rel_err(z, state[..., 0]) < 1e-6
     cu = torch.tensor([0, 5, 30, 45])
-    den, _ = linear_normalizer(fq[:1], fk[:1], None, cu)
+    den, _ = linear_normalizer(fq[:1], fk[:1], None, cu[:-1].repeat_interleave(cu.diff()))  # each token's sequence start
     parts = [chunk_gla_ref(fq[:1, a:b], fk[:1, a:b], ones[:1, a:b], exclusive=True)[0] for a, b in zip(cu[:-1], cu[1:])]
     assert rel_err(den, torch.cat(parts, 1)[..., 0]) < 1e-6
 

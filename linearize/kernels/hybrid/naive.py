@@ -201,7 +201,8 @@ def hybrid_attn_ref(
     if ext_g is None:  # the normalizer is a running sum of the key features: the scan takes the V columns alone
         num_l, mem = scan(fq, keys_fk, ext_v[:, :t], None, initial_state=None if packed else state["S"][..., :vd],
                           exclusive=True, chunk_size=chunk_size, **packed)
-        den_l, z = linear_normalizer(fq, keys_fk, None if packed else state["S"][..., vd], cu_seqlens)
+        first = None if cu_seqlens is None else cu_seqlens[:-1].to(q.device)[group[0]]  # each token's sequence start
+        den_l, z = linear_normalizer(fq, keys_fk, None if packed else state["S"][..., vd], first)
         mem = None if packed else torch.cat([mem, z[..., None]], -1)
     else:  # decayed: a column of ones beside the values
         v1 = torch.cat([ext_v[:, :t], ext_v.new_ones(b, t, hk, 1)], -1)
@@ -217,19 +218,18 @@ def hybrid_attn_ref(
     return y, out
 
 
-def linear_normalizer(fq: Tensor, fk: Tensor, z0: Tensor | None, cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def linear_normalizer(fq: Tensor, fk: Tensor, z0: Tensor | None, first: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The undecayed linear part's normalizer phi(q_t) . (z0 + sum_{s<t} phi(k_s)) [B,T,H] in phi(q)'s dtype (as the
-    scan's ones column gave it; the backward keeps no fp32 copy of phi(q)), and the final sum z [B,Hk,F] in fp32
-    (packed: each sequence restarts at 0). The memory's ones column as a cumulative sum: one pass over the key
-    features instead of a value column more in the scan (V+1 columns tile badly: 129 = three 64-wide blocks)."""
+    scan's ones column gave it; the backward keeps no fp32 copy of phi(q)), and the final sum z [B,Hk,F] in fp32.
+    Packed sequences (B = 1): `first` [T], the index of each token's sequence start, where the sum restarts at 0.
+    The memory's ones column as a cumulative sum: one pass over the key features instead of a value column more in
+    the scan (V+1 columns tile badly: 129 = three 64-wide blocks)."""
     b, t, h, f = fq.shape
     hk = fk.shape[2]
-    run = fk.to(torch.float32 if cu_seqlens is None else torch.float64).cumsum(1)  # fp64: exact differences below
+    run = fk.to(torch.float32 if first is None else torch.float64).cumsum(1)  # fp64: exact differences below
     excl = torch.nn.functional.pad(run[:, :-1], (0, 0, 0, 0, 1, 0))  # keys before t
-    if cu_seqlens is not None:  # subtract what came before each token's sequence
-        starts = cu_seqlens[:-1].to(fk.device)
-        seg = torch.repeat_interleave(torch.arange(len(starts), device=fk.device), cu_seqlens.diff().to(fk.device))
-        excl = excl - excl[:, starts][:, seg]
+    if first is not None:  # subtract what came before each token's sequence
+        excl = excl - excl[:, first]
     z = run[:, -1]
     if z0 is not None:
         excl, z = excl + z0[:, None], z + z0
