@@ -124,7 +124,8 @@ from linearize.kernels.gla.naive import chunk_gla_ref  # noqa: E402
 CHUNK_CASES = [
     (1, 16, 16, 16, False, False), (9, 16, 64, 40, False, True), (47, 16, 16, 16, True, True),
     (33, 32, 16, 24, False, False), (70, 32, 64, 40, True, True), (100, 64, 16, 16, False, True),
-    (40, 16, 16, 1, True, True),  # one value column: the hybrids' normalizer scan
+    (40, 16, 16, 1, True, True),  # one value column
+    (70, 64, 64, 64, True, True),  # K = V = 64 in chunks of 64: the undecayed hybrids' scan at SmolLM2's head dim
 ]
 
 
@@ -345,7 +346,8 @@ def test_hybrid_on_the_window_kernel_matches_reference_with_gradients(t, window,
     # k and v); the second continues from it on the kernels and on the references
     args = lambda a, z: [x[:, a:z] for x in (q, k, v)] + [fq[:, a:z].softmax(-1), fk[:, a:z].softmax(-1), None, mix]  # noqa: E731
     _, state = hybrid_attn_ref(*args(0, cut), valid=valid[:, :cut], **kw)
-    kernels = dict(scan=chunk_ops.chunk_gla_triton, combine=window_ops.window_combine)
+    kernels = dict(scan=chunk_ops.chunk_gla_triton, combine=window_ops.window_combine,
+                   normalizer=pytest.importorskip("linearize.kernels.hybrid.normalizer").linear_normalizer_triton)
     y, st = hybrid_attn_ref(*args(cut, t), valid=valid[:, cut:], state=state, **kernels, **kw)
     y_ref, st_ref = hybrid_attn_ref(*args(cut, t), valid=valid[:, cut:], state=state, **kw)
     dy = torch.randn_like(y)
@@ -395,7 +397,9 @@ def test_packed_hybrid_on_the_kernels_matches_reference_with_gradients(gated, si
     valid[0, 7:9] = False  # padding inside a packed sequence too
     kw = dict(window=9, scale=0.25, chunk_size=16, valid=valid, cu_seqlens=cu, sinks=sinks)
     args = lambda: (q, k, v, fq.softmax(-1), fk.softmax(-1), F.logsigmoid(gl + 2) if gated else None, mix)  # noqa: E731
-    y, state = hybrid_attn_ref(*args(), scan=chunk_ops.chunk_gla_triton, combine=window_ops.window_combine, **kw)
+    fast = dict(scan=chunk_ops.chunk_gla_triton, combine=window_ops.window_combine,
+                normalizer=pytest.importorskip("linearize.kernels.hybrid.normalizer").linear_normalizer_triton)
+    y, state = hybrid_attn_ref(*args(), **fast, **kw)
     y_ref, _ = hybrid_attn_ref(*args(), **kw)
     assert state is None
     dy = torch.randn_like(y)
@@ -405,6 +409,46 @@ def test_packed_hybrid_on_the_kernels_matches_reference_with_gradients(gated, si
     tol = 1e-5 if DEVICE == "cpu" else 5e-3
     assert rel_err(y, y_ref) < tol
     assert all(_window_err(a, r) < tol for a, r in zip(grads, refs))
+
+
+normalizer_ops = pytest.importorskip("linearize.kernels.hybrid.normalizer")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,t,h,hk,f,starts", [
+    (2, 150, 6, 2, 32, None),  # a partial last tile, GQA groups of 3
+    (1, 64, 4, 4, 100, None),  # one tile; 100 features: two blocks, the second masked
+    (1, 200, 3, 1, 16, [0, 5, 9, 70, 130, 131, 199]),  # packed: several starts in a tile, a sequence over two tiles
+    (1, 300, 2, 2, 64, [0, 64, 190]),  # packed: a start on a tile's first token; the last sequence spans two tiles
+])
+def test_linear_normalizer_kernel_matches_reference_with_gradients(dtype, b, t, h, hk, f, starts):
+    """The tiled normalizer (per-tile products, carries across tiles restarted at sequence starts) against the running
+    sum in fp64, with a starting memory z0 when not packed; gradients for phi(q), phi(k), z0 through den and z."""
+    from linearize.kernels.hybrid.naive import linear_normalizer
+
+    r = lambda *s: torch.rand(*s, device=DEVICE, dtype=torch.float64)  # noqa: E731  (features are positive)
+    fq, fk = r(b, t, h, f).softmax(-1), r(b, t, hk, f).softmax(-1)
+    fq, fk = fq.to(dtype).double().requires_grad_(), fk.to(dtype).double().requires_grad_()  # same numbers both sides
+    first = None
+    z0 = None if starts is not None else (r(b, hk, f) * 3).requires_grad_()
+    if starts is not None:
+        lens = torch.tensor(starts[1:] + [t]) - torch.tensor(starts)
+        first = torch.tensor(starts).repeat_interleave(lens).to(DEVICE)
+    den, z = normalizer_ops.linear_normalizer_triton(fq.detach().to(dtype).requires_grad_(), fk.detach().to(dtype).requires_grad_(),
+                                                     None if z0 is None else z0.detach().float().requires_grad_(), first)
+    den_ref, z_ref = linear_normalizer(fq, fk, z0, first)
+    assert den.dtype == dtype and z.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 and DEVICE == "cpu" else (3e-3 if dtype == torch.float32 else 1e-2)
+    assert rel_err(den, den_ref) < tol and rel_err(z, z_ref) < (1e-5 if dtype == torch.float32 else 4e-3)
+    dden, dz = torch.randn_like(den_ref), torch.randn_like(z_ref)
+    leaves = [fq, fk] + ([] if z0 is None else [z0])
+    refs = torch.autograd.grad((den_ref * dden).sum() + (z_ref * dz).sum(), leaves)
+    mine = [x.detach().to(dtype if i < 2 else torch.float32).requires_grad_() for i, x in enumerate(leaves)]
+    den, z = normalizer_ops.linear_normalizer_triton(mine[0], mine[1], mine[2] if z0 is not None else None, first)
+    grads = torch.autograd.grad((den.double() * dden).sum() + (z.double() * dz).sum(), mine)
+    for got, ref in zip(grads, refs):
+        assert got.dtype == (dtype if got.shape != z.shape else torch.float32) and not torch.isnan(got).any()
+        assert rel_err(got, ref) < tol
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -470,17 +514,56 @@ compile_sm90(_merge_kernel, {"m_in": "*fp32", "l_in": "*fp32", "acc_in": "*fp32"
              {"HK": 3, "REP": 3, "D": 64, "NSPAN": 85, "BR": 4, "BD": 64, "BN": 128, "BT": 32})
 """
 
+SM90_NORMALIZER = SM90_DECODE.split("for scalar")[0].replace(
+    "from linearize.kernels.attention.decode import _merge_kernel, _span_kernel",
+    "from linearize.kernels.hybrid import normalizer as n",
+) + """
+ints = {s: "i32" for s in ("T", "NT", "s_qb", "s_qt", "s_qh", "s_kb", "s_kt", "s_kh")}
+for packed in (False, True):
+    shape = {"HK": 3, "G": 3, "F_": 64, "BF": 64, "BT": 64, "PACKED": packed}
+    io = {"fq": "*bf16", "fk": "*bf16", "first": "*i32", "carry": "*fp32", "rcarry": "*fp32", "den": "*fp32", "dden": "*fp32",
+          "out": "*fp32", "dfq": "*bf16", "dfk": "*bf16", **ints}
+    for kernel in (n._sums_kernel, n._den_kernel, n._dsums_kernel, n._bwd_kernel):
+        names = set(inspect.signature(kernel.fn).parameters)
+        compile_sm90(kernel, {k: v for k, v in io.items() if k in names}, {k: v for k, v in shape.items() if k in names})
+"""
 
-def test_decode_attention_compiles_for_hopper():
-    """The decode kernels through Triton's real compiler for an H100/H200 (no GPU needed): the interpreter misses type
-    errors only compilation sees. Float scalars as fp32 and as fp64, which is how Inductor passes Python floats under
-    torch.compile (the online softmax once changed type in its loop there and failed only on the GPU)."""
+SM90_CHUNK_DQK = """
+import inspect
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from linearize.kernels.gla.chunk import _Launch, _dqk_kernel
+
+names = list(inspect.signature(_dqk_kernel.fn).parameters)
+for dtype, ty in ((torch.float32, "*fp32"), (torch.bfloat16, "*bf16")):
+    for gate in (0, 1):
+        x = torch.zeros(1, 64, 9, 64, dtype=dtype)
+        L = _Launch(x, x[:, :, :3], x[:, :, :3], None, None, 64)
+        pointers = {n: ty for n in ("q", "k", "v", "h", "do", "dh", "dq", "dk")}
+        pointers.update(b="*fp32", cu="*i32", cidx="*i32", T="i32", NT="i32")
+        constants = dict(H=9, HK=3, K=64, V=64, KG=1, C=64, BK=L.BK, BV=L.BV, GATE=gate, EXCLUSIVE=True, IS_VARLEN=False)
+        source = ASTSource(_dqk_kernel, {n: pointers.get(n, "constexpr") for n in names},
+                           {(names.index(n),): v for n, v in constants.items()})
+        shared = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_stages": L.dqk_stages}).metadata.shared
+        assert shared <= 232448, (dtype, gate, shared)  # an H100/H200's shared memory per block
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """Kernels through Triton's real compiler for an H100/H200 (no GPU needed): the interpreter misses type errors and
+    shared-memory overflows only compilation sees. The decode kernels' float scalars as fp32 and as fp64, which is how
+    Inductor passes Python floats under torch.compile (the online softmax once changed type in its loop there and
+    failed only on the GPU)."""
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", SM90_DECODE], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    for script in (SM90_DECODE, SM90_NORMALIZER, SM90_CHUNK_DQK):  # the hybrid normalizer's kernels; the scan's dq/dk
+        # kernel as launched within a Hopper's shared memory (fp32 at V = 64 overflowed it: found on the H200)
+        run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
 
 
 def test_decode_attention_dispatch_and_refusals():

@@ -81,14 +81,16 @@ def transfer_losses(
     last = max(m.layer_idx for m in layers)
 
     def on_transfer(mod: LinearizedAttention, student: Tensor, teacher: Tensor, q: Tensor, k: Tensor) -> None:
-        diff = student.float() - teacher.float()
-        loss = diff.pow(2).mean()
+        diff = student.float() - teacher  # fp32, reading the teacher as it is (no fp32 copy of it)
+        squares = diff.square().sum()  # one pass gives the MSE and the relative error
+        loss = squares / diff.numel()
         if attn_ce_weight and mod.kind == "hedgehog":
             loss = loss + attn_ce_weight * attention_ce(mod, q, k)
         if train:
             loss.backward()
         with torch.no_grad():  # off the graph: kept until the pass ends, these must not hold `diff` alive
-            pending[mod.layer_idx] = torch.stack([loss, diff.pow(2).sum() / teacher.float().pow(2).sum().clamp_min(1e-12)])
+            norm = torch.linalg.vector_norm(teacher, dtype=torch.float32)
+            pending[mod.layer_idx] = torch.stack([loss.detach(), squares.detach() / norm.square().clamp_min(1e-12)])
         if mod.layer_idx == last and stop_early:
             raise _StopForward
 

@@ -24,9 +24,11 @@ try:  # Triton is Linux-only; without it everything runs on the references
     from .gla.chunk import chunk_gla_triton
     from .gla.fused_recurrent import gla_step_triton
     from .hybrid.fused_recurrent import hybrid_step_triton
+    from .hybrid.normalizer import linear_normalizer_triton
     from .hybrid.window import window_combine
 except ImportError:  # pragma: no cover - depends on the platform
     cached_attention_triton = chunk_gla_triton = gla_step_triton = hybrid_step_triton = window_combine = None
+    linear_normalizer_triton = None
 
 
 def use_triton(x: Tensor) -> bool:
@@ -46,9 +48,10 @@ def chunk_gla(
 
 def hybrid_attn(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None, mix: Tensor, **kw):
     """Window + linear hybrid over a sequence (see `hybrid_attn_ref`); its linear part goes through
-    `chunk_gla` and, on CUDA, the window part (with its sinks) and the combine run in one kernel
-    (`window_combine`), both on q's dtype (16-bit operands, fp32 accumulation) where the references work in fp32."""
-    fast = {"combine": window_combine, "compute_dtype": None} if use_triton(q) else {}
+    `chunk_gla` and, on CUDA, its normalizer (undecayed) through `linear_normalizer_triton`, the window part (with its
+    sinks) and the combine in one kernel (`window_combine`), all on q's dtype (16-bit operands, fp32 accumulation)
+    where the references work in fp32."""
+    fast = {"combine": window_combine, "normalizer": linear_normalizer_triton, "compute_dtype": None} if use_triton(q) else {}
     return hybrid_attn_ref(q, k, v, fq, fk, g, mix, scan=chunk_gla, **fast, **kw)
 
 

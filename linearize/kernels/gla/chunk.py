@@ -502,6 +502,9 @@ class _Launch:
         self.varlen = cu_seqlens is not None
         # per-chunk states in the inputs' dtype for 16-bit inputs (tensor cores), fp32 otherwise
         self.state_dtype = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        # fp32 tiles of the dq/dk kernel pipelined in Triton's default 3 stages need 256 KB of shared memory at
+        # V <= 64 compiled for sm_90 (an H100/H200 has 227 KB): one stage for them (48 KB)
+        self.dqk_stages = 1 if self.state_dtype == torch.float32 else 3
         self.dummy = torch.empty(1, dtype=torch.int32, device=q.device)  # pointer for unused arguments
 
     def seq_args(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -611,7 +614,7 @@ class ChunkGLAFunction(torch.autograd.Function):
         dk = torch.empty(k.shape, dtype=gdt or k.dtype, device=k.device)
         _dqk_kernel[(triton.cdiv(L.K, L.BK), L.NTtot, L.HK)](
             q, k, v, bb, h, do, dh, dq, dk, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.V, L.KG, L.C, L.BK, L.BV,
-            L.gate, exclusive, L.varlen,
+            L.gate, exclusive, L.varlen, num_stages=L.dqk_stages,
         )
         dg = None
         if L.gate == 2:

@@ -144,11 +144,32 @@ def window_combine_ref(
     return _combine(num_w, den_w, num_l.float(), den_l.float(), mix).to(dtype)
 
 
+def linear_normalizer(fq: Tensor, fk: Tensor, z0: Tensor | None, first: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The undecayed linear part's normalizer phi(q_t) . (z0 + sum_{s<t} phi(k_s)) [B,T,H] in phi(q)'s dtype (as the
+    scan's ones column gave it; the backward keeps no fp32 copy of phi(q)), and the final sum z [B,Hk,F] in fp32
+    (packed: the last sequence's).
+    Packed sequences (B = 1): `first` [T], the index of each token's sequence start, where the sum restarts at 0.
+    The memory's ones column as a running sum instead of a value column more in the scan (V+1 columns tile badly:
+    129 = three 64-wide blocks); on CUDA `normalizer.linear_normalizer_triton` computes it in tiles."""
+    b, t, h, f = fq.shape
+    hk = fk.shape[2]
+    run = fk.to(torch.float32 if first is None else torch.float64).cumsum(1)  # fp64: exact differences below
+    excl = torch.nn.functional.pad(run[:, :-1], (0, 0, 0, 0, 1, 0))  # keys before t
+    if first is not None:  # subtract what came before each token's sequence
+        excl = excl - excl[:, first]
+    if z0 is not None:
+        excl = excl + z0[:, None]
+    z = excl[:, -1] + fk[:, -1]  # the last token's sequence, through it
+    den = torch.einsum("bthgf,bthf->bthg", fq.reshape(b, t, hk, h // hk, f), excl.to(fq.dtype)).reshape(b, t, h)
+    return den, z.float()
+
+
 def hybrid_attn_ref(
     q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None, mix: Tensor,
     *, window: int, scale: float, softcap: float | None = None, valid: Tensor | None = None,
     state: dict[str, Tensor] | None = None, chunk_size: int = 64, scan: Callable[..., tuple[Tensor, Tensor]] = chunk_gla_ref,
-    combine: Callable[..., Tensor] = window_combine_ref, cu_seqlens: Tensor | None = None,
+    combine: Callable[..., Tensor] = window_combine_ref, normalizer: Callable[..., tuple[Tensor, Tensor]] = linear_normalizer,
+    cu_seqlens: Tensor | None = None,
     compute_dtype: torch.dtype | None = torch.float32, sinks: int = 0,
 ) -> tuple[Tensor, dict[str, Tensor] | None]:
     """Parallel form over T new tokens, continuing from `state` (None: start of the sequence).
@@ -156,8 +177,8 @@ def hybrid_attn_ref(
     q [B,T,H,D] and k [B,T,Hk,D] after rotary; v [B,T,Hk,V]; fq [B,T,H,F], fk [B,T,Hk,F];
     g [B,T,Hk,F] log-decay or None; mix [H]; valid [B,T] (False marks padding) or None.
     Returns y [B,T,H,V] (dtype of v) and the state after the T tokens. `scan` computes the linear
-    part (signature of `chunk_gla_ref`) and `combine` the window part, with the sinks, and the output
-    (signature of `window_combine_ref`). Kernels can stand in
+    part (signature of `chunk_gla_ref`), `normalizer` its normalizer when undecayed (signature of `linear_normalizer`)
+    and `combine` the window part, with the sinks, and the output (signature of `window_combine_ref`). Kernels can stand in
     for the references there. `compute_dtype` is the dtype of what they get (None: q's own, as the
     kernels take it; they accumulate in fp32 either way).
     Packed sequences (training): B = 1, cu_seqlens [N+1] and no state; each sequence starts afresh
@@ -202,7 +223,7 @@ def hybrid_attn_ref(
         num_l, mem = scan(fq, keys_fk, ext_v[:, :t], None, initial_state=None if packed else state["S"][..., :vd],
                           exclusive=True, chunk_size=chunk_size, **packed)
         first = None if cu_seqlens is None else cu_seqlens[:-1].to(q.device)[group[0]]  # each token's sequence start
-        den_l, z = linear_normalizer(fq, keys_fk, None if packed else state["S"][..., vd], first)
+        den_l, z = normalizer(fq, keys_fk, None if packed else state["S"][..., vd], first)
         mem = None if packed else torch.cat([mem, z[..., None]], -1)
     else:  # decayed: a column of ones beside the values
         v1 = torch.cat([ext_v[:, :t], ext_v.new_ones(b, t, hk, 1)], -1)
@@ -216,25 +237,6 @@ def hybrid_attn_ref(
     if sink is not None:
         out.update(sink_k=sink["k"][:, :sinks], sink_v=sink["v"][:, :sinks], sink_pos=sink["pos"][:, :sinks], n=state["n"] + t)
     return y, out
-
-
-def linear_normalizer(fq: Tensor, fk: Tensor, z0: Tensor | None, first: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The undecayed linear part's normalizer phi(q_t) . (z0 + sum_{s<t} phi(k_s)) [B,T,H] in phi(q)'s dtype (as the
-    scan's ones column gave it; the backward keeps no fp32 copy of phi(q)), and the final sum z [B,Hk,F] in fp32.
-    Packed sequences (B = 1): `first` [T], the index of each token's sequence start, where the sum restarts at 0.
-    The memory's ones column as a cumulative sum: one pass over the key features instead of a value column more in
-    the scan (V+1 columns tile badly: 129 = three 64-wide blocks)."""
-    b, t, h, f = fq.shape
-    hk = fk.shape[2]
-    run = fk.to(torch.float32 if first is None else torch.float64).cumsum(1)  # fp64: exact differences below
-    excl = torch.nn.functional.pad(run[:, :-1], (0, 0, 0, 0, 1, 0))  # keys before t
-    if first is not None:  # subtract what came before each token's sequence
-        excl = excl - excl[:, first]
-    z = run[:, -1]
-    if z0 is not None:
-        excl, z = excl + z0[:, None], z + z0
-    den = torch.einsum("bthgf,bthf->bthg", fq.reshape(b, t, hk, h // hk, f), excl.to(fq.dtype)).reshape(b, t, h)
-    return den, z.float()
 
 
 def sink_table(
