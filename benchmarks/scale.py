@@ -10,9 +10,10 @@ shape's exact config with random bf16 weights is written once as a Hugging Face 
 word-level tokenizer over its whole vocabulary), and random word text as the data. Each (recipe, seq
 len) then runs as a user runs it, `linearize convert --config RECIPE --model FOLDER` in its own
 process, with the data, sequence length, batch and step counts overridden; each stage's tokens/s
-(past its first step) and peak GPU memory come from the run's own metrics/stage{1,2}.json. The output
-folder is deleted after each run (an 8B model per run would fill the disk). Records
-{"shape", "recipe", "plan", "stage", "seq_len", "batch", "gpus": 1, "via": "convert", "dtype", "tokens_per_s", "peak_gib"};
+(past its first step, without its checkpoint writes: the run saves once, at the end), the seconds those writes took
+and peak GPU memory come from the run's own metrics/stage{1,2}.json. The output folder is deleted after each run (an
+8B model per run would fill the disk). Records {"shape", "recipe", "plan", "stage", "seq_len", "batch", "gpus": 1,
+"via": "convert", "dtype", "tokens_per_s", "peak_gib", "checkpoint_s"};
 with --resume-check, "resume": the first run again, stopped by Ctrl-C in stage 1 and resumed (on --resume-gpus
 processes, the batch scaled to keep the rows a step), its losses against the first's. --gpus N runs each recipe on N
 processes sharded by FSDP2 (`accelerate launch --config_file configs/accelerate/fsdp.yaml`; torchrun in smoke mode).
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
                 records.append({"shape": args.shape, "recipe": recipe, "plan": m["summary"]["plan"], "stage": stage,
                                 "seq_len": seq, "batch": rows // args.gpus, "gpus": args.gpus, "via": "convert", "dtype": args.dtype, "steps": m[stage]["steps"],
                                 "tokens_per_s": m[stage].get("tokens_per_s"), "peak_gib": m[stage].get("peak_gib"),
+                                "checkpoint_s": m[stage].get("checkpoint_s"),
                                 "stage2_gradient_checkpointing": checkpointing,
                                 **({"set": args.set} if args.set else {})})
             save()

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -226,6 +227,27 @@ def test_ctrl_c_during_the_parameter_update_still_resumes_exactly(two_layers, ro
     restore()
     resumed = _loop(params, fn, rows, 5, tmp_path, name="b")
     assert resumed["resumed_from"] == 3 and resumed["history"] == straight["history"]
+
+
+def test_speed_leaves_out_the_checkpoint_writes(tmp_path, monkeypatch):
+    """tokens/s is the training rate: a short run's final save is reported in checkpoint_s, not charged to its steps."""
+    w = torch.nn.Parameter(torch.zeros(3))
+    save = Checkpoint.save
+
+    def slow_save(self, *a, **kw):
+        time.sleep(0.5)
+        save(self, *a, **kw)
+
+    def step(batch):
+        time.sleep(0.02)
+        loss = (w - 1).square().sum()
+        loss.backward()
+        return loss.item()
+
+    monkeypatch.setattr(Checkpoint, "save", slow_save)
+    m = _loop({"w": w}, step, torch.zeros(4, 8, dtype=torch.long), 5, tmp_path, save_every=2)  # saves after steps 2, 4, 5
+    assert m["checkpoint_s"] >= 1.5
+    assert m["tokens_per_s"] > 0.5 * 16 / 0.02  # 16 tokens a step at ~20 ms; with the saves in it would be under 40% of that
 
 
 def test_out_of_memory_is_one_line_that_names_the_fix_and_keeps_the_checkpoint(two_layers, rows, tmp_path):

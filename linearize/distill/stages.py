@@ -362,7 +362,7 @@ def train_loop(
         log(f"{name}: resuming at step {start} from {ckpt.folder}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t0, tokens, step, warm = time.time(), 0, start, None
+    t0, tokens, step, warm, saving = time.time(), 0, start, None, 0.0
     bar = tqdm(range(start, steps), desc=name, disable=rank != 0, initial=start, total=steps)
     try:
         for step in bar:
@@ -387,7 +387,9 @@ def train_loop(
             warm = warm or (time.time(), len(history))  # after the first step: kernels compiled, memory pools grown
             bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{tokens / (time.time() - t0):.0f}")
             if (step + 1) % save_every == 0 or step + 1 == steps:
+                t_save = time.time()
                 ckpt.save(params, opt, sched, step + 1, step + 1 == steps, history, write=rank == 0)
+                saving += time.time() - t_save
     except torch.OutOfMemoryError as e:  # in the step or in the update (the optimizer's first step allocates its state)
         raise LinearizeError(_out_of_memory(name, e, (batch_size, rows.shape[1]), device, ckpt)) from None
     except KeyboardInterrupt:
@@ -399,7 +401,9 @@ def train_loop(
         raise
     end = time.time()
     since, done = (warm[0], len(history) - warm[1]) if warm and len(history) > warm[1] else (t0, steps - start)
-    speed = {"tokens_per_s": round(done * step_tokens / (end - since), 1)}  # past the first step, checkpoints included
+    # past the first step and without the checkpoint writes (a short run would otherwise charge its final save to a few
+    # steps where a long one saves every `save_every`); their seconds are reported beside it
+    speed = {"tokens_per_s": round(done * step_tokens / max(end - since - saving, 1e-9), 1), "checkpoint_s": round(saving, 2)}
     if device.type == "cuda":
         speed["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     log(f"{name}: {speed['tokens_per_s']:,.0f} tokens/s" + (f", peak {speed['peak_gib']} GiB" if "peak_gib" in speed else ""))
