@@ -193,6 +193,35 @@ def test_chunk_gla_kernels_packed_sequences_and_strong_decay(dtype, gate):
     _compare(dtype, gate, q, k, v, _decay(gate, 1, t, hk, kd, 30.0), s0, exclusive=True, chunk_size=32, cu_seqlens=cu)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,chunk,offset,exclusive,packed", [
+    (70, 32, 9, True, False), (40, 16, 40, False, False),  # a lag across chunks; one as long as the sequence
+    (100, 64, 63, True, False), (58, 16, 5, True, True),  # the hybrids' W-1 = 63 at chunks of 64; packed sequences
+])
+def test_chunk_gla_key_offset_reads_earlier_keys_in_place(dtype, t, chunk, offset, exclusive, packed):
+    """key_offset: position i's key and value are token i - offset's (none before a sequence's start), read from the
+    tensors as they are: outputs, final states and gradients of q, k, v and the initial state against the reference,
+    which shifts copies of k and v; the last `offset` keys of each sequence get no gradient."""
+    b, h, hk, kd, vd = (1 if packed else 2), 6, 2, 32, 24
+    cu = torch.tensor([0, 11, 40, t], device=DEVICE) if packed else None
+    leaf = lambda *s: torch.randn(*s, device=DEVICE).to(dtype).requires_grad_()  # noqa: E731
+    q, k, v = leaf(b, t, h, kd), leaf(b, t, hk, kd), leaf(b, t, hk, vd)
+    s0 = torch.randn(3 if packed else b, hk, kd, vd, device=DEVICE).requires_grad_()
+    kw = dict(initial_state=s0, exclusive=exclusive, chunk_size=chunk, cu_seqlens=cu, key_offset=offset)
+    o, s = chunk_ops.chunk_gla_triton(q, k, v, **kw)
+    o_ref, s_ref = chunk_gla_ref(q.float(), k.float(), v.float(), **kw)
+    tol = _tols(dtype)[0]
+    assert rel_err(o, o_ref) < tol and rel_err(s, s_ref) < tol
+    do, ds = torch.randn_like(o_ref), torch.randn_like(s_ref)
+    grads = torch.autograd.grad((o.float() * do).sum() + (s * ds).sum(), [q, k, v, s0])
+    refs = torch.autograd.grad((o_ref * do).sum() + (s_ref * ds).sum(), [q, k, v, s0])
+    for x, got, ref in zip([q, k, v, s0], grads, refs):
+        assert got.dtype == x.dtype and not torch.isnan(got).any() and rel_err(got, ref) < tol
+    assert (grads[1][:, t - offset:] == 0).all() and (grads[2][:, t - offset:] == 0).all()
+    with pytest.raises(ValueError, match="key_offset needs g None"):
+        chunk_ops.chunk_gla_triton(q, k, v, F.logsigmoid(torch.randn(b, t, hk, device=DEVICE)), key_offset=offset)
+
+
 def test_chunk_gla_kernel_rejects_bad_shapes():
     q, k, v = torch.randn(1, 8, 4, 16), torch.randn(1, 8, 3, 16), torch.randn(1, 8, 3, 16)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
@@ -225,6 +254,7 @@ def test_hybrid_on_the_triton_scan_matches_reference_with_gradients(gated, t, wi
 
 
 window_ops = pytest.importorskip("linearize.kernels.hybrid.window")
+normalizer_ops = pytest.importorskip("linearize.kernels.hybrid.normalizer")
 from linearize.kernels.hybrid.naive import NO_SINK, window_combine_ref, window_softmax_ref  # noqa: E402
 
 
@@ -347,7 +377,7 @@ def test_hybrid_on_the_window_kernel_matches_reference_with_gradients(t, window,
     args = lambda a, z: [x[:, a:z] for x in (q, k, v)] + [fq[:, a:z].softmax(-1), fk[:, a:z].softmax(-1), None, mix]  # noqa: E731
     _, state = hybrid_attn_ref(*args(0, cut), valid=valid[:, :cut], **kw)
     kernels = dict(scan=chunk_ops.chunk_gla_triton, combine=window_ops.window_combine,
-                   normalizer=pytest.importorskip("linearize.kernels.hybrid.normalizer").linear_normalizer_triton)
+                   normalizer=normalizer_ops.linear_normalizer_triton, offsets=True)
     y, st = hybrid_attn_ref(*args(cut, t), valid=valid[:, cut:], state=state, **kernels, **kw)
     y_ref, st_ref = hybrid_attn_ref(*args(cut, t), valid=valid[:, cut:], state=state, **kw)
     dy = torch.randn_like(y)
@@ -356,6 +386,36 @@ def test_hybrid_on_the_window_kernel_matches_reference_with_gradients(t, window,
     refs = torch.autograd.grad((y_ref * dy).sum(), inputs)
     tol = 1e-5 if DEVICE == "cpu" else 5e-3
     assert rel_err(y, y_ref) < tol and rel_err(st["S"], st_ref["S"]) < tol
+    assert all(_window_err(a, r) < tol for a, r in zip(grads, refs))
+
+
+@pytest.mark.parametrize("t,window,sinks,pad", [(40, 9, 0, True), (5, 9, 0, False), (70, 16, 2, True)])
+def test_fresh_hybrid_reads_the_new_tokens_in_place(t, window, sinks, pad):
+    """With `offsets` and no state, the kernels read the new tokens W-1 positions late instead of the empty context's
+    concatenation (fewer than W-1 tokens too): outputs, the state after them and the gradients equal the reference's."""
+    b, h, hk, d, f = 2, 6, 2, 16, 32
+    leaf = lambda *s: _tf32(torch.randn(*s, device=DEVICE)).requires_grad_()  # noqa: E731  (see _window_inputs)
+    q, k, v, fq, fk = leaf(b, t, h, d), leaf(b, t, hk, d), leaf(b, t, hk, d), leaf(b, t, h, f), leaf(b, t, hk, f)
+    mix = torch.rand(h, device=DEVICE).requires_grad_()
+    valid = torch.ones(b, t, dtype=torch.bool, device=DEVICE)
+    if pad:
+        valid[1, : t // 3] = False  # left padding
+    kw = dict(window=window, scale=0.25, chunk_size=16, sinks=sinks, valid=valid)
+    args = lambda: (q, k, v, fq.softmax(-1), fk.softmax(-1), None, mix)  # noqa: E731
+    fast = dict(scan=chunk_ops.chunk_gla_triton, combine=window_ops.window_combine,
+                normalizer=normalizer_ops.linear_normalizer_triton, offsets=True)
+    y, st = hybrid_attn_ref(*args(), **fast, **kw)
+    y_ref, st_ref = hybrid_attn_ref(*args(), **kw)
+    tol = 1e-5 if DEVICE == "cpu" else 5e-3
+    assert rel_err(y, y_ref) < tol
+    assert st.keys() == st_ref.keys()
+    for name in st_ref:
+        assert st[name].dtype == st_ref[name].dtype and rel_err(st[name].float(), st_ref[name].float()) < tol, name
+    dy = torch.randn_like(y)
+    # with T < W there is no linear part and mix's gradient (~1e-5, from EPS alone) is rounding on both sides
+    inputs = [q, k, v, fq, fk] + ([mix] if t > window else [])
+    grads = torch.autograd.grad((y * dy).sum() + st["S"].sum(), inputs)
+    refs = torch.autograd.grad((y_ref * dy).sum() + st_ref["S"].sum(), inputs)
     assert all(_window_err(a, r) < tol for a, r in zip(grads, refs))
 
 
@@ -398,7 +458,7 @@ def test_packed_hybrid_on_the_kernels_matches_reference_with_gradients(gated, si
     kw = dict(window=9, scale=0.25, chunk_size=16, valid=valid, cu_seqlens=cu, sinks=sinks)
     args = lambda: (q, k, v, fq.softmax(-1), fk.softmax(-1), F.logsigmoid(gl + 2) if gated else None, mix)  # noqa: E731
     fast = dict(scan=chunk_ops.chunk_gla_triton, combine=window_ops.window_combine,
-                normalizer=pytest.importorskip("linearize.kernels.hybrid.normalizer").linear_normalizer_triton)
+                normalizer=normalizer_ops.linear_normalizer_triton)
     y, state = hybrid_attn_ref(*args(), **fast, **kw)
     y_ref, _ = hybrid_attn_ref(*args(), **kw)
     assert state is None
@@ -409,9 +469,6 @@ def test_packed_hybrid_on_the_kernels_matches_reference_with_gradients(gated, si
     tol = 1e-5 if DEVICE == "cpu" else 5e-3
     assert rel_err(y, y_ref) < tol
     assert all(_window_err(a, r) < tol for a, r in zip(grads, refs))
-
-
-normalizer_ops = pytest.importorskip("linearize.kernels.hybrid.normalizer")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -449,6 +506,27 @@ def test_linear_normalizer_kernel_matches_reference_with_gradients(dtype, b, t, 
     for got, ref in zip(grads, refs):
         assert got.dtype == (dtype if got.shape != z.shape else torch.float32) and not torch.isnan(got).any()
         assert rel_err(got, ref) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,offset", [(150, 63), (40, 9), (30, 30)])
+def test_linear_normalizer_kernel_key_offset(dtype, t, offset):
+    """key_offset: position t's key features are token t - offset's, read in place: against the reference's shifted
+    copy, with a starting memory, gradients included; the last `offset` tokens' features get none."""
+    from linearize.kernels.hybrid.naive import linear_normalizer
+
+    r = lambda *s: torch.rand(*s, device=DEVICE)  # noqa: E731
+    fq, fk = r(2, t, 6, 32).softmax(-1).to(dtype).requires_grad_(), r(2, t, 2, 32).softmax(-1).to(dtype).requires_grad_()
+    z0 = r(2, 2, 32).requires_grad_()
+    den, z = normalizer_ops.linear_normalizer_triton(fq, fk, z0, key_offset=offset)
+    den_ref, z_ref = linear_normalizer(fq.double(), fk.double(), z0.double(), key_offset=offset)
+    tol = 1e-5 if dtype == torch.float32 and DEVICE == "cpu" else (3e-3 if dtype == torch.float32 else 1e-2)
+    assert rel_err(den, den_ref) < tol and rel_err(z, z_ref) < tol
+    dden, dz = torch.randn_like(den_ref), torch.randn_like(z_ref)
+    grads = torch.autograd.grad((den.double() * dden).sum() + (z.double() * dz).sum(), [fq, fk, z0])
+    refs = torch.autograd.grad((den_ref * dden).sum() + (z_ref * dz).sum(), [fq, fk, z0])
+    assert all(rel_err(a, b) < tol for a, b in zip(grads, refs))
+    assert (grads[1][:, t - offset:] == 0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -520,12 +598,29 @@ SM90_NORMALIZER = SM90_DECODE.split("for scalar")[0].replace(
 ) + """
 ints = {s: "i32" for s in ("T", "NT", "s_qb", "s_qt", "s_qh", "s_kb", "s_kt", "s_kh")}
 for packed in (False, True):
-    shape = {"HK": 3, "G": 3, "F_": 64, "BF": 64, "BT": 64, "PACKED": packed}
+    shape = {"HK": 3, "G": 3, "F_": 64, "BF": 64, "BT": 64, "PACKED": packed, "OFF": 0 if packed else 63}
     io = {"fq": "*bf16", "fk": "*bf16", "first": "*i32", "carry": "*fp32", "rcarry": "*fp32", "den": "*fp32", "dden": "*fp32",
           "out": "*fp32", "dfq": "*bf16", "dfk": "*bf16", **ints}
     for kernel in (n._sums_kernel, n._den_kernel, n._dsums_kernel, n._bwd_kernel):
         names = set(inspect.signature(kernel.fn).parameters)
         compile_sm90(kernel, {k: v for k, v in io.items() if k in names}, {k: v for k, v in shape.items() if k in names})
+"""
+
+SM90_WINDOW = SM90_DECODE.split("for scalar")[0].replace(
+    "from linearize.kernels.attention.decode import _merge_kernel, _span_kernel",
+    "from linearize.kernels.hybrid import window as w",
+) + """
+for off in (0, 63):  # the window read from the new tokens in place (a fresh state): OFF = W-1
+    for kernel in (w._window_fwd_kernel, w._window_dq_kernel, w._window_dkv_kernel):
+        names = inspect.signature(kernel.fn).parameters
+        types = {n: "*bf16" if n in ("q", "k", "v", "lnum", "sk", "sv", "out", "do", "dq", "dk", "dv", "dlnum") else
+                 "*i32" if n in ("valid", "rarg", "at", "sbase") else "*i64" if n == "spos" else
+                 "i32" if n in ("T", "L", "S", "LNS", "LDS") else "fp32" if n in ("scale", "cap") else "*fp32" for n in names}
+        cfg = w._config(64, 128, 128, backward=kernel is not w._window_fwd_kernel, dtype=__import__("torch").bfloat16)
+        constants = dict(H=9, HK=3, D=128, V=128, W=64, HAS_CAP=False, MIX=True, EPS_=1e-6, NS=4, BS=16, OFF=off,
+                         **{k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")})
+        constants = {k: v for k, v in constants.items() if k in names}
+        compile_sm90(kernel, {n: t for n, t in types.items() if n not in constants}, constants)
 """
 
 SM90_CHUNK_DQK = """
@@ -543,7 +638,8 @@ for dtype, ty in ((torch.float32, "*fp32"), (torch.bfloat16, "*bf16")):
         L = _Launch(x, x[:, :, :3], x[:, :, :3], None, None, 64)
         pointers = {n: ty for n in ("q", "k", "v", "h", "do", "dh", "dq", "dk")}
         pointers.update(b="*fp32", cu="*i32", cidx="*i32", T="i32", NT="i32")
-        constants = dict(H=9, HK=3, K=64, V=64, KG=1, C=64, BK=L.BK, BV=L.BV, GATE=gate, EXCLUSIVE=True, IS_VARLEN=False)
+        constants = dict(H=9, HK=3, K=64, V=64, KG=1, C=64, BK=L.BK, BV=L.BV, GATE=gate, EXCLUSIVE=True, IS_VARLEN=False,
+                         LAG=63 - 63 * gate)  # the hybrids' keys read W-1 = 63 positions late (undecayed only)
         source = ASTSource(_dqk_kernel, {n: pointers.get(n, "constexpr") for n in names},
                            {(names.index(n),): v for n, v in constants.items()})
         shared = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_stages": L.dqk_stages}).metadata.shared
@@ -560,7 +656,7 @@ def test_kernels_compile_for_hopper():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    for script in (SM90_DECODE, SM90_NORMALIZER, SM90_CHUNK_DQK):  # the hybrid normalizer's kernels; the scan's dq/dk
+    for script in (SM90_DECODE, SM90_NORMALIZER, SM90_WINDOW, SM90_CHUNK_DQK):  # the hybrid normalizer's kernels; the scan's dq/dk
         # kernel as launched within a Hopper's shared memory (fp32 at V = 64 overflowed it: found on the H200)
         run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]

@@ -38,12 +38,13 @@ def use_triton(x: Tensor) -> bool:
 
 def chunk_gla(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, initial_state: Tensor | None = None,
-    exclusive: bool = False, chunk_size: int = 64, cu_seqlens: Tensor | None = None,
+    exclusive: bool = False, chunk_size: int = 64, cu_seqlens: Tensor | None = None, key_offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Chunked causal (gated) linear attention (see `chunk_gla_ref`; g None, per head or per channel),
     forward and backward on the Triton kernels for CUDA tensors."""
     fn = chunk_gla_triton if use_triton(q) else chunk_gla_ref
-    return fn(q, k, v, g, initial_state=initial_state, exclusive=exclusive, chunk_size=chunk_size, cu_seqlens=cu_seqlens)
+    return fn(q, k, v, g, initial_state=initial_state, exclusive=exclusive, chunk_size=chunk_size, cu_seqlens=cu_seqlens,
+              key_offset=key_offset)
 
 
 def hybrid_attn(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None, mix: Tensor, **kw):
@@ -51,7 +52,8 @@ def hybrid_attn(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tens
     `chunk_gla` and, on CUDA, its normalizer (undecayed) through `linear_normalizer_triton`, the window part (with its
     sinks) and the combine in one kernel (`window_combine`), all on q's dtype (16-bit operands, fp32 accumulation)
     where the references work in fp32."""
-    fast = {"combine": window_combine, "normalizer": linear_normalizer_triton, "compute_dtype": None} if use_triton(q) else {}
+    fast = {"combine": window_combine, "normalizer": linear_normalizer_triton, "compute_dtype": None, "offsets": True}
+    fast = fast if use_triton(q) else {}
     return hybrid_attn_ref(q, k, v, fq, fk, g, mix, scan=chunk_gla, **fast, **kw)
 
 

@@ -21,7 +21,9 @@ dk = exp(b_last - b) v dh^T + dA^T q with dA = tril(dO v^T) (per channel: `_dA_k
 of q dq - k dk (`_decay_grad_kernel`, walking the chunks backward). GQA: query heads of a group read and accumulate into their KV
 head's k, v, states and gradients; k and v are never repeated. Exclusive scans (o_i reads the state
 before token i) shift bq by one token and make the diagonal strict. Packed sequences (cu_seqlens):
-a table maps each program to its (sequence, chunk); no chunk crosses a sequence boundary.
+a table maps each program to its (sequence, chunk); no chunk crosses a sequence boundary. A key offset (no decay)
+makes position t read token t - offset's key and value in place, none before a sequence's start (the hybrids' fresh
+window: their linear keys lag the queries by W-1, without a shifted copy).
 States are fp32 at the ends; the per-chunk states are stored in the inputs' dtype for 16-bit inputs
 (as flash-linear-attention does), so matrix products run on bf16/fp16 tensor cores.
 """
@@ -67,6 +69,14 @@ def _chunk_rows(pid, cidx, cu, T, NT, C: tl.constexpr, EXCLUSIVE: tl.constexpr, 
     tok = first + rc
     sees = (rc[:, None] > rc[None, :]) if EXCLUSIVE else (rc[:, None] >= rc[None, :])
     return first, tl.minimum(first + C, eos) - 1, tok, tok < eos, rc, sees
+
+
+@triton.jit
+def _key_rows(pid, cidx, cu, T, NT, tok, mt, LAG: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Rows of the keys and values at positions `tok`: LAG tokens earlier, none before the sequence's start."""
+    i_n, _ = _chunk_of(pid, cidx, NT, IS_VARLEN)
+    bos, _ = _bounds(i_n, cu, T, IS_VARLEN)
+    return tok - LAG, mt & (tok - LAG >= bos)
 
 
 @triton.jit
@@ -132,6 +142,7 @@ def _state_kernel(
     k, v, b, h, s0, s_out, cu, coff, T, NT,
     HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_S0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    LAG: tl.constexpr = 0,
 ):
     nh, hk, bos, eos, c0, rc, rk, mk, ck, rv, mv, s_off, ms, state = _walk_program(
         s0, cu, coff, T, NT, HK, K, V, C, BK, BV, GATE, HAS_S0, IS_VARLEN)
@@ -139,8 +150,8 @@ def _state_kernel(
         tl.store(h + ((c0 + i_t).to(tl.int64) * HK + hk) * K * V + s_off, state.to(h.dtype.element_ty), mask=ms)
         tok = bos + i_t * C + rc
         mt = tok < eos
-        kc = _load(k, tok, mt, HK, hk, K, rk, mk)
-        vc = _load(v, tok, mt, HK, hk, V, rv, mv)
+        kc = _load(k, tok - LAG, mt & (tok - LAG >= bos), HK, hk, K, rk, mk)
+        vc = _load(v, tok - LAG, mt & (tok - LAG >= bos), HK, hk, V, rv, mv)
         if GATE != 0:
             bk, _bq, bl = _decays(b, tok, mt, hk, ck, mk, bos + i_t * C, tl.minimum(bos + i_t * C + C, eos) - 1, False, HK, KG, GATE)
             if GATE == 2:
@@ -199,10 +210,12 @@ def _output_kernel(
     q, k, v, b, h, A, o, cu, cidx, T, NT,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, EXCLUSIVE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    LAG: tl.constexpr = 0,
 ):
     iv, pid, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     hk = head // (H // HK)
     first, last, tok, mt, rc, sees = _chunk_rows(pid, cidx, cu, T, NT, C, EXCLUSIVE, IS_VARLEN)
+    ktok, km = _key_rows(pid, cidx, cu, T, NT, tok, mt, LAG, IS_VARLEN)
     rv = iv * BV + tl.arange(0, BV)
     mv = rv < V
     acc = tl.zeros([C, BV], dtype=tl.float32)
@@ -218,14 +231,14 @@ def _output_kernel(
             acc += _dot((qc * tl.exp(bq)).to(hc.dtype), hc)
         else:
             acc += _dot(qc.to(hc.dtype), hc)
-            a += _dot(qc, tl.trans(_load(k, tok, mt, HK, hk, K, rk, mk)))
+            a += _dot(qc, tl.trans(_load(k, ktok, km, HK, hk, K, rk, mk)))
     if GATE == 1:
         bk, bq, _bl = _decays(b, tok, mt, hk, rc, mt, first, last, EXCLUSIVE, HK, KG, 1)
         acc *= tl.exp(bq)[:, None]
         a *= tl.exp(tl.where(sees, tl.minimum(bq[:, None] - bk[None, :], 0.0), float("-inf")))
     if GATE == 2:
         a = tl.load(A + (tok[:, None] * H + head) * C + rc[None, :], mask=mt[:, None] & sees, other=0.0)
-    vc = _load(v, tok, mt, HK, hk, V, rv, mv)
+    vc = _load(v, ktok, km, HK, hk, V, rv, mv)
     acc += _dot(tl.where(sees, a, 0.0).to(vc.dtype), vc)
     _store(o, acc, tok, mt, H, head, V, rv, mv)
 
@@ -266,10 +279,12 @@ def _dv_kernel(
     q, k, b, A, do, dh, dv, cu, cidx, T, NT,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, EXCLUSIVE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    LAG: tl.constexpr = 0,
 ):
     iv, pid, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = H // HK
     first, last, tok, mt, rc, sees = _chunk_rows(pid, cidx, cu, T, NT, C, EXCLUSIVE, IS_VARLEN)
+    ktok, km = _key_rows(pid, cidx, cu, T, NT, tok, mt, LAG, IS_VARLEN)
     rv = iv * BV + tl.arange(0, BV)
     mv = rv < V
     acc = tl.zeros([C, BV], dtype=tl.float32)
@@ -277,7 +292,7 @@ def _dv_kernel(
     for ik in range(tl.cdiv(K, BK)):  # through the state leaving the chunk
         rk = ik * BK + tl.arange(0, BK)
         mk = rk < K
-        kc = _load(k, tok, mt, HK, hk, K, rk, mk)
+        kc = _load(k, ktok, km, HK, hk, K, rk, mk)
         dhc = tl.load(dh_base + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         if GATE == 2:
             bk, _bq, bl = _decays(b, tok, mt, hk, rk, mk, first, last, EXCLUSIVE, HK, KG, 2)
@@ -296,11 +311,11 @@ def _dv_kernel(
             for ik in range(tl.cdiv(K, BK)):
                 rk = ik * BK + tl.arange(0, BK)
                 mk = rk < K
-                a += _dot(_load(q, tok, mt, H, head, K, rk, mk), tl.trans(_load(k, tok, mt, HK, hk, K, rk, mk)))
+                a += _dot(_load(q, tok, mt, H, head, K, rk, mk), tl.trans(_load(k, ktok, km, HK, hk, K, rk, mk)))
             if GATE == 1:
                 a *= tl.exp(tl.where(sees, tl.minimum(bq[:, None] - bk[None, :], 0.0), float("-inf")))
         acc += _dot(tl.trans(tl.where(sees, a, 0.0).to(doc.dtype)), doc)
-    _store(dv, acc, tok, mt, HK, hk, V, rv, mv)
+    _store(dv, acc, ktok, km, HK, hk, V, rv, mv)
 
 
 @triton.jit
@@ -308,23 +323,25 @@ def _dqk_kernel(
     q, k, v, b, h, do, dh, dq, dk, cu, cidx, T, NT,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, EXCLUSIVE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    LAG: tl.constexpr = 0,
 ):
     # dq and dk through the states, and (no decay or per head) through the intra-chunk weights
     ik, pid, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = H // HK
     first, last, tok, mt, rc, sees = _chunk_rows(pid, cidx, cu, T, NT, C, EXCLUSIVE, IS_VARLEN)
+    ktok, km = _key_rows(pid, cidx, cu, T, NT, tok, mt, LAG, IS_VARLEN)
     rk = ik * BK + tl.arange(0, BK)
     mk = rk < K
     ck = rk if GATE == 2 else rc
     if GATE != 0:
         bk, bq, bl = _decays(b, tok, mt, hk, ck, mk if GATE == 2 else mt, first, last, EXCLUSIVE, HK, KG, GATE)
-    kc = _load(k, tok, mt, HK, hk, K, rk, mk)
+    kc = _load(k, ktok, km, HK, hk, K, rk, mk)
     dkc = tl.zeros([C, BK], dtype=tl.float32)
     base = (pid.to(tl.int64) * HK + hk) * K * V
     for iv in range(tl.cdiv(V, BV)):
         rv = iv * BV + tl.arange(0, BV)
         mv = rv < V
-        vc = _load(v, tok, mt, HK, hk, V, rv, mv)
+        vc = _load(v, ktok, km, HK, hk, V, rv, mv)
         dhc = tl.load(dh + base + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         dkc += _dot(vc, tl.trans(dhc.to(vc.dtype)))
     if GATE == 2:
@@ -343,7 +360,7 @@ def _dqk_kernel(
             hc = tl.load(h + base + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
             dqc += _dot(doc, tl.trans(hc.to(doc.dtype)))
             if GATE != 2:
-                da += _dot(doc, tl.trans(_load(v, tok, mt, HK, hk, V, rv, mv)))
+                da += _dot(doc, tl.trans(_load(v, ktok, km, HK, hk, V, rv, mv)))
         if GATE == 2:
             dqc *= tl.exp(bq)
         else:
@@ -355,7 +372,7 @@ def _dqk_kernel(
             dqc += _dot(da, kc)
             dkc += _dot(tl.trans(da), qc)
         _store(dq, dqc, tok, mt, H, head, K, rk, mk)
-    _store(dk, dkc, tok, mt, HK, hk, K, rk, mk)
+    _store(dk, dkc, ktok, km, HK, hk, K, rk, mk)
 
 
 @triton.jit
@@ -534,7 +551,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, chunk_size: int, c
         raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {b}")
 
 
-def _forward(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, out=None):
+def _forward(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, out=None, key_offset=0):
     """The launch set-up, contiguous q, k, v, the cumulative decays b, o, the final states [N,Hk,K,V]
     fp32, the per-chunk states and (per-channel decay) the intra weights."""
     L = _Launch(q, k, v, g, cu_seqlens, chunk_size)
@@ -547,7 +564,7 @@ def _forward(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, out=N
     bb = b if b is not None else q
     _state_kernel[(triton.cdiv(L.K, L.BK), triton.cdiv(L.V, L.BV), L.N * L.HK)](
         k, v, bb, h, s0, s_out, cu, coff, L.T, L.NT, L.HK, L.K, L.V, L.KG, L.C, L.BK, L.BV, L.gate,
-        initial_state is not None, L.varlen,
+        initial_state is not None, L.varlen, key_offset,
     )
     A = None
     if L.gate == 2:
@@ -558,7 +575,7 @@ def _forward(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, out=N
     o = torch.empty(L.B, L.T, L.H, L.V, dtype=v.dtype, device=v.device) if out is None else out
     _output_kernel[(triton.cdiv(L.V, L.BV), L.NTtot, L.H)](
         q, k, v, bb, h, A if A is not None else q, o, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.V, L.KG, L.C,
-        L.BK, L.BV, L.gate, exclusive, L.varlen,
+        L.BK, L.BV, L.gate, exclusive, L.varlen, key_offset,
     )
     return L, q, k, v, b, o, s_out, h, A
 
@@ -584,10 +601,10 @@ class ChunkGLAFunction(torch.autograd.Function):
     """Chunked (gated) linear attention on the Triton kernels; gradients for q, k, v, g and the initial state."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, exclusive: bool, chunk_size: int, cu_seqlens):
-        L, q, k, v, b, o, s_out, h, A = _forward(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens)
+    def forward(ctx, q, k, v, g, initial_state, exclusive: bool, chunk_size: int, cu_seqlens, key_offset: int = 0):
+        L, q, k, v, b, o, s_out, h, A = _forward(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, key_offset=key_offset)
         ctx.save_for_backward(q, k, v, b, initial_state, h, A, s_out)
-        ctx.L, ctx.exclusive, ctx.g_dtype = L, exclusive, None if g is None else g.dtype
+        ctx.L, ctx.exclusive, ctx.g_dtype, ctx.key_offset = L, exclusive, None if g is None else g.dtype, key_offset
         return o, s_out
 
     @staticmethod
@@ -604,17 +621,19 @@ class ChunkGLAFunction(torch.autograd.Function):
             q, do, bb, dh, dsf, ds0, cu, coff, L.T, L.NT, L.H, L.HK, L.K, L.V, L.KG, L.C, L.BK, L.BV, L.gate,
             exclusive, dstate is not None, L.varlen,
         )
-        dv = torch.empty_like(v)
+        lag = ctx.key_offset
+        new = torch.zeros_like if lag else torch.empty_like  # the last `lag` keys reach no position: no gradient
+        dv = new(v)
         _dv_kernel[(triton.cdiv(L.V, L.BV), L.NTtot, L.HK)](
             q, k, bb, A if A is not None else q, do, dh, dv, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.V, L.KG, L.C,
-            L.BK, L.BV, L.gate, exclusive, L.varlen,
+            L.BK, L.BV, L.gate, exclusive, L.varlen, lag,
         )
         gdt = torch.float32 if L.gate else None  # the decay's gradient needs dq, dk unrounded
         dq = torch.empty(q.shape, dtype=gdt or q.dtype, device=q.device)
-        dk = torch.empty(k.shape, dtype=gdt or k.dtype, device=k.device)
+        dk = new(k, dtype=gdt or k.dtype)
         _dqk_kernel[(triton.cdiv(L.K, L.BK), L.NTtot, L.HK)](
             q, k, v, bb, h, do, dh, dq, dk, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.V, L.KG, L.C, L.BK, L.BV,
-            L.gate, exclusive, L.varlen, num_stages=L.dqk_stages,
+            L.gate, exclusive, L.varlen, lag, num_stages=L.dqk_stages,
         )
         dg = None
         if L.gate == 2:
@@ -626,26 +645,29 @@ class ChunkGLAFunction(torch.autograd.Function):
         if L.gate:
             dg = _decay_grad(L, q, k, dq, dk, s_out, dstate, exclusive, ctx.g_dtype)
         ds0 = ds0.to(s0.dtype) if s0 is not None else None
-        return dq.to(q.dtype), dk.to(k.dtype), dv, dg, ds0, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv, dg, ds0, None, None, None, None
 
 
 def chunk_gla_triton(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, initial_state: Tensor | None = None,
-    exclusive: bool = False, chunk_size: int = 64, cu_seqlens: Tensor | None = None,
+    exclusive: bool = False, chunk_size: int = 64, cu_seqlens: Tensor | None = None, key_offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Differentiable chunked (gated) linear attention: same arguments and results as `chunk_gla_ref`.
 
     q [B,T,H,K], k [B,T,Hk,K], v [B,T,Hk,V]; g None, [B,T,Hk] (per head) or [B,T,Hk,K] (per channel)
-    log-decays <= 0; initial_state [N,Hk,K,V]; cu_seqlens [N+1] int (B = 1) for packed sequences.
+    log-decays <= 0; initial_state [N,Hk,K,V]; cu_seqlens [N+1] int (B = 1) for packed sequences;
+    key_offset (no decay): position t's key and value are token t - key_offset's, read in place (none before a start).
     Returns o [B,T,H,V] in v's dtype and the final states [N,Hk,K,V] fp32. On a GPU, fp32 products
     run in TF32 (Triton's default) and 16-bit inputs keep the per-chunk states in 16 bits.
     """
     _check(q, k, v, g, chunk_size, cu_seqlens)
+    if key_offset and g is not None:
+        raise ValueError("key_offset needs g None (the decays would have to be offset too)")
     width = _narrow(v)
     if width:
-        o, s = ChunkGLAFunction.apply(q, k, *_widen(v, initial_state, g), exclusive, chunk_size, cu_seqlens)
+        o, s = ChunkGLAFunction.apply(q, k, *_widen(v, initial_state, g), exclusive, chunk_size, cu_seqlens, key_offset)
         return o[..., :width], s[..., :width]
-    return ChunkGLAFunction.apply(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens)
+    return ChunkGLAFunction.apply(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, key_offset)
 
 
 def chunk_gla_fwd(

@@ -30,14 +30,18 @@ def chunk_gla_ref(
     exclusive: bool = False,
     chunk_size: int = 64,
     cu_seqlens: Tensor | None = None,
+    key_offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Chunked causal (gated) linear attention.
 
     q [B,T,H,K], k [B,T,Hk,K], v [B,T,Hk,V], g [B,T,Hk,K] or [B,T,Hk] log-decay or None,
     initial_state [N,Hk,K,V] (the state before the first token; N = B, or the number of sequences).
     Inclusive: o_i = q_i . S_i.  Exclusive: o_i = q_i . S_{i-1} (token i does not see itself).
+    key_offset (g None): position i's key and value are token i - key_offset's (zero before the sequence's start).
     Returns o [B,T,H,V] (dtype of v) and the final states S_T [N,Hk,K,V] (fp32).
     """
+    if key_offset and g is not None:
+        raise ValueError("key_offset needs g None (the decays would have to be offset too)")
     if g is not None and g.dim() == 3:  # one decay per head: the same for every key channel
         g = g[..., None].expand(k.shape)
     if cu_seqlens is not None:  # each packed sequence on its own, from its own initial state
@@ -46,10 +50,13 @@ def chunk_gla_ref(
             chunk_gla_ref(
                 q[:, s:e], k[:, s:e], v[:, s:e], None if g is None else g[:, s:e], exclusive=exclusive,
                 initial_state=None if initial_state is None else initial_state[n : n + 1], chunk_size=chunk_size,
+                key_offset=key_offset,
             )
             for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:]))
         ]
         return torch.cat([o for o, _ in runs], 1), torch.cat([s for _, s in runs], 0)
+    if key_offset:
+        k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, key_offset, 0))[:, : x.shape[1]] for x in (k, v))
     b, t, h, kd = q.shape
     hk, vd = k.shape[2], v.shape[-1]
     out_dtype = v.dtype

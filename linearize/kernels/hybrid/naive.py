@@ -144,15 +144,22 @@ def window_combine_ref(
     return _combine(num_w, den_w, num_l.float(), den_l.float(), mix).to(dtype)
 
 
-def linear_normalizer(fq: Tensor, fk: Tensor, z0: Tensor | None, first: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def linear_normalizer(
+    fq: Tensor, fk: Tensor, z0: Tensor | None, first: Tensor | None = None, key_offset: int = 0,
+) -> tuple[Tensor, Tensor]:
     """The undecayed linear part's normalizer phi(q_t) . (z0 + sum_{s<t} phi(k_s)) [B,T,H] in phi(q)'s dtype (as the
     scan's ones column gave it; the backward keeps no fp32 copy of phi(q)), and the final sum z [B,Hk,F] in fp32
     (packed: the last sequence's).
     Packed sequences (B = 1): `first` [T], the index of each token's sequence start, where the sum restarts at 0.
+    key_offset (not packed): position t's key features are token t - key_offset's (zero before the first token).
     The memory's ones column as a running sum instead of a value column more in the scan (V+1 columns tile badly:
     129 = three 64-wide blocks); on CUDA `normalizer.linear_normalizer_triton` computes it in tiles."""
     b, t, h, f = fq.shape
     hk = fk.shape[2]
+    if key_offset:
+        if first is not None:
+            raise ValueError("packed sequences (first) need no key_offset")
+        fk = torch.nn.functional.pad(fk, (0, 0, 0, 0, key_offset, 0))[:, :t]
     run = fk.to(torch.float32 if first is None else torch.float64).cumsum(1)  # fp64: exact differences below
     excl = torch.nn.functional.pad(run[:, :-1], (0, 0, 0, 0, 1, 0))  # keys before t
     if first is not None:  # subtract what came before each token's sequence
@@ -170,7 +177,7 @@ def hybrid_attn_ref(
     state: dict[str, Tensor] | None = None, chunk_size: int = 64, scan: Callable[..., tuple[Tensor, Tensor]] = chunk_gla_ref,
     combine: Callable[..., Tensor] = window_combine_ref, normalizer: Callable[..., tuple[Tensor, Tensor]] = linear_normalizer,
     cu_seqlens: Tensor | None = None,
-    compute_dtype: torch.dtype | None = torch.float32, sinks: int = 0,
+    compute_dtype: torch.dtype | None = torch.float32, sinks: int = 0, offsets: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor] | None]:
     """Parallel form over T new tokens, continuing from `state` (None: start of the sequence).
 
@@ -180,7 +187,9 @@ def hybrid_attn_ref(
     part (signature of `chunk_gla_ref`), `normalizer` its normalizer when undecayed (signature of `linear_normalizer`)
     and `combine` the window part, with the sinks, and the output (signature of `window_combine_ref`). Kernels can stand in
     for the references there. `compute_dtype` is the dtype of what they get (None: q's own, as the
-    kernels take it; they accumulate in fp32 either way).
+    kernels take it; they accumulate in fp32 either way). `offsets`: the three take `key_offset` (the kernels do), so a
+    fresh window (no state, undecayed, not packed) is read from the new tokens in place, W-1 positions on, instead of
+    from the empty context's concatenation and its shifted copies.
     Packed sequences (training): B = 1, cu_seqlens [N+1] and no state; each sequence starts afresh
     (no window, memory or sinks across a boundary) and no state is returned.
     """
@@ -193,6 +202,7 @@ def hybrid_attn_ref(
         seg = torch.repeat_interleave(torch.arange(1, len(cu_seqlens), device=q.device), cu_seqlens.diff().to(q.device))
         valid = seg[None] * (1 if valid is None else valid.long())  # segment ids, 0 for padding
         group, groups = seg[None] - 1, len(cu_seqlens) - 1
+    lag = window - 1 if offsets and state is None and g is None and cu_seqlens is None else 0
     if state is None:
         state = empty_state(b, window, hk, d, vd, f, g is not None, q.device, sinks, k.dtype)
     elif sinks and state.get("sink_k", k[:, :0]).shape[1] != sinks:
@@ -204,9 +214,15 @@ def hybrid_attn_ref(
         sink = sink_table(state, k, v, real, group, groups, sinks)
         fk = fk * ~sink["new"][..., None, None]  # a sink never enters the linear memory
     dt = compute_dtype or q.dtype
-    ext = extend_window(state, k, v, fk, g, valid, dt)
+    if lag:  # the ext tokens from W-1 on: the new ones, read in place
+        ext = {"k": k.to(dt), "v": v.to(dt), "fk": (fk if valid is None else fk * (valid != 0)[..., None, None]).to(dt),
+               "valid": torch.ones(b, t, dtype=torch.bool, device=q.device) if valid is None else valid}
+    else:
+        ext = extend_window(state, k, v, fk, g, valid, dt)
     ext_k, ext_v, ext_fk, ext_valid, ext_g = ext["k"], ext["v"], ext["fk"], ext["valid"], ext.get("g")
-    keys_fk, keys_g = ext_fk[:, :t], None if ext_g is None else ext_g[:, :t]
+    # query t's linear keys are ext tokens < t (lag: the same tensors, which the callables read W-1 positions late)
+    keys_fk, keys_v = (ext_fk, ext_v) if lag else (ext_fk[:, :t], ext_v[:, :t])
+    keys_g = None if ext_g is None else ext_g[:, :t]
     if cu_seqlens is not None:  # query t's linear keys are ext tokens < t: drop those of an earlier sequence
         same = (ext_valid[:, :t] == ext_valid[:, window - 1 :]).float()[..., None, None]
         keys_fk, keys_g = keys_fk * same, None if keys_g is None else keys_g * same
@@ -219,21 +235,25 @@ def hybrid_attn_ref(
         win_decay = (cum[:, window : window + t] - cum[:, :t]).exp()  # [B,T,Hk,F]
         fq = (fq.reshape(b, t, hk, h // hk, f) * win_decay[:, :, :, None]).reshape(b, t, h, f).to(dt)
     packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+    off = {"key_offset": lag} if lag else {}
     if ext_g is None:  # the normalizer is a running sum of the key features: the scan takes the V columns alone
-        num_l, mem = scan(fq, keys_fk, ext_v[:, :t], None, initial_state=None if packed else state["S"][..., :vd],
-                          exclusive=True, chunk_size=chunk_size, **packed)
+        num_l, mem = scan(fq, keys_fk, keys_v, None, initial_state=None if packed or lag else state["S"][..., :vd],
+                          exclusive=True, chunk_size=chunk_size, **packed, **off)
         first = None if cu_seqlens is None else cu_seqlens[:-1].to(q.device)[group[0]]  # each token's sequence start
-        den_l, z = normalizer(fq, keys_fk, None if packed else state["S"][..., vd], first)
+        den_l, z = normalizer(fq, keys_fk, None if packed or lag else state["S"][..., vd], first, **off)
         mem = None if packed else torch.cat([mem, z[..., None]], -1)
     else:  # decayed: a column of ones beside the values
         v1 = torch.cat([ext_v[:, :t], ext_v.new_ones(b, t, hk, 1)], -1)
         o_l, mem = scan(fq, keys_fk, v1, keys_g, initial_state=None if packed else state["S"], exclusive=True,
                         chunk_size=chunk_size, **packed)
         num_l, den_l = o_l[..., :vd], o_l[..., vd]
-    y = combine(q, ext_k, ext_v, ext_valid, num_l, den_l, mix, window, scale, softcap, dtype=v.dtype, sink=sink, sinks=sinks)
+    y = combine(q, ext_k, ext_v, ext_valid, num_l, den_l, mix, window, scale, softcap, dtype=v.dtype, sink=sink, sinks=sinks,
+                **off)
     if packed:
         return y, None
-    out = shift_window(ext, mem, t, state)
+    if lag:  # the window after the new tokens: the empty context's rest, then the newest of them
+        ext = {name: torch.cat([state[name][:, t:].to(x.dtype), x[:, max(0, t - lag) :]], 1) for name, x in ext.items()}
+    out = shift_window(ext, mem, 0 if lag else t, state)
     if sink is not None:
         out.update(sink_k=sink["k"][:, :sinks], sink_v=sink["v"][:, :sinks], sink_pos=sink["pos"][:, :sinks], n=state["n"] + t)
     return y, out

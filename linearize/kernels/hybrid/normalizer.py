@@ -30,16 +30,26 @@ BT = 64  # tokens per tile
 
 
 @triton.jit
-def _tile(x, first, b, t0, T, s_b, s_t, s_h, h, rf, mf, PACKED: tl.constexpr, BT: tl.constexpr):
-    """One tile of x [B,T,*,F] (head h, feature columns rf) in fp32, the token indices, their mask and sequence starts."""
+def _tile(x, first, b, t0, T, s_b, s_t, s_h, h, rf, mf, PACKED: tl.constexpr, BT: tl.constexpr, OFF: tl.constexpr = 0):
+    """One tile of x [B,T,*,F] (head h, feature columns rf; position t reads token t - OFF, zeros before the first), the
+    positions, their mask and sequence starts."""
     rt = t0 + tl.arange(0, BT)
     mt = rt < T
-    tile = tl.load(x + b * s_b + rt[:, None] * s_t + h * s_h + rf[None, :], mask=mt[:, None] & mf[None, :], other=0.0)
+    mx = mt & (rt - OFF >= 0)
+    tile = tl.load(x + b * s_b + (rt - OFF)[:, None] * s_t + h * s_h + rf[None, :], mask=mx[:, None] & mf[None, :], other=0.0)
     if PACKED:
         fst = tl.load(first + rt, mask=mt, other=0)
     else:
         fst = tl.zeros([BT], dtype=tl.int32)
     return tile, rt, mt, fst
+
+
+@triton.jit
+def _program(HK: tl.constexpr, F_: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr):
+    """Program (row x KV head, tile, feature block): row, KV head, tile, block, feature columns, their mask, first token."""
+    pid, n, fb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rf = fb * BF + tl.arange(0, BF)
+    return pid // HK, pid % HK, n, fb, rf, rf < F_, n * BT
 
 
 @triton.jit
@@ -50,14 +60,11 @@ def _last(x, t0, T, BT: tl.constexpr):
 
 @triton.jit
 def _sums_kernel(fk, first, out, T, NT, s_kb, s_kt, s_kh,
-                 HK: tl.constexpr, F_: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, PACKED: tl.constexpr):
+                 HK: tl.constexpr, F_: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr, PACKED: tl.constexpr,
+                 OFF: tl.constexpr = 0):
     """Each tile's sum of phi(k) over its last sequence's tokens -> out [B,HK,F,NT] (fp32)."""
-    pid, n, fb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, hk = pid // HK, pid % HK
-    rf = fb * BF + tl.arange(0, BF)
-    mf = rf < F_
-    t0 = n * BT
-    k, rt, mt, fst = _tile(fk, first, b, t0, T, s_kb, s_kt, s_kh, hk, rf, mf, PACKED, BT)
+    b, hk, n, fb, rf, mf, t0 = _program(HK, F_, BF, BT)
+    k, rt, mt, fst = _tile(fk, first, b, t0, T, s_kb, s_kt, s_kh, hk, rf, mf, PACKED, BT, OFF)
     tail = tl.sum(tl.where((rt >= _last(fst, t0, T, BT))[:, None], k.to(tl.float32), 0.0), 0)
     tl.store(out + ((b * HK + hk) * F_ + rf) * NT + n, tail, mask=mf)
 
@@ -74,15 +81,11 @@ def _excl(k, rt, fst, carry, t0):
 @triton.jit
 def _den_kernel(fq, fk, first, carry, den, T, NT, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh,
                 HK: tl.constexpr, G: tl.constexpr, F_: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
-                PACKED: tl.constexpr):
+                PACKED: tl.constexpr, OFF: tl.constexpr = 0):
     """den [NFB,B,T,H] (fp32 partial dot products of each feature block)."""
-    pid, n, fb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, hk = pid // HK, pid % HK
+    b, hk, n, fb, rf, mf, t0 = _program(HK, F_, BF, BT)
     B = tl.num_programs(0) // HK
-    rf = fb * BF + tl.arange(0, BF)
-    mf = rf < F_
-    t0 = n * BT
-    k, rt, mt, fst = _tile(fk, first, b, t0, T, s_kb, s_kt, s_kh, hk, rf, mf, PACKED, BT)
+    k, rt, mt, fst = _tile(fk, first, b, t0, T, s_kb, s_kt, s_kh, hk, rf, mf, PACKED, BT, OFF)
     c = tl.load(carry + ((b * HK + hk) * F_ + rf) * NT + n, mask=mf, other=0.0)
     excl = _excl(k, rt, fst, c, t0)
     for g in tl.static_range(G):
@@ -96,11 +99,7 @@ def _dsums_kernel(fq, dden, first, out, T, NT, s_qb, s_qt, s_qh,
                   HK: tl.constexpr, G: tl.constexpr, F_: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
                   PACKED: tl.constexpr):
     """Each tile's sum of u_t over the tokens whose sequence began before it (all of the first tile) -> out [B,HK,F,NT]."""
-    pid, n, fb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, hk = pid // HK, pid % HK
-    rf = fb * BF + tl.arange(0, BF)
-    mf = rf < F_
-    t0 = n * BT
+    b, hk, n, fb, rf, mf, t0 = _program(HK, F_, BF, BT)
     rt = t0 + tl.arange(0, BT)
     mt = rt < T
     fst = tl.load(first + rt, mask=mt, other=0) if PACKED else tl.zeros([BT], dtype=tl.int32)
@@ -116,14 +115,11 @@ def _dsums_kernel(fq, dden, first, out, T, NT, s_qb, s_qt, s_qh,
 @triton.jit
 def _bwd_kernel(fq, fk, dden, first, carry, rcarry, dfq, dfk, T, NT, s_qb, s_qt, s_qh, s_kb, s_kt, s_kh,
                 HK: tl.constexpr, G: tl.constexpr, F_: tl.constexpr, BF: tl.constexpr, BT: tl.constexpr,
-                PACKED: tl.constexpr):
-    """dfq [B,T,H,F] = dden excl; dfk [B,T,HK,F] = M^T U + the reverse carry (contiguous outputs)."""
-    pid, n, fb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, hk = pid // HK, pid % HK
-    rf = fb * BF + tl.arange(0, BF)
-    mf = rf < F_
-    t0 = n * BT
-    k, rt, mt, fst = _tile(fk, first, b, t0, T, s_kb, s_kt, s_kh, hk, rf, mf, PACKED, BT)
+                PACKED: tl.constexpr, OFF: tl.constexpr = 0):
+    """dfq [B,T,H,F] = dden excl; dfk [B,T,HK,F] = M^T U + the reverse carry (contiguous outputs; position t's at
+    token t - OFF)."""
+    b, hk, n, fb, rf, mf, t0 = _program(HK, F_, BF, BT)
+    k, rt, mt, fst = _tile(fk, first, b, t0, T, s_kb, s_kt, s_kh, hk, rf, mf, PACKED, BT, OFF)
     at = ((b * HK + hk) * F_ + rf) * NT + n
     excl = _excl(k, rt, fst, tl.load(carry + at, mask=mf, other=0.0), t0)
     u = tl.zeros([BT, BF], dtype=tl.float32)
@@ -137,8 +133,9 @@ def _bwd_kernel(fq, fk, dden, first, carry, rcarry, dfq, dfk, T, NT, s_qb, s_qt,
     mt_ = tl.where((rt[:, None] < rt[None, :]) & (rt[:, None] >= fst[None, :]), 1.0, 0.0)  # M^T: [s, t]
     dk = _dot(mt_, u)
     dk += tl.where((rt >= _last(fst, t0, T, BT))[:, None], tl.load(rcarry + at, mask=mf, other=0.0)[None, :], 0.0)
-    tl.store(dfk + ((b * T + rt[:, None]) * HK + hk) * F_ + rf[None, :], dk.to(dfk.dtype.element_ty),
-             mask=mt[:, None] & mf[None, :])
+    mk = mt & (rt - OFF >= 0)
+    tl.store(dfk + ((b * T + rt[:, None] - OFF) * HK + hk) * F_ + rf[None, :], dk.to(dfk.dtype.element_ty),
+             mask=mk[:, None] & mf[None, :])
 
 
 def _restarts(first: Tensor, t: int, nt: int) -> Tensor:
@@ -190,7 +187,7 @@ class LinearNormalizerFunction(torch.autograd.Function):
     """den [B,T,H] (phi(q)'s dtype) and z [B,HK,F] (fp32) on the Triton kernels; gradients for phi(q), phi(k), z0."""
 
     @staticmethod
-    def forward(ctx, fq: Tensor, fk: Tensor, z0: Tensor | None, first: Tensor | None):
+    def forward(ctx, fq: Tensor, fk: Tensor, z0: Tensor | None, first: Tensor | None, key_offset: int = 0):
         b, t, h, f = fq.shape
         hk = fk.shape[2]
         fq, fk = (x if x.stride(-1) == 1 else x.contiguous() for x in (fq, fk))
@@ -198,7 +195,7 @@ class LinearNormalizerFunction(torch.autograd.Function):
         bf, nfb = _blocks(f)
         nt = triton.cdiv(t, BT)
         grid = (b * hk, nt, nfb)
-        shape = dict(HK=hk, F_=f, BF=bf, BT=BT, PACKED=first is not None)
+        shape = dict(HK=hk, F_=f, BF=bf, BT=BT, PACKED=first is not None, OFF=key_offset)
         sums = torch.empty(b, hk, f, nt, dtype=torch.float32, device=fq.device)
         _sums_kernel[grid](fk, first if first is not None else fk, sums, t, nt, *fk.stride()[:3], **shape)
         restart = None if first is None else _restarts(first, t, nt)
@@ -209,7 +206,7 @@ class LinearNormalizerFunction(torch.autograd.Function):
         # the last tile's own sum (over its last sequence) plus its carry, unless that sequence starts inside it
         z = sums[..., -1] + (carry[..., -1] if restart is None else carry[..., -1] * ~restart[-1])
         ctx.save_for_backward(fq, fk, first, carry, restart)
-        ctx.has_z0 = z0 is not None
+        ctx.has_z0, ctx.key_offset = z0 is not None, key_offset
         return parts.sum(0).to(fq.dtype), z
 
     @staticmethod
@@ -221,21 +218,26 @@ class LinearNormalizerFunction(torch.autograd.Function):
         nt = carry.shape[-1]
         grid = (b * hk, nt, nfb)
         shape = dict(HK=hk, G=h // hk, F_=f, BF=bf, BT=BT, PACKED=first is not None)
+        off = ctx.key_offset
         dden = dden.float().contiguous()
         dsums = torch.empty_like(carry)
         _dsums_kernel[grid](fq, dden, first if first is not None else fq, dsums, t, nt, *fq.stride()[:3], **shape)
         rcarry, dz0 = _rcarries(dsums, restart, dz)
-        dfq, dfk = torch.empty(fq.shape, dtype=fq.dtype, device=fq.device), torch.empty(fk.shape, dtype=fk.dtype, device=fk.device)
+        dfq = torch.empty(fq.shape, dtype=fq.dtype, device=fq.device)
+        dfk = (torch.zeros if off else torch.empty)(fk.shape, dtype=fk.dtype, device=fk.device)  # the last `off` keys: none
         _bwd_kernel[grid](fq, fk, dden, first if first is not None else fq, carry, rcarry, dfq, dfk, t, nt, *fq.stride()[:3],
-                          *fk.stride()[:3], **shape)
-        return dfq, dfk, dz0 if ctx.has_z0 else None, None
+                          *fk.stride()[:3], **shape, OFF=off)
+        return dfq, dfk, dz0 if ctx.has_z0 else None, None, None
 
 
-def linear_normalizer_triton(fq: Tensor, fk: Tensor, z0: Tensor | None, first: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def linear_normalizer_triton(
+    fq: Tensor, fk: Tensor, z0: Tensor | None, first: Tensor | None = None, key_offset: int = 0,
+) -> tuple[Tensor, Tensor]:
     """`naive.linear_normalizer` on the Triton kernels: den [B,T,H] in phi(q)'s dtype and z [B,HK,F] in fp32 (with
-    `first`, packed sequences, z is the last sequence's sum)."""
+    `first`, packed sequences, z is the last sequence's sum; with key_offset, position t's key is token t - key_offset's,
+    read in place)."""
     if fq.shape[2] % fk.shape[2] or fq.shape[:2] != fk.shape[:2] or fq.shape[-1] != fk.shape[-1]:
         raise ValueError(f"phi(q) {tuple(fq.shape)} and phi(k) {tuple(fk.shape)} must be [B,T,H,F] and [B,T,Hk,F], H a multiple of Hk")
-    if first is not None and fq.shape[0] != 1:
-        raise ValueError("packed sequences (first) need batch size 1")
-    return LinearNormalizerFunction.apply(fq, fk.to(fq.dtype), z0, first)
+    if first is not None and (fq.shape[0] != 1 or key_offset):
+        raise ValueError("packed sequences (first) need batch size 1 and no key_offset")
+    return LinearNormalizerFunction.apply(fq, fk.to(fq.dtype), z0, first, key_offset)

@@ -33,6 +33,8 @@ tokens behind it. They enter the running max and sums as one more chunk of keys,
 over its block's queries (a matrix product) and adds them to dsk, dsv with atomics.
 GQA: a query head reads its KV head's rows (no repeated k/v); the key pass sums the group.
 Softcap: s = c tanh(x / c) (tanh from exp), gradient factor 1 - (s/c)^2.
+A fresh window (no state) needs no concatenation: with OFF = W-1 the kernels take the T new tokens as the ext tokens
+from W-1 on and treat the first W-1 as missing; their gradients go to the new tokens' rows.
 On a GPU, fp32 products run in TF32 (Triton's default): relative error ~1e-3 against fp32. 16-bit
 inputs stay 16-bit as product operands (the weights a_tj and gradients are rounded to that dtype before
 their products, as in flash attention); sums, statistics and accumulators are fp32.
@@ -77,11 +79,13 @@ def _scores(a, b, scale, cap, HAS_CAP: tl.constexpr):
 
 
 @triton.jit
-def _keys(k, v, valid, b, j, L, HK: tl.constexpr, hk, D: tl.constexpr, V: tl.constexpr, rd, md, rv, mv):
-    """Ext tokens j of KV head hk: keys, values and segment ids (0 where missing or padding)."""
-    mj = (j >= 0) & (j < L)
-    row = (b * L + j) * HK + hk
-    return _rows(k, row, mj, D, rd, md), _rows(v, row, mj, V, rv, mv), tl.load(valid + b * L + j, mask=mj, other=0)
+def _keys(k, v, valid, b, j, L, HK: tl.constexpr, hk, D: tl.constexpr, V: tl.constexpr, rd, md, rv, mv, OFF: tl.constexpr):
+    """Ext tokens j of KV head hk: keys, values and segment ids (0 where missing or padding). The tensors hold ext
+    tokens from OFF on (the first OFF are missing: a fresh window read from the new tokens in place)."""
+    mj = (j >= OFF) & (j < L)
+    r = b * (L - OFF) + j - OFF
+    row = r * HK + hk
+    return _rows(k, row, mj, D, rd, md), _rows(v, row, mj, V, rv, mv), tl.load(valid + r, mask=mj, other=0)
 
 
 @triton.jit
@@ -92,12 +96,12 @@ def _visible(qseg, kseg):
 
 @triton.jit
 def _window_tile(k, v, valid, b, t0, c, rm, qseg, L, HK: tl.constexpr, hk, D: tl.constexpr, V: tl.constexpr,
-                 W: tl.constexpr, BN: tl.constexpr, rd, md, rv, mv):
+                 W: tl.constexpr, BN: tl.constexpr, rd, md, rv, mv, OFF: tl.constexpr):
     """Chunk c of a query block's key span (ext tokens j from t0 + c*BN): keys, values, their ext
     index, and which of the block's queries see them (query row i sees offsets [i, i+W-1])."""
     rel = c * BN + tl.arange(0, BN)
     j = t0 + rel
-    kt, vt, kseg = _keys(k, v, valid, b, j, L, HK, hk, D, V, rd, md, rv, mv)
+    kt, vt, kseg = _keys(k, v, valid, b, j, L, HK, hk, D, V, rd, md, rv, mv, OFF)
     see = (rel[None, :] >= rm[:, None]) & (rel[None, :] < rm[:, None] + W) & _visible(qseg[:, None], kseg[None, :])
     return kt, vt, j, see
 
@@ -158,7 +162,7 @@ def _dscores(s, see, m, dp, dden, dlt, idx, arg, cap, HAS_CAP: tl.constexpr):
 
 @triton.jit
 def _query_block(q, valid, T, L, H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
-                 BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+                 BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, OFF: tl.constexpr):
     """Program (batch x query head, block of BM queries): batch, head, KV head, query rows and masks,
     the queries [BM, BD] and their segment ids (of their own ext tokens)."""
     bh, n = tl.program_id(0), tl.program_id(1)
@@ -166,7 +170,7 @@ def _query_block(q, valid, T, L, H: tl.constexpr, HK: tl.constexpr, D: tl.conste
     rm, rd, rv = tl.arange(0, BM), tl.arange(0, BD), tl.arange(0, BV)
     t = n * BM + rm
     row, mt, md = (b * T + t) * H + h, t < T, rd < D
-    qseg = tl.load(valid + b * L + t + W - 1, mask=mt, other=0)
+    qseg = tl.load(valid + b * (L - OFF) + t + W - 1 - OFF, mask=mt, other=0)
     return b, h, h // (H // HK), n * BM, rm, row, mt, rd, rv, md, rv < V, _rows(q, row, mt, D, rd, md), qseg
 
 
@@ -175,10 +179,10 @@ def _window_fwd_kernel(
     q, k, v, valid, lnum, lden, mix, sk, sv, spos, at, sbase, out, den, rmax, rarg, T, L, S, scale, cap, LNS, LDS,
     H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, NC: tl.constexpr,
-    HAS_CAP: tl.constexpr, MIX: tl.constexpr, EPS_: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr,
+    HAS_CAP: tl.constexpr, MIX: tl.constexpr, EPS_: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr, OFF: tl.constexpr = 0,
 ):
     # out: num (den beside it), or y when fused
-    b, h, hk, t0, rm, row, mt, rd, rv, md, mv, qt, qseg = _query_block(q, valid, T, L, H, HK, D, V, W, BM, BD, BV)
+    b, h, hk, t0, rm, row, mt, rd, rv, md, mv, qt, qseg = _query_block(q, valid, T, L, H, HK, D, V, W, BM, BD, BV, OFF)
     m = tl.full([BM], float("-inf"), tl.float32)
     arg = tl.full([BM], -1, tl.int32)  # ext index of the key holding the max (sink slot: -2 - slot); -1: no visible key
     den_w = tl.zeros([BM], dtype=tl.float32)
@@ -190,7 +194,7 @@ def _window_fwd_kernel(
             s = tl.where(see, _scores(qt, kt, scale, cap, HAS_CAP), float("-inf"))
             m, arg, den_w, num_w = _absorb(m, arg, den_w, num_w, s, idx, vt)
     for c in range(NC):
-        kt, vt, j, see = _window_tile(k, v, valid, b, t0, c, rm, qseg, L, HK, hk, D, V, W, BN, rd, md, rv, mv)
+        kt, vt, j, see = _window_tile(k, v, valid, b, t0, c, rm, qseg, L, HK, hk, D, V, W, BN, rd, md, rv, mv, OFF)
         s = tl.where(see, _scores(qt, kt, scale, cap, HAS_CAP), float("-inf"))
         m, arg, den_w, num_w = _absorb(m, arg, den_w, num_w, s, j, vt)
     tl.store(rmax + row, tl.where(m == float("-inf"), 0.0, m), mask=mt)
@@ -211,10 +215,10 @@ def _window_dq_kernel(
     T, L, S, scale, cap, LNS, LDS,
     H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, NC: tl.constexpr,
-    HAS_CAP: tl.constexpr, MIX: tl.constexpr, EPS_: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr,
+    HAS_CAP: tl.constexpr, MIX: tl.constexpr, EPS_: tl.constexpr, NS: tl.constexpr, BS: tl.constexpr, OFF: tl.constexpr = 0,
 ):
     # do: dnum, or dy when fused (then dnum = cw dy). dd: dden, an input, or written here when fused.
-    b, h, hk, t0, rm, row, mt, rd, rv, md, mv, qt, qseg = _query_block(q, valid, T, L, H, HK, D, V, W, BM, BD, BV)
+    b, h, hk, t0, rm, row, mt, rd, rv, md, mv, qt, qseg = _query_block(q, valid, T, L, H, HK, D, V, W, BM, BD, BV, OFF)
     m = tl.load(rmax + row, mask=mt, other=0.0)
     arg = tl.load(rarg + row, mask=mt, other=-1)
     dot_ = _rows(do, row, mt, V, rv, mv)
@@ -230,7 +234,7 @@ def _window_dq_kernel(
             s = tl.where(see, _scores(qt, kt, scale, cap, HAS_CAP), float("-inf"))
             e, den_w, num_w = _reweigh(e, den_w, num_w, s, m, dot_, vt, MIX)
     for c in range(NC):
-        kt, vt, j, see = _window_tile(k, v, valid, b, t0, c, rm, qseg, L, HK, hk, D, V, W, BN, rd, md, rv, mv)
+        kt, vt, j, see = _window_tile(k, v, valid, b, t0, c, rm, qseg, L, HK, hk, D, V, W, BN, rd, md, rv, mv, OFF)
         s = tl.where(see, _scores(qt, kt, scale, cap, HAS_CAP), float("-inf"))
         e, den_w, num_w = _reweigh(e, den_w, num_w, s, m, dot_, vt, MIX)
     c_win = tl.full([BM], 1.0, tl.float32)
@@ -265,7 +269,7 @@ def _window_dq_kernel(
             _add_rows(dsk, _dot(tl.trans(ds).to(qt.dtype), qt) * scale, srow, ms, D, rd, md)
             _add_rows(dsv, _dot(tl.trans(p * c_win[:, None]).to(dot_.dtype), dot_), srow, ms, V, rv, mv)
     for c in range(NC):  # second walk: dq
-        kt, vt, j, see = _window_tile(k, v, valid, b, t0, c, rm, qseg, L, HK, hk, D, V, W, BN, rd, md, rv, mv)
+        kt, vt, j, see = _window_tile(k, v, valid, b, t0, c, rm, qseg, L, HK, hk, D, V, W, BN, rd, md, rv, mv, OFF)
         s = _scores(qt, kt, scale, cap, HAS_CAP)
         _, ds = _dscores(s, see, m, _dot(dot_, tl.trans(vt)) * c_win[:, None], dden, dlt, j, arg, cap, HAS_CAP)
         dqt += _dot(ds.to(kt.dtype), kt)
@@ -277,7 +281,7 @@ def _window_dkv_kernel(
     q, k, v, valid, do, dd, cw, rmax, rarg, delta, dk, dv, T, L, scale, cap,
     H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, NC: tl.constexpr,
-    HAS_CAP: tl.constexpr, MIX: tl.constexpr,
+    HAS_CAP: tl.constexpr, MIX: tl.constexpr, OFF: tl.constexpr = 0,
 ):
     # the forward's loop transposed: BM keys, the BM+W-1 queries that see them in chunks of BN
     bh, n = tl.program_id(0), tl.program_id(1)
@@ -286,7 +290,7 @@ def _window_dkv_kernel(
     rk, rd, rv = tl.arange(0, BM), tl.arange(0, BD), tl.arange(0, BV)
     md, mv = rd < D, rv < V
     j = n * BM + rk
-    kt, vt, kseg = _keys(k, v, valid, b, j, L, HK, hk, D, V, rd, md, rv, mv)
+    kt, vt, kseg = _keys(k, v, valid, b, j, L, HK, hk, D, V, rd, md, rv, mv, OFF)
     dkt = tl.zeros([BM, BD], dtype=tl.float32)
     dvt = tl.zeros([BM, BV], dtype=tl.float32)
     for g in range(G):
@@ -302,7 +306,7 @@ def _window_dkv_kernel(
             arg = tl.load(rarg + row, mask=mt, other=-1)
             dlt = tl.load(delta + row, mask=mt, other=0.0)
             dden = tl.load(dd + row, mask=mt, other=0.0)
-            qseg = tl.load(valid + b * L + t + W - 1, mask=mt, other=0)
+            qseg = tl.load(valid + b * (L - OFF) + t + W - 1 - OFF, mask=mt, other=0)
             see = (rel[None, :] >= rk[:, None]) & (rel[None, :] < rk[:, None] + W) & _visible(qseg[None, :], kseg[:, None]) & mt[None, :]
             s = _scores(kt, qt, scale, cap, HAS_CAP)  # [keys, queries]
             p = tl.exp(tl.where(see, s - m[None, :], float("-inf")))
@@ -317,9 +321,9 @@ def _window_dkv_kernel(
             if HAS_CAP:
                 ds = ds * (1.0 - (s / cap) * (s / cap))
             dkt += _dot(ds.to(qt.dtype), qt)
-    mj = (j >= 0) & (j < L)
-    _store_rows(dk, dkt * scale, (b * L + j) * HK + hk, mj, D, rd, md)
-    _store_rows(dv, dvt, (b * L + j) * HK + hk, mj, V, rv, mv)
+    mj = (j >= OFF) & (j < L)
+    _store_rows(dk, dkt * scale, (b * (L - OFF) + j - OFF) * HK + hk, mj, D, rd, md)
+    _store_rows(dv, dvt, (b * (L - OFF) + j - OFF) * HK + hk, mj, V, rv, mv)
 
 
 def _config(window: int, kd: int, vd: int, backward: bool = False, dtype: torch.dtype = torch.float32) -> dict[str, int]:
@@ -346,9 +350,9 @@ class WindowSoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, valid, num_l, den_l, mix, sk, sv, spos, at, sbase, sinks: int, window: int, scale: float,
-                softcap: float | None, dtype: torch.dtype):
+                softcap: float | None, dtype: torch.dtype, key_offset: int = 0):
         b, t, h, kd = q.shape
-        hk, vd, length = k.shape[2], v.shape[-1], k.shape[1]
+        hk, vd, length = k.shape[2], v.shape[-1], k.shape[1] + key_offset
         cfg = _config(window, kd, vd, dtype=q.dtype)
         fused = num_l is not None
         q, k, v, valid = q.contiguous(), k.contiguous(), v.contiguous(), valid.to(torch.int32).contiguous()
@@ -368,17 +372,19 @@ class WindowSoftmaxFunction(torch.autograd.Function):
         _window_fwd_kernel[(b * h, triton.cdiv(t, cfg["BM"]))](
             q, k, v, valid, num_l if fused else q, den_l if fused else q, mix if fused else q, sk, sv, spos, at, sbase,
             out, den, rmax, rarg, t, length, sk.shape[1] if sinks else 0, scale, softcap or 1.0, *strides, h, hk, kd, vd,
-            window, **cfg, HAS_CAP=bool(softcap), MIX=fused, EPS_=EPS, NS=sinks, BS=16,
+            window, **cfg, HAS_CAP=bool(softcap), MIX=fused, EPS_=EPS, NS=sinks, BS=16, OFF=key_offset,
         )
         ctx.save_for_backward(q, k, v, valid, num_l, den_l, mix, sk, sv, spos, at, sbase, rmax, rarg)
         ctx.window, ctx.scale, ctx.softcap, ctx.strides, ctx.sinks = window, scale, softcap, strides, sinks
+        ctx.key_offset = key_offset
         return out if fused else (out, den)
 
     @staticmethod
     def backward(ctx, *grads):
         q, k, v, valid, num_l, den_l, mix, sk, sv, spos, at, sbase, rmax, rarg = ctx.saved_tensors
         b, t, h, kd = q.shape
-        hk, vd, length = k.shape[2], v.shape[-1], k.shape[1]
+        off = ctx.key_offset
+        hk, vd, length = k.shape[2], v.shape[-1], k.shape[1] + off
         cfg = _config(ctx.window, kd, vd, backward=True, dtype=q.dtype)
         fused, sinks = num_l is not None, ctx.sinks
         delta = torch.empty_like(rmax)
@@ -396,16 +402,16 @@ class WindowSoftmaxFunction(torch.autograd.Function):
         _window_dq_kernel[(b * h, triton.cdiv(t, cfg["BM"]))](
             q, k, v, valid, num_l if fused else q, den_l if fused else q, mix if fused else q, sk, sv, spos, at, sbase,
             do, dd, cw, rmax, rarg, delta, dq, dlnum, dlden, dmix, dsk, dsv, t, length, sk.shape[1] if sinks else 0,
-            *common[2:4], *ctx.strides, *common[4:], **cfg, **shared, EPS_=EPS, NS=sinks, BS=16,
+            *common[2:4], *ctx.strides, *common[4:], **cfg, **shared, EPS_=EPS, NS=sinks, BS=16, OFF=off,
         )
         _window_dkv_kernel[(b * hk, triton.cdiv(length, cfg["BM"]))](
-            q, k, v, valid, do, dd, cw, rmax, rarg, delta, dk, dv, *common, **cfg, **shared,
+            q, k, v, valid, do, dd, cw, rmax, rarg, delta, dk, dv, *common, **cfg, **shared, OFF=off,
         )
         if not fused:
-            return dq, dk, dv, *[None] * 14
+            return dq, dk, dv, *[None] * 15
         dsk, dsv = (dsk.to(sk.dtype), dsv.to(sv.dtype)) if sinks else (None, None)
         return (dq, dk, dv, None, dlnum, dlden.to(den_l.dtype), dmix.sum((0, 1)).to(ctx.mix_dtype), dsk, dsv,
-                *[None] * 8)
+                *[None] * 9)
 
 
 def _row_view(x: Tensor) -> tuple[Tensor, int]:
@@ -419,14 +425,15 @@ def _row_view(x: Tensor) -> tuple[Tensor, int]:
     return x.contiguous(), width
 
 
-def _check(q: Tensor, ext_k: Tensor, ext_v: Tensor, ext_valid: Tensor, window: int) -> None:
+def _check(q: Tensor, ext_k: Tensor, ext_v: Tensor, ext_valid: Tensor, window: int, key_offset: int = 0) -> None:
     b, t, h, _ = q.shape
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+    if window < 1 or not 0 <= key_offset <= window - 1:
+        raise ValueError(f"window must be >= 1 and key_offset in [0, W-1], got {window} and {key_offset}")
     if h % ext_k.shape[2]:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({ext_k.shape[2]})")
-    if ext_k.shape[:2] != (b, window - 1 + t) or ext_v.shape[:3] != ext_k.shape[:3] or ext_valid.shape != ext_k.shape[:2]:
-        raise ValueError(f"ext_k, ext_v, ext_valid must hold W-1+T = {window - 1 + t} tokens of batch {b}")
+    n = window - 1 + t - key_offset
+    if ext_k.shape[:2] != (b, n) or ext_v.shape[:3] != ext_k.shape[:3] or ext_valid.shape != ext_k.shape[:2]:
+        raise ValueError(f"ext_k, ext_v, ext_valid must hold W-1+T-key_offset = {n} tokens of batch {b}")
 
 
 def window_softmax(
@@ -443,12 +450,14 @@ def window_softmax(
 def window_combine(
     q: Tensor, ext_k: Tensor, ext_v: Tensor, ext_valid: Tensor, num_l: Tensor, den_l: Tensor, mix: Tensor,
     window: int, scale: float, softcap: float | None = None, dtype: torch.dtype = torch.float32,
-    sink: dict[str, Tensor] | None = None, sinks: int = 0,
+    sink: dict[str, Tensor] | None = None, sinks: int = 0, key_offset: int = 0,
 ) -> Tensor:
     """Differentiable hybrid output y [B,T,H,V] in `dtype` from the window softmax (with the sinks of
     `naive.sink_table`, `sinks` per sequence) and the linear part num_l [B,T,H,V], den_l [B,T,H], in one
-    pass (`window_combine_ref`'s maths). num_l and den_l may be column views of one [..., V+1] tensor (read in place)."""
-    _check(q, ext_k, ext_v, ext_valid, window)
+    pass (`window_combine_ref`'s maths). num_l and den_l may be column views of one [..., V+1] tensor (read in place).
+    key_offset: the ext tensors start that many tokens in (those are missing: with W-1, a fresh window read from the
+    new tokens themselves, no concatenation)."""
+    _check(q, ext_k, ext_v, ext_valid, window, key_offset)
     if num_l.shape != (*q.shape[:3], ext_v.shape[-1]) or den_l.shape != q.shape[:3] or mix.shape != (q.shape[2],):
         raise ValueError(f"num_l must be [B,T,H,V] = {(*q.shape[:3], ext_v.shape[-1])}, den_l [B,T,H] and mix [H]")
     ext_k, ext_v = ext_k.to(q.dtype), ext_v.to(q.dtype)
@@ -457,4 +466,4 @@ def window_combine(
         base = (sink["group"] * sinks).to(torch.int32)  # each query's first sink slot: its sequence's
         tables = (sink["k"].to(q.dtype), sink["v"].to(q.dtype), sink["pos"], sink["at"], base)
     return WindowSoftmaxFunction.apply(q, ext_k, ext_v, ext_valid, num_l, den_l, mix, *tables, sinks if sink is not None else 0,
-                                       window, scale, softcap, dtype)
+                                       window, scale, softcap, dtype, key_offset)
