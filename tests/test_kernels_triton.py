@@ -389,7 +389,7 @@ def test_hybrid_on_the_window_kernel_matches_reference_with_gradients(t, window,
     assert all(_window_err(a, r) < tol for a, r in zip(grads, refs))
 
 
-@pytest.mark.parametrize("t,window,sinks,pad", [(40, 9, 0, True), (5, 9, 0, False), (70, 16, 2, True)])
+@pytest.mark.parametrize("t,window,sinks,pad", [(40, 9, 0, True), (5, 9, 0, False), (36, 16, 2, True)])
 def test_fresh_hybrid_reads_the_new_tokens_in_place(t, window, sinks, pad):
     """With `offsets` and no state, the kernels read the new tokens W-1 positions late instead of the empty context's
     concatenation (fewer than W-1 tokens too): outputs, the state after them and the gradients equal the reference's."""
@@ -416,7 +416,10 @@ def test_fresh_hybrid_reads_the_new_tokens_in_place(t, window, sinks, pad):
     inputs = [q, k, v, fq, fk] + ([mix] if t > window else [])
     grads = torch.autograd.grad((y * dy).sum() + st["S"].sum(), inputs)
     refs = torch.autograd.grad((y_ref * dy).sum() + st_ref["S"].sum(), inputs)
-    assert all(_window_err(a, r) < tol for a, r in zip(grads, refs))
+    # gradients: fp32 sums over rows in another order (mix's over every row: up to ~1e-5 either way, with or without
+    # offsets); an indexing error would be O(1)
+    gtol = 1e-3 if DEVICE == "cpu" else 5e-3
+    assert all(_window_err(a, r) < gtol for a, r in zip(grads, refs))
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the dispatch picks the kernels on CUDA only")
