@@ -12,9 +12,10 @@ every other layer kept softmax whole (decoded from a preallocated cache the same
 (B, T): random prompts of T tokens. `ours`: prefill (in chunks), capture one decode step, time
 `--steps` replays with CUDA events (median over `--repeats`), the step as it is (mode `graph`) and
 compiled by torch.compile before capture (mode `compiled`; `fused`: the same after
-`fuse_projections`, q/k/v and gate/up each one matrix product). `teacher_compiled`: prefill into a
-`StaticCache` sized T + the steps, then the compiled one-token forward and argmax in a loop, timed
-the same way after three warm-up calls (compilation). `teacher_eager`: (generate(N+1) - generate(1)) / N,
+`fuse_projections`, q/k/v and gate/up each one matrix product; `kernels`: stacked projections and the
+step's dense parts on the skinny kernels, `GraphedDecoder(fused_layers=True)`; `kernels_compiled`: that
+compiled). `teacher_compiled`: prefill into a `StaticCache` sized T + the steps, then the compiled
+one-token forward and argmax in a loop, timed the same way after three warm-up calls (compilation). `teacher_eager`: (generate(N+1) - generate(1)) / N,
 medians over `--repeats`, as a user runs it. New parameters stay at their initialization (speed does
 not depend on them). `floor_ms`: bytes a step must read (weights, plus states or caches read and
 written) at the measured copy bandwidth. Records {"impl", "name", "plan", "B", "T", "ms", "peak_gib", ...}
@@ -43,7 +44,10 @@ from kernel_bench import copy_bandwidth, header  # noqa: E402  (the script's fol
 
 PLANS = {"lolcats": "*:lolcats(window=64)", "gla": "*:gla", "heads": "configs/smollm2-135m.yaml",
          "layers": "0-/2:lolcats(window=64),1-/2:softmax"}  # layers: issue 17's 50% plan, every other layer softmax whole
-OURS = {"graph": False, "compiled": True, "frozen": {"freezing": True}, "fused": True}  # GraphedDecoder's compile= of each mode
+OURS = {  # GraphedDecoder's arguments in each mode; fused and kernels* run on stacked projections (fuse_projections)
+    "graph": {"compile": False}, "compiled": {"compile": True}, "frozen": {"compile": {"freezing": True}}, "fused": {"compile": True},
+    "kernels": {"fused_layers": True}, "kernels_compiled": {"fused_layers": True, "compile": True},
+}
 SMOKE_HEADS = "0:lolcats(window=64, sinks=4, softmax_heads=[1]),1:lolcats(window=64, sinks=4)"  # the 2-layer smoke model
 GIB = 2**30
 
@@ -71,10 +75,10 @@ def plan_of(name: str, smoke: bool) -> str:
     return yaml.safe_load((Path(__file__).resolve().parent.parent / PLANS[name]).read_text())["plan"]
 
 
-def ours_decode(model, ids: torch.Tensor, steps: int, repeats: int, chunk: int, compile: bool | dict) -> dict:
-    """ms per graphed decode step after prefilling `ids` (the step compiled first if `compile`), and the bytes of
-    the cache (states, softmax heads' keys/values)."""
-    ms, cache_bytes = graphed_decode_ms(model, ids, steps, repeats, chunk=chunk, compile=compile)
+def ours_decode(model, ids: torch.Tensor, steps: int, repeats: int, chunk: int, how: dict) -> dict:
+    """ms per graphed decode step after prefilling `ids` (`how`: GraphedDecoder's compile= and fused_layers=), and the
+    bytes of the cache (states, softmax heads' keys/values)."""
+    ms, cache_bytes = graphed_decode_ms(model, ids, steps, repeats, chunk=chunk, **how)
     return {"ms": ms, "cache_bytes": cache_bytes}
 
 
@@ -109,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plans", nargs="+", choices=sorted(PLANS), default=["lolcats", "gla", "heads", "layers"])
     ap.add_argument("--ours", nargs="+", choices=sorted(OURS), default=["graph", "compiled"],
                     help="our decode step as captured (graph), compiled with torch.compile before capture (compiled), "
-                    "the same with Inductor's freezing (frozen), compiled on stacked q/k/v and gate/up projections (fused)")
+                    "the same with Inductor's freezing (frozen), compiled on stacked q/k/v and gate/up projections (fused), "
+                    "the step's dense parts on our skinny kernels (kernels; kernels_compiled: and compiled)")
     ap.add_argument("--teachers", nargs="*", choices=["compiled", "frozen", "eager"], default=["compiled", "eager"],
                     help="the teacher's static cache + compiled step (compiled; frozen: with freezing), its eager generate")
     ap.add_argument("--steps", type=int, default=64, help="decode steps per timing")
@@ -132,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = copy_bandwidth(device)  # bytes per ms
     plans = {name: plan_of(name, args.smoke) for name in args.plans}
     students = {name: linearize.convert(copy.deepcopy(teacher), plan) for name, plan in plans.items()}
-    fused = {name: fuse_projections(copy.deepcopy(m)) for name, m in students.items()} if "fused" in args.ours else {}
+    stacked = {"fused", "kernels", "kernels_compiled"}
+    fused = {name: fuse_projections(copy.deepcopy(m)) for name, m in students.items()} if stacked & set(args.ours) else {}
     records = []
 
     def save() -> None:  # after every record: a run cut short keeps what it measured
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     for b in args.batches:
         for t in args.contexts:
             ids = torch.randint(3, teacher.config.vocab_size, (b, t), generator=torch.Generator().manual_seed(t)).to(device)
-            runs = [("ours", name, mode, lambda m=(fused[name] if mode == "fused" else m), c=OURS[mode]:
+            runs = [("ours", name, mode, lambda m=(fused[name] if mode in stacked else m), c=OURS[mode]:
                      ours_decode(m, ids, args.steps, args.repeats, args.prefill_chunk, c))
                     for name, m in students.items() for mode in args.ours]
             for mode in [m for m in ("compiled", "frozen") if m in args.teachers]:

@@ -27,6 +27,8 @@ class Adapter:
     fused_qkv: bool = False  # one `qkv_proj` holds q, k, v stacked (Phi-3)
     qk_norm: bool = False  # per-head RMSNorm on q and k before rotary (Qwen3)
     gated_mlp: bool = True  # MLP = down_proj(act_fn(gate_proj(x)) * up_proj(x)), gate and up separate (Phi-3: stacked)
+    # decoder layer = RMSNorm, attention, residual add, RMSNorm, gated MLP, residual add (what `fusion.FusedStep` runs)
+    prenorm_rms: bool = True
 
     def project(self, attn: nn.Module, x: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """q [B,T,H,D], k and v [B,T,Hk,D], with rotary applied, from hidden states x [B,T,C]."""
@@ -50,7 +52,7 @@ ADAPTERS: dict[str, Adapter] = {
     "qwen2": Adapter(),
     "qwen3": Adapter(modules=("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"), qk_norm=True),
     "phi3": Adapter(modules=(FUSED_QKV, "o_proj"), fused_qkv=True, gated_mlp=False),
-    "gemma2": Adapter(),  # attention logit soft-capping is read from the module
+    "gemma2": Adapter(prenorm_rms=False),  # soft-capping read from the module; norms after the blocks too, weight 1 + w
 }
 
 

@@ -26,6 +26,7 @@ from .adapters import adapter_for, decoder_layers
 from .cache import StateLayer
 from .convert import is_converted
 from .errors import LinearizeError
+from .fusion import FusedStep
 from .kinds.base import LinearizedAttention, State, static_softmax_cache
 from .plan import SOFTMAX
 
@@ -80,12 +81,14 @@ class GraphedDecoder:
     (norms, rotary, projections' epilogues), so a replay launches fewer kernels; a dict instead of True
     gives Inductor options. The weights stay inputs of the compiled step (Inductor's freezing finds no
     constants to fold); `linearize.fusion.fuse_projections` stacks the projections that share an input.
+    `fused_layers=True` (after `fuse_projections`) runs the step's dense parts on our skinny kernels instead of the
+    model's modules (`linearize.fusion.FusedStep`: five launches a layer besides the mixer's); the prefill is the same.
     """
 
     def __init__(
         self, model: nn.Module, input_ids: Tensor, *, attention_mask: Tensor | None = None,
         sample: Sampler = greedy, prefill_chunk: int | None = None, graph: bool | None = None,
-        max_new_tokens: int | None = None, compile: bool | dict = False,
+        max_new_tokens: int | None = None, compile: bool | dict = False, fused_layers: bool = False,
     ):
         heads = check_decodable(model)
         if heads and max_new_tokens is None:
@@ -108,6 +111,8 @@ class GraphedDecoder:
         for i in self._exact:  # their keys/values go where softmax heads keep theirs
             self.cache.layers[i] = StateLayer()
         self._layers = [layer for layer in self.cache.layers if isinstance(layer, StateLayer)]
+        attns = [self._exact.get(i, layer.self_attn) for i, layer in enumerate(decoder_layers(model))]
+        self._fused = FusedStep(model, attns) if fused_layers else None
         b, t = input_ids.shape
         if attention_mask is None:  # left padding: positions count from each row's first real token
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
@@ -129,7 +134,7 @@ class GraphedDecoder:
                     layer.state = static_softmax_cache(layer.state, t + max_new_tokens + 1)
         if compile:
             options = compile if isinstance(compile, dict) else None
-            key = (tuple(self.tokens.shape), self.prompt_len + max_new_tokens if heads else None, repr(options))
+            key = (tuple(self.tokens.shape), self.prompt_len + max_new_tokens if heads else None, repr(options), fused_layers)
             self._step = torch.compile(own_code(self._step, model, key), fullgraph=True, dynamic=False, options=options)
         self.graph = None
         if use_graph:
@@ -155,7 +160,10 @@ class GraphedDecoder:
 
     def _step(self) -> None:
         """One token from the static buffers, advancing them in place: what the graph records."""
-        self.logits = self._forward(self.tokens, self.positions)
+        if self._fused is not None:
+            self.logits = self._fused(self.tokens, self.positions, self.cache)
+        else:
+            self.logits = self._forward(self.tokens, self.positions)
         self.tokens.copy_(self.sample(self.logits)[:, None])
         self.positions.add_(1)
 
@@ -223,14 +231,16 @@ def check_decodable(model: nn.Module) -> list[int]:
 def generate_graphed(
     model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attention_mask: Tensor | None = None,
     sample: Sampler = greedy, prefill_chunk: int | None = None, graph: bool | None = None, compile: bool | dict = False,
+    fused_layers: bool = False,
 ) -> Tensor:
     """The prompt followed by exactly `max_new_tokens` tokens, [B, T + max_new_tokens] (no stop at EOS).
 
     The decode step is a replayed CUDA graph on CUDA (graph=None), eager elsewhere; `prefill_chunk`
-    prefills long prompts in chunks of that many tokens; `compile` compiles the step (see GraphedDecoder).
+    prefills long prompts in chunks of that many tokens; `compile` compiles the step and `fused_layers` runs it on the
+    skinny kernels (see GraphedDecoder).
     """
     decoder = GraphedDecoder(model, input_ids, attention_mask=attention_mask, sample=sample, prefill_chunk=prefill_chunk,
-                             graph=graph, max_new_tokens=max_new_tokens, compile=compile)
+                             graph=graph, max_new_tokens=max_new_tokens, compile=compile, fused_layers=fused_layers)
     out = [input_ids, decoder.tokens.clone()]
     for _ in range(max_new_tokens - 1):
         out.append(decoder.step().clone())

@@ -217,6 +217,44 @@ def test_fused_projections_keep_outputs_and_refuse_saving(model_type, tmp_path):
         assert all(hasattr(layer.self_attn, "q_proj") for layer in other.model.layers)  # nothing was stacked
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "phi3"])
+def test_fused_layers_decode_as_the_model(model_type):
+    """fused_layers=True: the step's dense parts on the skinny kernels (their references on CPU: RMSNorm folded into the
+    products, q/k norm and rotary after q/k/v, SiLU gate, residual adds) decode the model's own tokens and logits,
+    for converted kinds, softmax heads and layers kept softmax whole, on a left-padded batch."""
+    from linearize.fusion import fuse_projections
+
+    ids = prompt(2, 9)
+    ids[1, :3] = 0
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    for plan in (PLANS["heads"], PLANS["layers"], "0:mamba2,1:lizard(window=3),2:hedgehog"):
+        model = converted(tiny_model(model_type), plan)
+        decoders = [GraphedDecoder(model, ids, attention_mask=mask, max_new_tokens=10)]
+        decoders.append(GraphedDecoder(fuse_projections(model), ids, attention_mask=mask, max_new_tokens=10, fused_layers=True))
+        tokens, logits = [], []
+        for d in decoders:
+            tokens.append([d.step().clone() for _ in range(9)])
+            logits.append(d.logits.clone())
+        assert torch.equal(torch.cat(tokens[0], 1), torch.cat(tokens[1], 1)), plan
+        assert rel_err(logits[1], logits[0]) < 1e-5
+
+
+def test_fused_layers_refuse_what_they_cannot_run():
+    from linearize.fusion import fuse_projections
+
+    ids = prompt()
+    with pytest.raises(LinearizeError, match="fused_layers runs pre-norm RMSNorm layers.*gemma2"):
+        GraphedDecoder(fuse_projections(converted(tiny_model("gemma2"), "*:gla")), ids, fused_layers=True)
+    model = converted(tiny_model("llama"), "*:gla")
+    with pytest.raises(LinearizeError, match=r"stacked projections: call linearize.fusion.fuse_projections\(model\) first"):
+        GraphedDecoder(model, ids, fused_layers=True)
+    fuse_projections(model)
+    model.model.layers[1].self_attn.o_proj = torch.nn.utils.parametrizations.weight_norm(model.model.layers[1].self_attn.o_proj)
+    with pytest.raises(LinearizeError, match="layer 1's o_proj is a ParametrizedLinear: merge the adapters first"):
+        GraphedDecoder(model, ids, fused_layers=True)
+
+
 def test_graphed_decoding_refuses_bad_input(base):
     ids = prompt()
     with pytest.raises(LinearizeError, match=r"layers \[0, 1, 2\] keep softmax heads or attention.*give max_new_tokens"):
@@ -286,11 +324,12 @@ def test_cuda_graph_replay_equals_eager_decoding(model_type, name, dtype):
 
 
 @cuda
-@pytest.mark.parametrize("how", [True, {"freezing": True}, "fused"], ids=["compiled", "frozen", "fused"])
+@pytest.mark.parametrize("how", [True, {"freezing": True}, "fused", "kernels", "kernels_compiled"])
 @pytest.mark.parametrize("name", ["lolcats-sinks", "lizard", "gla", "mamba2", "heads", "layers"])
 def test_compiled_cuda_graph_decoding_equals_eager(base, name, how):
     """The decode step through Inductor with the Triton step kernels inside (fullgraph: no graph break), then captured
-    (fused: on stacked projections, against the unfused model's eager decoding)."""
+    (fused: on stacked projections; kernels: the dense parts on the skinny kernels, captured as they are or compiled;
+    all against the unfused model's eager decoding)."""
     from linearize.fusion import fuse_projections
 
     model = converted(base, PLANS[name]).cuda()
@@ -300,9 +339,31 @@ def test_compiled_cuda_graph_decoding_equals_eager(base, name, how):
     mask[1, :3] = 0
     kw = dict(attention_mask=mask, max_new_tokens=20)
     eager = generate_graphed(model, ids, graph=False, **kw)
-    if how == "fused":
-        model, how = fuse_projections(model), True
+    if how in ("fused", "kernels", "kernels_compiled"):
+        model, kw = fuse_projections(model), {**kw, "fused_layers": how != "fused"}
+        how = how != "kernels"
     assert torch.equal(generate_graphed(model, ids, compile=how, **kw), eager)
+
+
+@cuda
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "phi3"])
+def test_fused_layers_on_the_gpu_in_bf16(model_type):
+    """The skinny kernels in bf16 under a captured graph, a batch of 3 (rows padded to a tile of 16): logits within bf16
+    rounding of the model's own eager step (each kernel rounds once where HF rounds between ops)."""
+    from linearize.fusion import fuse_projections
+
+    model = converted(tiny_model(model_type), PLANS["heads"]).to("cuda", torch.bfloat16)
+    ids = prompt(3, 7, device="cuda")
+    eager = GraphedDecoder(model, ids, graph=False, max_new_tokens=12)
+    fused = GraphedDecoder(fuse_projections(model), ids, max_new_tokens=12, fused_layers=True)
+    assert fused.graph is not None
+    errors = []
+    for _ in range(11):  # both fed the eager step's tokens: at a near-tie the two could choose differently
+        fused.tokens.copy_(eager.tokens)
+        eager.step()
+        fused.step()
+        errors.append(rel_err(fused.logits.float(), eager.logits.float()))
+    assert max(errors) < 2e-2, errors
 
 
 @cuda

@@ -93,24 +93,25 @@ def test_hybrid_step_kernel_matches_reference(dtype, gated, window, prefix, step
 @pytest.mark.parametrize("gated,window,sinks,fd", [(False, 5, 0, 16), (True, 4, 2, 16), (False, 1, 0, 12)])
 def test_hybrid_step_kernel_applies_hedgehog_maps(dtype, gated, window, sinks, fd):
     """With the feature maps' weights (fmaps) the kernel forms phi(q), phi(k) itself: the same outputs and
-    ring (phi(k) of the new token) as the reference given the maps, including a feature size not a power of 2."""
+    ring (phi(k) of the new token) as the reference given the maps, including a feature size not a power of 2; the
+    window weight given as its logit in the layer's dtype (logit=True), as the layers' decode step passes it."""
     b, h, hk, d, vd, steps = 2, 6, 2, 16, 24, 9
     r = lambda *s: torch.randn(*s, device=DEVICE)  # noqa: E731
     fmaps = HedgehogMaps(r(h, d, fd).to(dtype), r(h, fd).to(dtype), r(hk, d, fd).to(dtype), r(hk, fd).to(dtype))
     q, k, v = r(b, 3 + steps, h, d).to(dtype), r(b, 3 + steps, hk, d).to(dtype), r(b, 3 + steps, hk, vd).to(dtype)
     fq, fk = hedgehog_features(q, fmaps.wq, fmaps.bq), hedgehog_features(k, fmaps.wk, fmaps.bk)
     g = F.logsigmoid(r(b, 3 + steps, hk, 2 * fd) + 2) if gated else None
-    mix, kw = torch.rand(h, device=DEVICE), dict(window=window, scale=d**-0.5)
+    logit, kw = r(h).to(dtype), dict(window=window, scale=d**-0.5)
     valid = torch.ones(b, 3 + steps, dtype=torch.bool, device=DEVICE)
     valid[1, 5] = False
-    _, state = hybrid_attn_ref(q[:, :3], k[:, :3], v[:, :3], fq[:, :3], fk[:, :3], None if g is None else g[:, :3], mix,
-                               valid=valid[:, :3], sinks=sinks, **kw)
+    _, state = hybrid_attn_ref(q[:, :3], k[:, :3], v[:, :3], fq[:, :3], fk[:, :3], None if g is None else g[:, :3],
+                               torch.sigmoid(logit.float()), valid=valid[:, :3], sinks=sinks, **kw)
     state = {name: x.clone() for name, x in state.items()}
     ref_state = {name: x.clone() for name, x in state.items()}
     for i in range(3, 3 + steps):
-        step = (q[:, i], k[:, i], v[:, i], None, None, None if g is None else g[:, i], mix)
-        y, _ = hybrid_ops.hybrid_step_triton(*step, valid=valid[:, i], state=state, fmaps=fmaps, **kw)
-        y_ref, ref_state = hybrid_step_ref(*step, valid=valid[:, i], state=ref_state, fmaps=fmaps, **kw)
+        step = (q[:, i], k[:, i], v[:, i], None, None, None if g is None else g[:, i], logit)
+        y, _ = hybrid_ops.hybrid_step_triton(*step, valid=valid[:, i], state=state, fmaps=fmaps, logit=True, **kw)
+        y_ref, ref_state = hybrid_step_ref(*step, valid=valid[:, i], state=ref_state, fmaps=fmaps, logit=True, **kw)
         assert rel_err(y, y_ref) < TOL[dtype]
         for name in ref_state:  # phi(k) rounded to bf16 in the ring on both sides, from fp32 maps computed differently
             assert rel_err(state[name].float(), ref_state[name].float()) < TOL[dtype], name
@@ -572,6 +573,33 @@ def test_decode_attention_merges_many_spans():
 
 
 # Compiles the decode kernels for sm_90 in a process without TRITON_INTERPRET (the interpreter patches triton.language).
+dense_ops = pytest.importorskip("linearize.kernels.dense.skinny")
+from linearize.kernels.dense import qkv_rope_ref, rms_linear_ref, rope_tables  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 20])
+def test_dense_decode_kernels_match_their_references(dtype, m):
+    """The decode step's skinny products against their references, every epilogue: norm + bias + SiLU gate, residual,
+    a plain product; q/k/v with bias and rotary, with and without Qwen3's per-head norm (a whole head a program), the
+    normed input stored once. Inputs widths not multiples of the kernels' blocks; outputs poisoned with NaN first."""
+    r = lambda *s: torch.randn(*s, device=DEVICE)  # noqa: E731
+    c, n, h, hk, d = 72, 40, 3, 1, 32
+    x, nw = r(m, c).to(dtype), (1 + r(c) / 4).to(dtype)
+    w, bias, res = (r(2 * n, c) / 8).to(dtype), r(2 * n).to(dtype), r(m, n).to(dtype)
+    cases = [dict(weight=w, bias=bias, norm=nw, act="swiglu"), dict(weight=w[:n], bias=None, residual=res),
+             dict(weight=w[:n], bias=bias[:n], norm=nw)]
+    for kw in cases:
+        y = dense_ops.rms_linear_triton(x, eps=1e-5, **kw)
+        assert not torch.isnan(y).any() and rel_err(y, rms_linear_ref(x, eps=1e-5, **kw)) < TOL[dtype]
+    wqkv, bqkv = (r((h + 2 * hk) * d, c) / 8).to(dtype), r((h + 2 * hk) * d).to(dtype)
+    cos, sin = rope_tables(torch.arange(m, device=DEVICE) * 37 + 5, 1.0 / 1e4 ** (torch.arange(0, d, 2, device=DEVICE) / d))
+    for qk_norm in (None, (1 + r(2, d) / 4).to(dtype)):
+        kw = dict(norm=nw, eps=1e-5, heads=(h, hk), cos=cos, sin=sin, qk_norm=qk_norm)
+        for out, ref in zip(dense_ops.qkv_rope_triton(x, wqkv, bqkv, **kw), qkv_rope_ref(x, wqkv, bqkv, **kw)):
+            assert out.shape == ref.shape and rel_err(out, ref) < TOL[dtype]
+
+
 SM90_DECODE = """
 import inspect
 import triton
@@ -626,6 +654,22 @@ for off in (0, 63):  # the window read from the new tokens in place (a fresh sta
         compile_sm90(kernel, {n: t for n, t in types.items() if n not in constants}, constants)
 """
 
+SM90_DENSE = SM90_DECODE.split("for scalar")[0].replace(
+    "from linearize.kernels.attention.decode import _merge_kernel, _span_kernel",
+    "from linearize.kernels.dense import skinny as s",
+) + """
+for scalar, ty in (("fp64", "*bf16"), ("fp32", "*fp32")):  # IEEE products for fp32 weights
+    for norm, bias, swiglu, res in ((True, True, True, False), (False, False, False, True)):
+        compile_sm90(s._rms_linear_kernel, {**{n: ty for n in ("x", "w", "bias", "nw", "res", "y")}, "M": "i32", "N": "i32",
+                     "K": "i32", "eps": scalar}, dict(BM=16, BN=16, BK=64, NORM=norm, HAS_BIAS=bias, SWIGLU=swiglu,
+                     HAS_RES=res, IEEE=ty == "*fp32"))
+    for qkn in (False, True):
+        compile_sm90(s._qkv_rope_kernel, {**{n: ty for n in ("x", "w", "bias", "nw", "qkn", "q", "k", "v", "xn")}, "cos": "*fp32",
+                     "sin": "*fp32", "M": "i32", "K": "i32", "eps": scalar, "qk_eps": scalar},
+                     dict(H=9, HK=3, D=64, BH=32 if qkn else 16, BM=16, BK=64, HAS_BIAS=True, QK_NORM=qkn, WRITE_XN=True,
+                          IEEE=ty == "*fp32"))
+"""
+
 SM90_CHUNK_DQK = """
 import inspect
 import torch
@@ -659,7 +703,7 @@ def test_kernels_compile_for_hopper():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    for script in (SM90_DECODE, SM90_NORMALIZER, SM90_WINDOW, SM90_CHUNK_DQK):  # the hybrid normalizer's kernels; the scan's dq/dk
+    for script in (SM90_DECODE, SM90_NORMALIZER, SM90_WINDOW, SM90_CHUNK_DQK, SM90_DENSE):  # the hybrid normalizer's kernels; the scan's dq/dk
         # kernel as launched within a Hopper's shared memory (fp32 at V = 64 overflowed it: found on the H200)
         run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]

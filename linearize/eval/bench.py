@@ -53,12 +53,13 @@ def _per_step(step: Callable[[], Any], steps: int, repeats: int, cuda: bool) -> 
 
 @torch.no_grad()
 def graphed_decode_ms(model: Any, ids: torch.Tensor, steps: int, repeats: int, *, chunk: int | None = None,
-                      compile: bool | dict = False) -> tuple[float, int]:
-    """ms per step of `GraphedDecoder` after prefilling `ids` (captured on CUDA; `compile` as the decoder
-    takes it), and the bytes of its cache."""
+                      compile: bool | dict = False, fused_layers: bool = False) -> tuple[float, int]:
+    """ms per step of `GraphedDecoder` after prefilling `ids` (captured on CUDA; `compile` and `fused_layers` as the
+    decoder takes them), and the bytes of its cache."""
     from ..generation import GraphedDecoder
 
-    decoder = GraphedDecoder(model, ids, prefill_chunk=chunk, max_new_tokens=4 + steps * repeats, compile=compile)
+    decoder = GraphedDecoder(model, ids, prefill_chunk=chunk, max_new_tokens=4 + steps * repeats, compile=compile,
+                             fused_layers=fused_layers)
     return _per_step(decoder.step, steps, repeats, ids.is_cuda), decoder.cache.nbytes()
 
 

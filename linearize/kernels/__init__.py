@@ -14,6 +14,7 @@ import os
 from torch import Tensor
 
 from .attention import cached_attention_ref
+from .dense import qkv_rope_ref, rms_linear_ref, rope_tables
 from .gla import chunk_gla_ref, gla_step_ref
 from .hybrid import EPS, empty_state
 from .hybrid import hybrid_attn_ref
@@ -21,6 +22,7 @@ from .hybrid import hybrid_step_ref
 
 try:  # Triton is Linux-only; without it everything runs on the references
     from .attention.decode import cached_attention_triton
+    from .dense.skinny import qkv_rope_triton, rms_linear_triton
     from .gla.chunk import chunk_gla_triton
     from .gla.fused_recurrent import gla_step_triton
     from .hybrid.fused_recurrent import hybrid_step_triton
@@ -28,7 +30,7 @@ try:  # Triton is Linux-only; without it everything runs on the references
     from .hybrid.window import window_combine
 except ImportError:  # pragma: no cover - depends on the platform
     cached_attention_triton = chunk_gla_triton = gla_step_triton = hybrid_step_triton = window_combine = None
-    linear_normalizer_triton = None
+    linear_normalizer_triton = qkv_rope_triton = rms_linear_triton = None
 
 
 def use_triton(x: Tensor) -> bool:
@@ -87,4 +89,15 @@ def hybrid_step(
     return y, state
 
 
-__all__ = ["EPS", "chunk_gla", "empty_state", "gla_step", "hybrid_attn", "hybrid_step", "use_triton"]
+def rms_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, **kw) -> Tensor:
+    """A few rows' [residual +] act(RMSNorm(x) W^T + b) (see `rms_linear_ref`), one launch on CUDA."""
+    return (rms_linear_triton if use_triton(x) else rms_linear_ref)(x, weight, bias, **kw)
+
+
+def qkv_rope(x: Tensor, weight: Tensor, bias: Tensor | None, **kw) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One token a row's normed, projected, q/k-normed and rotated q, k, v and normed input (see `qkv_rope_ref`),
+    one launch on CUDA."""
+    return (qkv_rope_triton if use_triton(x) else qkv_rope_ref)(x, weight, bias, **kw)
+
+
+__all__ = ["EPS", "chunk_gla", "empty_state", "gla_step", "hybrid_attn", "hybrid_step", "qkv_rope", "rms_linear", "rope_tables", "use_triton"]

@@ -298,10 +298,10 @@ class LinearizedAttention(nn.Module):
     ) -> tuple[Tensor, State]:
         """Sliding-window softmax (plus attention sinks) + linear attention beyond the window, one shared
         normalizer, on the kind's feature maps (a decode step with Hedgehog maps applies them in its kernel)."""
-        mix = torch.sigmoid(self.window_logit.float())
         common = dict(window=self.options.window, scale=self.scaling, softcap=self.softcap)
-        if state is not None and q.shape[1] == 1:
-            one = dict(valid=None if valid is None else valid[:, 0], state=state, **common)
+        if state is not None and q.shape[1] == 1:  # the step takes the weight's logit: its sigmoid in the kernel
+            one = dict(valid=None if valid is None else valid[:, 0], state=state, logit=True, **common)
+            mix = self.window_logit
             g0 = None if g is None else g[:, 0]
             maps = (self.feature_map_q, self.feature_map_k)
             if all(isinstance(m, HedgehogFeatureMap) for m in maps):
@@ -311,7 +311,7 @@ class LinearizedAttention(nn.Module):
                 fq, fk = self.feature_map_q(q[:, 0]), self.feature_map_k(k[:, 0])
                 y, new = hybrid_step(q[:, 0], k[:, 0], v[:, 0], fq, fk, g0, mix, **one)
             return y[:, None], new
-        fq, fk = self.feature_map_q(q), self.feature_map_k(k)
+        fq, fk, mix = self.feature_map_q(q), self.feature_map_k(k), torch.sigmoid(self.window_logit.float())
         return hybrid_attn(q, k, v, fq, fk, g, mix, valid=valid, state=state, sinks=self.options.sinks, **common)
 
 

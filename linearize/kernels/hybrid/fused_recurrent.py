@@ -55,6 +55,7 @@ def _hybrid_step_kernel(
     H: tl.constexpr, HK: tl.constexpr, P: tl.constexpr, D: tl.constexpr, F: tl.constexpr, V: tl.constexpr, NS: tl.constexpr,
     BW: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, BS: tl.constexpr,
     HAS_G: tl.constexpr, HAS_VALID: tl.constexpr, HAS_CAP: tl.constexpr, FMAP: tl.constexpr, EPS_: tl.constexpr,
+    MIX_LOGIT: tl.constexpr,
 ):
     bh = tl.program_id(0)  # b * HK + kv head
     b = bh // HK
@@ -131,6 +132,8 @@ def _hybrid_step_kernel(
             num_l = tl.sum(ff[:, None] * mem, axis=0)
             den_l = tl.sum(ff * z, axis=0)
             w = tl.load(mix + hk * G + j).to(tl.float32)
+            if MIX_LOGIT:
+                w = 1.0 / (1.0 + tl.exp(-w))
             out = (w * num_w + (1.0 - w) * num_l) / (w * den_w + (1.0 - w) * den_l + EPS_)
             tl.store(y + h * V + rv_, out.to(y.dtype.element_ty), mask=mv)
         # the oldest token enters the memory, once every thread has read this block and z
@@ -186,7 +189,7 @@ def _advance_row(valid, rvalid, pos, spos, n, b, P: tl.constexpr, NS: tl.constex
 def hybrid_step_triton(
     q: Tensor, k: Tensor, v: Tensor, fq: Tensor | None, fk: Tensor | None, g: Tensor | None, mix: Tensor,
     *, window: int, scale: float, softcap: float | None = None, valid: Tensor | None = None,
-    state: dict[str, Tensor], out: Tensor | None = None, fmaps: HedgehogMaps | None = None,
+    state: dict[str, Tensor], out: Tensor | None = None, fmaps: HedgehogMaps | None = None, logit: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """`hybrid_step_ref` updating `state` in place (same arguments; returns y and `state` itself).
     Pass a preallocated `out` [B,H,V] to write y there; with `fmaps` the kernel applies the Hedgehog
@@ -216,12 +219,12 @@ def hybrid_step_triton(
     bv = min(triton.next_power_of_2(vd), max(16, 8192 // bf))  # keep the [BF, BV] memory tile in registers
     _hybrid_step_kernel[(b * hk,)](
         q.contiguous(), k.contiguous(), v.contiguous(), fq.contiguous(), fk.contiguous(),
-        g.contiguous() if g is not None else fk, new_valid, mix.float().contiguous(),
+        g.contiguous() if g is not None else fk, new_valid, mix.contiguous(),
         state["S"], ring["k"], ring["v"], ring["fk"], rg, rvalid, state["pos"], state["tick"], *sinks, *maps,
         y, float(scale), float(softcap or 1.0),
         h, hk, p, d, f, vd, ns,
         triton.next_power_of_2(window + ns), triton.next_power_of_2(d), bf, bv, triton.next_power_of_2(max(ns, 1)),
-        g is not None, valid is not None, bool(softcap), fmaps is not None, EPS,
+        g is not None, valid is not None, bool(softcap), fmaps is not None, EPS, logit,
         num_warps=4 if bf * bv + triton.next_power_of_2(window + ns) * (triton.next_power_of_2(d) + bv) <= 8192 else 8,
     )
     return y, state

@@ -385,10 +385,11 @@ def hedgehog_features(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 def hybrid_step_ref(
     q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None, mix: Tensor,
     *, window: int, scale: float, softcap: float | None = None, valid: Tensor | None = None,
-    state: dict[str, Tensor], fmaps: HedgehogMaps | None = None,
+    state: dict[str, Tensor], fmaps: HedgehogMaps | None = None, logit: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Recurrent form, one token: q [B,H,D], k/v [B,Hk,*], fq [B,H,F], fk/g [B,Hk,F], valid [B]
-    (with `fmaps`, fq and fk are None: the Hedgehog maps of q and k, in fp32).
+    (with `fmaps`, fq and fk are None: the Hedgehog maps of q and k, in fp32; with `logit`, mix is the window
+    weight's logit, its sigmoid taken here: in the kernel, no launch of its own).
 
     The window is the W-1 ring slots plus this token (and the sinks at least W tokens back, when the
     state has sink slots). The oldest token (ring slot pos % (W-1); with W = 1, this token) enters the
@@ -396,6 +397,8 @@ def hybrid_step_ref(
     also takes the next one (and enters no memory). Returns y and a new state; `state` is left
     unchanged (the kernels update it in place instead).
     """
+    if logit:
+        mix = torch.sigmoid(mix.float())
     if fmaps is not None:
         fq = hedgehog_features(q.float(), fmaps.wq.float(), fmaps.bq.float())
         fk = hedgehog_features(k.float(), fmaps.wk.float(), fmaps.bk.float())
