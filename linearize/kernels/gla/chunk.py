@@ -170,38 +170,41 @@ def _intra_kernel(
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
     S: tl.constexpr, EXCLUSIVE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    # per-channel decay: rows of sub-block I of A [tokens, H, C] (entries j > i are never read);
-    # channels in slices of BK, so the diagonal's [S, S, BK] weights stay small
+    # per-channel decay: rows of sub-block I of A [tokens, H, C] (entries j > i are never read). Keys of earlier
+    # sub-blocks in one product of q and k rescaled to the row before this sub-block; the diagonal sub-block one key
+    # at a time, on [S, BK] tiles
     isub, pid, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     hk = head // (H // HK)
     c_start, last, _tok, _mt, _rc, _sees = _chunk_rows(pid, cidx, cu, T, NT, C, EXCLUSIVE, IS_VARLEN)
     eos = last + 1  # the chunk's end: every token a sub-block program touches lies in its chunk
-    if c_start + isub * S < eos:
-        rs = tl.arange(0, S)
-        tok = c_start + isub * S + rs
+    i0 = c_start + isub * S
+    if i0 < eos:
+        rs, rc = tl.arange(0, S), tl.arange(0, C)
+        tok = i0 + rs
         mt = tok < eos
+        earlier = rc < isub * S  # keys before this sub-block (all within the chunk)
         sees = (rs[:, None] > rs[None, :]) if EXCLUSIVE else (rs[:, None] >= rs[None, :])
-        for jsub in range(isub):  # earlier sub-blocks: q and k rescaled to the boundary before this one
-            tj = c_start + jsub * S + rs
-            acc = tl.zeros([S, S], dtype=tl.float32)
-            for ik in range(tl.cdiv(K, BK)):
-                rk = ik * BK + tl.arange(0, BK)
-                mk = rk < K
-                _bk, bq, _bl = _decays(b, tok, mt, hk, rk, mk, c_start, eos - 1, EXCLUSIVE, HK, K, 2)
-                bref = tl.load(b + ((c_start + isub * S - 1) * HK + hk) * K + rk, mask=mk, other=0.0)
-                qr = _load(q, tok, mt, H, head, K, rk, mk) * tl.exp(tl.minimum(bq - bref[None, :], 0.0))
-                kr = _load(k, tj, tj < eos, HK, hk, K, rk, mk) * tl.exp(bref[None, :] - _load(b, tj, tj < eos, HK, hk, K, rk, mk))
-                acc += _dot(qr.to(q.dtype.element_ty), tl.trans(kr.to(k.dtype.element_ty)))
-            _store(A, acc, tok, mt, H, head, C, jsub * S + rs, rs < S)
+        acc = tl.zeros([S, C], dtype=tl.float32)
         a = tl.zeros([S, S], dtype=tl.float32)
-        for ik in range(tl.cdiv(K, BK)):  # the diagonal sub-block, channel by channel
+        for ik in range(tl.cdiv(K, BK)):
             rk = ik * BK + tl.arange(0, BK)
             mk = rk < K
-            bk, bq, _bl = _decays(b, tok, mt, hk, rk, mk, c_start, eos - 1, EXCLUSIVE, HK, K, 2)
+            _bk, bq, _bl = _decays(b, tok, mt, hk, rk, mk, c_start, eos - 1, EXCLUSIVE, HK, K, 2)
             qi = _load(q, tok, mt, H, head, K, rk, mk).to(tl.float32)
-            ki = _load(k, tok, mt, HK, hk, K, rk, mk).to(tl.float32)
-            w = tl.exp(tl.minimum(bq[:, None, :] - bk[None, :, :], 0.0))
-            a += tl.sum(qi[:, None, :] * ki[None, :, :] * w, axis=2)
+            if isub > 0:
+                bref = tl.load(b + ((i0 - 1) * HK + hk) * K + rk, mask=mk, other=0.0)
+                qr = qi * tl.exp(tl.minimum(bq - bref[None, :], 0.0))
+                kr = _load(k, c_start + rc, earlier, HK, hk, K, rk, mk)
+                kr = kr * tl.exp(tl.minimum(bref[None, :] - _load(b, c_start + rc, earlier, HK, hk, K, rk, mk), 0.0))
+                acc += _dot(qr.to(q.dtype.element_ty), tl.trans(kr.to(k.dtype.element_ty)))
+            for j in range(S):  # key j of the diagonal sub-block against its S queries
+                mj = mk & (rk * 0 + i0 + j < eos)
+                kj = tl.load(k + ((i0 + j) * HK + hk) * K + rk, mask=mj, other=0.0).to(tl.float32)
+                bj = tl.load(b + ((i0 + j) * HK + hk) * K + rk, mask=mj, other=0.0)
+                col = tl.sum(qi * kj[None, :] * tl.exp(tl.minimum(bq - bj[None, :], 0.0)), axis=1)
+                a += tl.where(rs[None, :] == j, col[:, None], 0.0)
+        if isub > 0:
+            _store(A, acc, tok, mt, H, head, C, rc, earlier)
         _store(A, tl.where(sees, a, 0.0), tok, mt, H, head, C, isub * S + rs, rs < S)
 
 
@@ -399,47 +402,47 @@ def _intra_grad_kernel(
     S: tl.constexpr, EXCLUSIVE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     # per-channel decay, channels ik*BK.. of sub-block I: adds dq_i += sum_{j<=i} dA_ij k_j exp(bq_i - b_j)
-    # to its queries and dk_j += sum_{i>=j} dA_ij q_i exp(bq_i - b_j) to its keys (all query heads of the group)
+    # to its queries and dk_j += sum_{i>=j} dA_ij q_i exp(bq_i - b_j) to its keys (all query heads of the group).
+    # The other sub-blocks in one product each: keys before this one rescaled to the row before it, queries after it
+    # to its last row (every exponent <= 0); the diagonal sub-block one key at a time, on [S, BK] tiles
     isub, pid, hkk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NK: tl.constexpr = (K + BK - 1) // BK
     hk, ik = hkk // NK, hkk % NK
     G: tl.constexpr = H // HK
-    NS: tl.constexpr = C // S
     c_start, last, _tok, _mt, _rc, _sees = _chunk_rows(pid, cidx, cu, T, NT, C, EXCLUSIVE, IS_VARLEN)
     eos = last + 1  # the chunk's end: every token a sub-block program touches lies in its chunk
-    if c_start + isub * S < eos:
-        rs, rk = tl.arange(0, S), ik * BK + tl.arange(0, BK)
+    i0 = c_start + isub * S
+    if i0 < eos:
+        rs, rc, rk = tl.arange(0, S), tl.arange(0, C), ik * BK + tl.arange(0, BK)
         mk = rk < K
-        tok = c_start + isub * S + rs
+        tok, ta = i0 + rs, c_start + rc  # this sub-block's rows, the chunk's
         mt = tok < eos
+        earlier, later = rc < isub * S, (rc >= isub * S + S) & (ta < eos)
         bi, bqi, _bl = _decays(b, tok, mt, hk, rk, mk, c_start, eos - 1, EXCLUSIVE, HK, K, 2)
-        ki = _load(k, tok, mt, HK, hk, K, rk, mk).to(tl.float32)
-        sees = (rs[:, None] > rs[None, :]) if EXCLUSIVE else (rs[:, None] >= rs[None, :])
-        w = tl.exp(tl.minimum(bqi[:, None, :] - bi[None, :, :], 0.0))  # [query, key, channel] of the diagonal
+        bref = tl.load(b + ((i0 - 1) * HK + hk) * K + rk, mask=mk & (rk * 0 + isub > 0), other=0.0)
+        bn = tl.load(b + ((i0 + S - 1) * HK + hk) * K + rk, mask=mk & (rk * 0 + i0 + S - 1 < eos), other=0.0)
+        ke = _load(k, ta, earlier, HK, hk, K, rk, mk).to(tl.float32)
+        ke *= tl.exp(tl.minimum(bref[None, :] - _load(b, ta, earlier, HK, hk, K, rk, mk), 0.0))
+        _ba, bqa, _bla = _decays(b, ta, later, hk, rk, mk, c_start, eos - 1, EXCLUSIVE, HK, K, 2)
+        eq = tl.exp(tl.minimum(bqa - bn[None, :], 0.0))
         dk_acc = tl.zeros([S, BK], dtype=tl.float32)
-        bref = tl.load(b + ((c_start + isub * S - 1) * HK + hk) * K + rk, mask=mk & ((isub + rk * 0) > 0), other=0.0)
         for j in range(G):
             head = hk * G + j
             qi = _load(q, tok, mt, H, head, K, rk, mk).to(tl.float32)
-            dq_acc = tl.zeros([S, BK], dtype=tl.float32)
-            for jsub in range(isub):  # queries of this sub-block, keys of earlier ones
-                tj = c_start + jsub * S + rs
-                kj = _load(k, tj, tj < eos, HK, hk, K, rk, mk).to(tl.float32)
-                bj = _load(b, tj, tj < eos, HK, hk, K, rk, mk)
-                da = tl.load(dA + (tok[:, None] * H + head) * C + jsub * S + rs[None, :], mask=mt[:, None], other=0.0)
-                dq_acc += _dot(da, kj * tl.exp(bref[None, :] - bj))
-            dq_acc *= tl.exp(tl.minimum(bqi - bref[None, :], 0.0))
-            for isub2 in range(isub + 1, NS):  # keys of this sub-block, queries of later ones
-                ti = c_start + isub2 * S + rs
-                mi = ti < eos
-                b2 = tl.load(b + ((c_start + isub2 * S - 1) * HK + hk) * K + rk, mask=mk & ((c_start + isub2 * S + rk * 0) < eos), other=0.0)
-                _bk2, bq2, _bl2 = _decays(b, ti, mi, hk, rk, mk, c_start, eos - 1, EXCLUSIVE, HK, K, 2)
-                qq = _load(q, ti, mi, H, head, K, rk, mk).to(tl.float32) * tl.exp(tl.minimum(bq2 - b2[None, :], 0.0))
-                da = tl.load(dA + (ti[:, None] * H + head) * C + isub * S + rs[None, :], mask=mi[:, None], other=0.0)
-                dk_acc += _dot(tl.trans(da), qq) * tl.exp(tl.minimum(b2[None, :] - bi, 0.0))
-            da = tl.load(dA + (tok[:, None] * H + head) * C + isub * S + rs[None, :], mask=mt[:, None] & sees, other=0.0)
-            dq_acc += tl.sum(da[:, :, None] * ki[None, :, :] * w, axis=1)
-            dk_acc += tl.sum(da[:, :, None] * qi[:, None, :] * w, axis=0)
+            da = tl.load(dA + (tok[:, None] * H + head) * C + rc[None, :], mask=mt[:, None] & earlier[None, :], other=0.0)
+            dq_acc = _dot(da, ke) * tl.exp(tl.minimum(bqi - bref[None, :], 0.0))
+            qa = _load(q, ta, later, H, head, K, rk, mk).to(tl.float32) * eq
+            da = tl.load(dA + (ta[:, None] * H + head) * C + isub * S + rs[None, :], mask=later[:, None], other=0.0)
+            dk_acc += _dot(tl.trans(da), qa) * tl.exp(tl.minimum(bn[None, :] - bi, 0.0))
+            for jj in range(S):  # key jj of the diagonal sub-block against its queries
+                mj = mk & (rk * 0 + i0 + jj < eos)
+                kj = tl.load(k + ((i0 + jj) * HK + hk) * K + rk, mask=mj, other=0.0).to(tl.float32)
+                bj = tl.load(b + ((i0 + jj) * HK + hk) * K + rk, mask=mj, other=0.0)
+                w = tl.exp(tl.minimum(bqi - bj[None, :], 0.0))
+                seen = (rs > jj) if EXCLUSIVE else (rs >= jj)
+                dcol = tl.load(dA + (tok * H + head) * C + isub * S + jj, mask=mt & seen, other=0.0)
+                dq_acc += dcol[:, None] * kj[None, :] * w
+                dk_acc += tl.where(rs[:, None] == jj, tl.sum(dcol[:, None] * qi * w, axis=0)[None, :], 0.0)
             ptr = dq + (tok[:, None] * H + head) * K + rk[None, :]
             m2 = mt[:, None] & mk[None, :]
             tl.store(ptr, tl.load(ptr, mask=m2, other=0.0) + dq_acc, mask=m2)

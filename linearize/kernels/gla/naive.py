@@ -20,6 +20,11 @@ def _grouped(q: Tensor, num_kv_heads: int) -> Tensor:
     return q.reshape(b, t, num_kv_heads, h // num_kv_heads, d)
 
 
+def lagged(x: Tensor, n: int) -> Tensor:
+    """x [B,T,...] with position t holding token t - n's row, zeros before the first: what a key offset reads."""
+    return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (n, 0))[:, : x.shape[1]]
+
+
 def chunk_gla_ref(
     q: Tensor,
     k: Tensor,
@@ -56,7 +61,7 @@ def chunk_gla_ref(
         ]
         return torch.cat([o for o, _ in runs], 1), torch.cat([s for _, s in runs], 0)
     if key_offset:
-        k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, key_offset, 0))[:, : x.shape[1]] for x in (k, v))
+        k, v = lagged(k, key_offset), lagged(v, key_offset)
     b, t, h, kd = q.shape
     hk, vd = k.shape[2], v.shape[-1]
     out_dtype = v.dtype

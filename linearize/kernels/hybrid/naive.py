@@ -32,7 +32,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from ..gla.naive import chunk_gla_ref
+from ..gla.naive import chunk_gla_ref, lagged
 
 EPS = 1e-12  # keeps 0/0 (rows with no visible key) finite; real normalizers are far larger
 NO_SINK = 2**62  # sink_pos of an empty sink slot: never far enough behind a query to be seen
@@ -159,9 +159,9 @@ def linear_normalizer(
     if key_offset:
         if first is not None:
             raise ValueError("packed sequences (first) need no key_offset")
-        fk = torch.nn.functional.pad(fk, (0, 0, 0, 0, key_offset, 0))[:, :t]
+        fk = lagged(fk, key_offset)
     run = fk.to(torch.float32 if first is None else torch.float64).cumsum(1)  # fp64: exact differences below
-    excl = torch.nn.functional.pad(run[:, :-1], (0, 0, 0, 0, 1, 0))  # keys before t
+    excl = lagged(run, 1)  # keys before t
     if first is not None:  # subtract what came before each token's sequence
         excl = excl - excl[:, first]
     if z0 is not None:
@@ -214,11 +214,8 @@ def hybrid_attn_ref(
         sink = sink_table(state, k, v, real, group, groups, sinks)
         fk = fk * ~sink["new"][..., None, None]  # a sink never enters the linear memory
     dt = compute_dtype or q.dtype
-    if lag:  # the ext tokens from W-1 on: the new ones, read in place
-        ext = {"k": k.to(dt), "v": v.to(dt), "fk": (fk if valid is None else fk * (valid != 0)[..., None, None]).to(dt),
-               "valid": torch.ones(b, t, dtype=torch.bool, device=q.device) if valid is None else valid}
-    else:
-        ext = extend_window(state, k, v, fk, g, valid, dt)
+    # the ext tokens: the W-1 buffered ones and the new ones, or (lag) from W-1 on, the new ones read in place
+    ext = window_tokens(k, v, fk, g, valid, dt) if lag else extend_window(state, k, v, fk, g, valid, dt)
     ext_k, ext_v, ext_fk, ext_valid, ext_g = ext["k"], ext["v"], ext["fk"], ext["valid"], ext.get("g")
     # query t's linear keys are ext tokens < t (lag: the same tensors, which the callables read W-1 positions late)
     keys_fk, keys_v = (ext_fk, ext_v) if lag else (ext_fk[:, :t], ext_v[:, :t])
@@ -336,26 +333,27 @@ def token_order(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def window_tokens(
+    k: Tensor, v: Tensor, fk: Tensor, g: Tensor | None, valid: Tensor | None, dtype: torch.dtype = torch.float32,
+) -> dict[str, Tensor]:
+    """The T new tokens as the window reads them (k [B,T,Hk,D], ...; valid [B,T] bool or segment ids, or None):
+    in `dtype` (the log-decays in fp32), padding zeroed in the features and decays."""
+    pad = None if valid is None else (valid != 0)[..., None, None]
+    keep = lambda x: x if pad is None else x * pad  # noqa: E731  (no pass over the tokens without padding)
+    new = {"k": k.to(dtype), "v": v.to(dtype), "fk": keep(fk.to(dtype)),
+           "valid": torch.ones(k.shape[:2], dtype=torch.bool, device=k.device) if valid is None else valid}
+    if g is not None:
+        new["g"] = keep(g.float())
+    return new
+
+
 def extend_window(
     state: dict[str, Tensor], k: Tensor, v: Tensor, fk: Tensor, g: Tensor | None, valid: Tensor | None,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, Tensor]:
-    """The W-1 buffered tokens followed by the T new ones (k [B,T,Hk,D], ...; valid [B,T] bool or
-    segment ids, or None), with padding zeroed in the features and decays: [B, W-1+T, ...] in `dtype`
-    (the log-decays in fp32)."""
-    pad = None if valid is None else (valid != 0)[..., None, None]
-    keep = lambda x: x if pad is None else x * pad  # noqa: E731  (no pass over the tokens without padding)
-    if valid is None:
-        valid = torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)
-    ext = {
-        "k": torch.cat([state["k"].to(dtype), k.to(dtype)], 1),
-        "v": torch.cat([state["v"].to(dtype), v.to(dtype)], 1),
-        "fk": torch.cat([state["fk"].to(dtype), keep(fk.to(dtype))], 1),
-        "valid": torch.cat([state["valid"], valid], 1),
-    }
-    if g is not None:
-        ext["g"] = torch.cat([state["g"], keep(g.float())], 1)
-    return ext
+    """The W-1 buffered tokens followed by the T new ones (`window_tokens`): [B, W-1+T, ...]."""
+    new = window_tokens(k, v, fk, g, valid, dtype)
+    return {name: torch.cat([state[name].to(x.dtype), x], 1) for name, x in new.items()}
 
 
 def shift_window(ext: dict[str, Tensor], memory: Tensor, num_tokens: int, like: dict[str, Tensor]) -> dict[str, Tensor]:
