@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,6 +204,23 @@ def test_chunk_gla_kernels_packed_sequences_and_strong_decay(dtype, gate):
     q, k, v = leaf(1, t, h, kd), leaf(1, t, hk, kd), leaf(1, t, hk, vd)
     s0 = torch.randn(len(lens), hk, kd, vd, device=DEVICE).requires_grad_()
     _compare(dtype, gate, q, k, v, _decay(gate, 1, t, hk, kd, 30.0), s0, exclusive=True, chunk_size=32, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("gate", ["scalar", "channel"])
+def test_chunk_gla_walk_tiles_do_not_change_results(gate, monkeypatch):
+    """The walks over the chunks take smaller tiles when too few programs would run (few long sequences): the same
+    outputs and gradients with every tile size, 64 (the benchmark's short sequences) down to 16 (a test's shapes)."""
+    leaf = lambda *s: torch.randn(*s, device=DEVICE).to(torch.bfloat16).requires_grad_()  # noqa: E731
+    q, k, v = leaf(1, 24, 2, 64), leaf(1, 24, 1, 64), leaf(1, 24, 1, 64)
+    g = _decay(gate, 1, 24, 1, 64)
+    results = []
+    for programs in (1, 10**9):  # tiles of 64, of 16
+        monkeypatch.setattr(chunk_ops, "WALK_PROGRAMS", programs)
+        assert chunk_ops._Launch(q, k, v, g, None, 16).WK == (64 if programs == 1 else 16)
+        o, s = chunk_ops.chunk_gla_triton(q, k, v, g, exclusive=True, chunk_size=16)
+        results.append([o, s, *torch.autograd.grad((o.float() ** 2).sum() + s.sum(), (q, k, v, g))])
+    for a, b in zip(*results):
+        assert rel_err(a.float(), b.float()) < 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -691,18 +709,44 @@ from linearize.kernels.gla.chunk import _Launch, _dqk_kernel
 
 names = list(inspect.signature(_dqk_kernel.fn).parameters)
 for dtype, ty in ((torch.float32, "*fp32"), (torch.bfloat16, "*bf16")):
-    for gate in (0, 1):
+    for gate in (0, 1, 2):
         x = torch.zeros(1, 64, 9, 64, dtype=dtype)
-        L = _Launch(x, x[:, :, :3], x[:, :, :3], None, None, 64)
+        kv = x[:, :, :3]
+        L = _Launch(x, kv, kv, [None, kv[..., 0], kv][gate], None, 64)
         pointers = {n: ty for n in ("q", "k", "v", "h", "do", "dh", "dq", "dk")}
-        pointers.update(b="*fp32", cu="*i32", cidx="*i32", T="i32", NT="i32")
-        constants = dict(H=9, HK=3, K=64, V=64, KG=1, C=64, BK=L.BK, BV=L.BV, GATE=gate, EXCLUSIVE=True, IS_VARLEN=False,
-                         LAG=63 - 63 * gate)  # the hybrids' keys read W-1 = 63 positions late (undecayed only)
+        pointers.update(b="*fp32", cu="*i32", cidx="*i32", T="i32", NT="i32", dqi="*fp32", dki="*fp32", dg="*fp32")
+        constants = dict(H=9, HK=3, K=64, V=64, KG=64 if gate == 2 else 1, C=64, BK=L.dqk_BK, BV=L.BV, GATE=gate, EXCLUSIVE=True,
+                         IS_VARLEN=False, LAG=63 if gate == 0 else 0)  # the hybrids' keys read W-1 = 63 positions late
         source = ASTSource(_dqk_kernel, {n: pointers.get(n, "constexpr") for n in names},
                            {(names.index(n),): v for n, v in constants.items()})
-        shared = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_stages": L.dqk_stages}).metadata.shared
+        options = {"num_stages": L.dqk_stages, "num_warps": L.warps}
+        shared = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).metadata.shared
         assert shared <= 232448, (dtype, gate, shared)  # an H100/H200's shared memory per block
 """
+
+
+KERNEL_RESOURCES = """
+import sys
+sys.path.insert(0, "benchmarks")
+import torch
+import kernel_resources as kr
+from linearize.kernels.gla import chunk
+const = dict(H=32, HK=32, K=128, V=128, KG=1, C=64, BK=64, BV=64, GATE=0, EXCLUSIVE=True, IS_VARLEN=False, LAG=0)
+four, eight = (kr.resources(chunk._output_kernel, const, 90, {"num_warps": w, "num_stages": 3}) for w in (4, 8))
+assert four["stack_bytes"] > 0 and eight["stack_bytes"] == 0 and eight["registers"] <= 255, (four, eight)
+"""
+
+
+def test_kernel_resources_reads_registers_and_spills():
+    """benchmarks/kernel_resources.py's reading of a compiled kernel: the scan's output kernel spills at 4 warps and
+    not at 8 (why the scan launches 8), compiled for sm_90 without a GPU."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", KERNEL_RESOURCES], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def test_kernels_compile_for_hopper():

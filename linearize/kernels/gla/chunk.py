@@ -17,8 +17,10 @@ Backward, the same pattern transposed: `_dstate_kernel` walks the chunks backwar
 the state leaving each chunk (dh = exp(b_last) dh + (q exp(bq))^T dO); `_dv_kernel` gives
 dv = (k exp(b_last - b)) dh + A^T dO; `_dqk_kernel` gives dq = exp(bq) dO h^T + dA k and
 dk = exp(b_last - b) v dh^T + dA^T q with dA = tril(dO v^T) (per channel: `_dA_kernel` stores dA and
-`_intra_grad_kernel` adds its terms in sub-blocks); the decay's gradient is a reverse cumulative sum
-of q dq - k dk (`_decay_grad_kernel`, walking the chunks backward). GQA: query heads of a group read and accumulate into their KV
+`_intra_grad_kernel` gives its terms in sub-blocks, which `_dqk_kernel` adds); the decay's gradient is a reverse
+cumulative sum of q dq - k dk: per channel within each chunk in `_dqk_kernel`, the later chunks standing in as the
+gradient of the chunk's last cumulative decay (exp(b_last) sum_v h dh + sum k dk through the states), as fla does;
+per head (a sum over every channel) by `_decay_grad_kernel`, walking the chunks backward. GQA: query heads of a group read and accumulate into their KV
 head's k, v, states and gradients; k and v are never repeated. Exclusive scans (o_i reads the state
 before token i) shift bq by one token and make the diagonal strict. Packed sequences (cu_seqlens):
 a table maps each program to its (sequence, chunk); no chunk crosses a sequence boundary. A key offset (no decay)
@@ -39,6 +41,11 @@ from torch import Tensor
 from ..triton_utils import dot as _dot
 
 SUB = 16  # sub-block of the per-channel intra-chunk weights
+WALK_PROGRAMS = 256  # programs the walks over the chunks aim at: about two per SM of an H100/H200
+# warps of the [C, 64]-tile kernels (state, output, dstate, dv, dq/dk): at 4 their fp32 accumulators spill when compiled
+# for sm_90 at K = V = 128 (300-1,500 bytes of stack a thread; none or a few at 8, at the same occupancy: 4 warps of
+# 255 registers fit twice on an SM, 8 once). Chosen from those compiler counts, not yet from timings
+CHUNK_WARPS = 8
 
 
 @triton.jit
@@ -323,12 +330,15 @@ def _dv_kernel(
 
 @triton.jit
 def _dqk_kernel(
-    q, k, v, b, h, do, dh, dq, dk, cu, cidx, T, NT,
+    q, k, v, b, h, do, dh, dq, dk, dqi, dki, dg, cu, cidx, T, NT,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, EXCLUSIVE: tl.constexpr, IS_VARLEN: tl.constexpr,
     LAG: tl.constexpr = 0,
 ):
-    # dq and dk through the states, and (no decay or per head) through the intra-chunk weights
+    # dq and dk through the states, and (no decay or per head) through the intra-chunk weights. Per channel, the
+    # intra-chunk terms come in (dqi, dki, from `_intra_grad_kernel`) and the decay's gradient goes out, chunk by
+    # chunk: dg_t = sum_{u>=t in the chunk} (sum_heads q_u dq_u - k_u dk_u) + the chunk's last cumulative decay's term,
+    # exp(b_last) sum_v h dh + sum_u k_u dk_u (through the states), which stands for every later chunk
     ik, pid, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = H // HK
     first, last, tok, mt, rc, sees = _chunk_rows(pid, cidx, cu, T, NT, C, EXCLUSIVE, IS_VARLEN)
@@ -340,6 +350,7 @@ def _dqk_kernel(
         bk, bq, bl = _decays(b, tok, mt, hk, ck, mk if GATE == 2 else mt, first, last, EXCLUSIVE, HK, KG, GATE)
     kc = _load(k, ktok, km, HK, hk, K, rk, mk)
     dkc = tl.zeros([C, BK], dtype=tl.float32)
+    hdh = tl.zeros([BK], dtype=tl.float32)  # sum_v h dh (per channel)
     base = (pid.to(tl.int64) * HK + hk) * K * V
     for iv in range(tl.cdiv(V, BV)):
         rv = iv * BV + tl.arange(0, BV)
@@ -347,8 +358,14 @@ def _dqk_kernel(
         vc = _load(v, ktok, km, HK, hk, V, rv, mv)
         dhc = tl.load(dh + base + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         dkc += _dot(vc, tl.trans(dhc.to(vc.dtype)))
+        if GATE == 2:
+            hc = tl.load(h + base + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+            hdh += tl.sum(hc.to(tl.float32) * dhc.to(tl.float32), axis=1)
     if GATE == 2:
         dkc *= tl.exp(bl[None, :] - bk)
+        tail = tl.exp(bl) * hdh + tl.sum(kc.to(tl.float32) * dkc, axis=0)  # the chunk's last decay's term, through the states
+        dkc += _load(dki, tok, mt, HK, hk, K, rk, mk)
+        r = tl.zeros([C, BK], dtype=tl.float32)  # sum_heads q dq
     elif GATE == 1:
         dkc *= tl.exp(bl - bk)[:, None]
         decay = tl.exp(tl.where(sees, tl.minimum(bq[:, None] - bk[None, :], 0.0), float("-inf")))
@@ -365,7 +382,8 @@ def _dqk_kernel(
             if GATE != 2:
                 da += _dot(doc, tl.trans(_load(v, ktok, km, HK, hk, V, rv, mv)))
         if GATE == 2:
-            dqc *= tl.exp(bq)
+            dqc = dqc * tl.exp(bq) + _load(dqi, tok, mt, H, head, K, rk, mk)
+            r += _load(q, tok, mt, H, head, K, rk, mk).to(tl.float32) * dqc
         else:
             if GATE == 1:
                 dqc *= tl.exp(bq)[:, None]
@@ -376,6 +394,11 @@ def _dqk_kernel(
             dkc += _dot(tl.trans(da), qc)
         _store(dq, dqc, tok, mt, H, head, K, rk, mk)
     _store(dk, dkc, ktok, km, HK, hk, K, rk, mk)
+    if GATE == 2:
+        dgc = tl.cumsum(r - kc.to(tl.float32) * dkc, axis=0, reverse=True) + tail[None, :]
+        if EXCLUSIVE:  # q's decay stops one token earlier
+            dgc -= r
+        _store(dg, dgc, tok, mt, HK, hk, K, rk, mk)
 
 
 @triton.jit
@@ -401,8 +424,8 @@ def _intra_grad_kernel(
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
     S: tl.constexpr, EXCLUSIVE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    # per-channel decay, channels ik*BK.. of sub-block I: adds dq_i += sum_{j<=i} dA_ij k_j exp(bq_i - b_j)
-    # to its queries and dk_j += sum_{i>=j} dA_ij q_i exp(bq_i - b_j) to its keys (all query heads of the group).
+    # per-channel decay, channels ik*BK.. of sub-block I: the intra-chunk terms dq_i = sum_{j<=i} dA_ij k_j exp(bq_i - b_j)
+    # of its queries and dk_j = sum_{i>=j} dA_ij q_i exp(bq_i - b_j) of its keys (all query heads of the group).
     # The other sub-blocks in one product each: keys before this one rescaled to the row before it, queries after it
     # to its last row (every exponent <= 0); the diagonal sub-block one key at a time, on [S, BK] tiles
     isub, pid, hkk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -443,12 +466,8 @@ def _intra_grad_kernel(
                 dcol = tl.load(dA + (tok * H + head) * C + isub * S + jj, mask=mt & seen, other=0.0)
                 dq_acc += dcol[:, None] * kj[None, :] * w
                 dk_acc += tl.where(rs[:, None] == jj, tl.sum(dcol[:, None] * qi * w, axis=0)[None, :], 0.0)
-            ptr = dq + (tok[:, None] * H + head) * K + rk[None, :]
-            m2 = mt[:, None] & mk[None, :]
-            tl.store(ptr, tl.load(ptr, mask=m2, other=0.0) + dq_acc, mask=m2)
-        ptr = dk + (tok[:, None] * HK + hk) * K + rk[None, :]
-        m2 = mt[:, None] & mk[None, :]
-        tl.store(ptr, tl.load(ptr, mask=m2, other=0.0) + dk_acc, mask=m2)
+            _store(dq, dq_acc, tok, mt, H, head, K, rk, mk)
+        _store(dk, dk_acc, tok, mt, HK, hk, K, rk, mk)
 
 
 @triton.jit
@@ -519,12 +538,20 @@ class _Launch:
         self.BK = min(64, max(16, triton.next_power_of_2(self.K)))
         self.BV = min(64, max(16, triton.next_power_of_2(self.V)))
         self.BKS = min(32, max(16, triton.next_power_of_2(self.K)))  # channel slice of the sub-block kernels
+        # the walks over the chunks (states, their gradients, the decay's gradient): one program per tile walks a
+        # sequence's chunks in order, so few long sequences (T = 32k at batch 1) take smaller tiles to fill the GPU
+        self.WK, self.WV = self.BK, self.BV
+        while self.WK > 16 and triton.cdiv(self.K, self.WK) * triton.cdiv(self.V, self.WV) * self.N * self.HK < WALK_PROGRAMS:
+            self.WK, self.WV = self.WK // 2, max(16, self.WV // 2)
         self.varlen = cu_seqlens is not None
         # per-chunk states in the inputs' dtype for 16-bit inputs (tensor cores), fp32 otherwise
         self.state_dtype = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else torch.float32
         # fp32 tiles of the dq/dk kernel pipelined in Triton's default 3 stages need 256 KB of shared memory at
         # V <= 64 compiled for sm_90 (an H100/H200 has 227 KB): one stage for them (48 KB)
         self.dqk_stages = 1 if self.state_dtype == torch.float32 else 3
+        self.warps = CHUNK_WARPS
+        # the dq/dk kernel with per-channel decays (it also forms the decay's gradient) spills at 64 channels a block
+        self.dqk_BK = min(32, self.BK) if self.gate == 2 else self.BK
         self.dummy = torch.empty(1, dtype=torch.int32, device=q.device)  # pointer for unused arguments
 
     def seq_args(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -565,9 +592,9 @@ def _forward(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, out=N
     s_out = torch.empty(L.N, L.HK, L.K, L.V, dtype=torch.float32, device=q.device)
     s0 = initial_state.float().contiguous() if initial_state is not None else s_out
     bb = b if b is not None else q
-    _state_kernel[(triton.cdiv(L.K, L.BK), triton.cdiv(L.V, L.BV), L.N * L.HK)](
-        k, v, bb, h, s0, s_out, cu, coff, L.T, L.NT, L.HK, L.K, L.V, L.KG, L.C, L.BK, L.BV, L.gate,
-        initial_state is not None, L.varlen, key_offset,
+    _state_kernel[(triton.cdiv(L.K, L.WK), triton.cdiv(L.V, L.WV), L.N * L.HK)](
+        k, v, bb, h, s0, s_out, cu, coff, L.T, L.NT, L.HK, L.K, L.V, L.KG, L.C, L.WK, L.WV, L.gate,
+        initial_state is not None, L.varlen, key_offset, num_warps=L.warps,
     )
     A = None
     if L.gate == 2:
@@ -578,7 +605,7 @@ def _forward(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, out=N
     o = torch.empty(L.B, L.T, L.H, L.V, dtype=v.dtype, device=v.device) if out is None else out
     _output_kernel[(triton.cdiv(L.V, L.BV), L.NTtot, L.H)](
         q, k, v, bb, h, A if A is not None else q, o, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.V, L.KG, L.C,
-        L.BK, L.BV, L.gate, exclusive, L.varlen, key_offset,
+        L.BK, L.BV, L.gate, exclusive, L.varlen, key_offset, num_warps=L.warps,
     )
     return L, q, k, v, b, o, s_out, h, A
 
@@ -592,7 +619,7 @@ def _decay_grad(L: _Launch, q, k, dq, dk, final_state, dfinal, exclusive, dtype)
         fin = (fin.sum(-1) if L.gate == 1 else fin).contiguous()
     dg = torch.empty(q.shape[:2] + (L.HK,) + ((L.K,) if L.gate == 2 else ()), dtype=dtype, device=q.device)
     cu, _, _ = L.seq_args()
-    bk = L.BK if L.gate == 2 else max(16, triton.next_power_of_2(L.K))  # per head: all channels at once
+    bk = L.WK if L.gate == 2 else max(16, triton.next_power_of_2(L.K))  # per head: all channels at once
     _decay_grad_kernel[(triton.cdiv(L.K, bk), L.N * L.HK)](
         q, k, dq, dk, fin if fin is not None else dq, dg, cu, L.T, L.H, L.HK, L.K, L.KG, L.C, bk, exclusive,
         fin is not None, L.varlen,
@@ -620,32 +647,35 @@ class ChunkGLAFunction(torch.autograd.Function):
         dh = torch.empty_like(h)
         ds0 = torch.empty(L.N, L.HK, L.K, L.V, dtype=torch.float32, device=q.device)
         dsf = dstate.float().contiguous() if dstate is not None else ds0
-        _dstate_kernel[(triton.cdiv(L.K, L.BK), triton.cdiv(L.V, L.BV), L.N * L.HK)](
-            q, do, bb, dh, dsf, ds0, cu, coff, L.T, L.NT, L.H, L.HK, L.K, L.V, L.KG, L.C, L.BK, L.BV, L.gate,
-            exclusive, dstate is not None, L.varlen,
+        _dstate_kernel[(triton.cdiv(L.K, L.WK), triton.cdiv(L.V, L.WV), L.N * L.HK)](
+            q, do, bb, dh, dsf, ds0, cu, coff, L.T, L.NT, L.H, L.HK, L.K, L.V, L.KG, L.C, L.WK, L.WV, L.gate,
+            exclusive, dstate is not None, L.varlen, num_warps=L.warps,
         )
         lag = ctx.key_offset
         new = torch.zeros_like if lag else torch.empty_like  # the last `lag` keys reach no position: no gradient
         dv = new(v)
         _dv_kernel[(triton.cdiv(L.V, L.BV), L.NTtot, L.HK)](
             q, k, bb, A if A is not None else q, do, dh, dv, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.V, L.KG, L.C,
-            L.BK, L.BV, L.gate, exclusive, L.varlen, lag,
+            L.BK, L.BV, L.gate, exclusive, L.varlen, lag, num_warps=L.warps,
         )
-        gdt = torch.float32 if L.gate else None  # the decay's gradient needs dq, dk unrounded
+        gdt = torch.float32 if L.gate == 1 else None  # the per-head decay's gradient needs dq, dk unrounded
         dq = torch.empty(q.shape, dtype=gdt or q.dtype, device=q.device)
         dk = new(k, dtype=gdt or k.dtype)
-        _dqk_kernel[(triton.cdiv(L.K, L.BK), L.NTtot, L.HK)](
-            q, k, v, bb, h, do, dh, dq, dk, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.V, L.KG, L.C, L.BK, L.BV,
-            L.gate, exclusive, L.varlen, lag, num_stages=L.dqk_stages,
-        )
-        dg = None
-        if L.gate == 2:
+        dqi = dki = dg = None
+        if L.gate == 2:  # the intra-chunk terms first: the dq/dk kernel adds them and gives dg chunk by chunk
             dA = torch.empty(L.B, L.T, L.H, L.C, dtype=torch.float32, device=q.device)
             _dA_kernel[(L.NTtot, L.H)](v, do, dA, cu, cidx, L.T, L.NT, L.H, L.HK, L.V, L.C, L.BV, L.varlen)
+            dqi, dki = torch.empty(q.shape, dtype=torch.float32, device=q.device), torch.empty(k.shape, dtype=torch.float32, device=q.device)
             _intra_grad_kernel[(L.C // SUB, L.NTtot, L.HK * triton.cdiv(L.K, L.BKS))](
-                q, k, b, dA, dq, dk, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.C, L.BKS, SUB, exclusive, L.varlen,
+                q, k, b, dA, dqi, dki, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.C, L.BKS, SUB, exclusive, L.varlen,
             )
-        if L.gate:
+            dg = torch.empty(k.shape, dtype=ctx.g_dtype, device=q.device)
+        _dqk_kernel[(triton.cdiv(L.K, L.dqk_BK), L.NTtot, L.HK)](
+            q, k, v, bb, h, do, dh, dq, dk, dqi if dqi is not None else dq, dki if dki is not None else dk,
+            dg if dg is not None else dq, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.V, L.KG, L.C, L.dqk_BK, L.BV,
+            L.gate, exclusive, L.varlen, lag, num_stages=L.dqk_stages, num_warps=L.warps,
+        )
+        if L.gate == 1:
             dg = _decay_grad(L, q, k, dq, dk, s_out, dstate, exclusive, ctx.g_dtype)
         ds0 = ds0.to(s0.dtype) if s0 is not None else None
         return dq.to(q.dtype), dk.to(k.dtype), dv, dg, ds0, None, None, None, None
