@@ -1,8 +1,10 @@
 """Training throughput of the two distillation stages (tokens/s), on a SmolLM2-135M-shaped Llama with
-random weights (no model file needed), through the same step functions `distill` runs.
+random weights (no model file needed), through the same step functions `distill` runs; `--shape` takes one of
+scale.py's 7-8B configs instead (random bf16 weights: where a kind's step time goes at the scale users convert).
 
     python benchmarks/distill_throughput.py --out benchmarks/results/distill_throughput.json \
         [--plans lolcats-all gla-all] [--batch 16] [--seq-len 1024] [--profile]
+    python benchmarks/distill_throughput.py --shape llama3-8b --plans "*:mamba2" --batch 8 --profile --out /tmp/p.json
 
 Each plan: warm-up steps, then timed stage-1 steps (attention transfer, per-layer backward) and
 stage-2 steps (LoRA, cross-entropy, optionally + KL to the teacher); the device is synchronized
@@ -26,6 +28,7 @@ from linearize.distill.run import _lora_targets
 from linearize.distill.stages import lm_loss, new_parameters, transfer_losses
 
 from distill_smollm2 import PLANS  # noqa: E402  (the script's folder is on sys.path)
+from scale import SHAPES  # noqa: E402
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True)
@@ -63,14 +66,18 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--kl-weight", type=float, default=0.0)
-    ap.add_argument("--layers", type=int, default=30, help="fewer decoder layers for a quick CPU check")
+    ap.add_argument("--layers", type=int, default=None, help="fewer decoder layers (a quick CPU check)")
+    ap.add_argument("--shape", default="smollm2", choices=["smollm2", *sorted(SHAPES)],
+                    help="SmolLM2-135M's config, or one of scale.py's (random weights in bf16)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--rows", type=int, default=12, help="rows of each --profile table")
     args = ap.parse_args()
 
     import peft
     import transformers
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = {
@@ -82,10 +89,17 @@ def main() -> None:
     }
     for name in args.plans:
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(**{**SMOLLM2, "num_hidden_layers": args.layers})).to(device).requires_grad_(False)
+        if args.shape == "smollm2":
+            model = LlamaForCausalLM(LlamaConfig(**{**SMOLLM2, "num_hidden_layers": args.layers or 30})).to(device)
+        else:
+            kw = {k: v for k, v in SHAPES[args.shape].items() if k != "model_type"}
+            kw["num_hidden_layers"] = args.layers or kw["num_hidden_layers"]
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[SHAPES[args.shape]["model_type"]](**kw), dtype=torch.bfloat16)
+        model.requires_grad_(False)
         convert(model, PLANS.get(name, name))
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=_lora_targets(model, ["q_proj", "k_proj", "v_proj", "o_proj"])))
-        batch = torch.randint(SMOLLM2["vocab_size"], (args.batch, args.seq_len), device=device)
+        batch = torch.randint(model.config.vocab_size, (args.batch, args.seq_len), device=device)
         params = list(new_parameters(model).values())
 
         def stage1() -> None:
@@ -98,7 +112,7 @@ def main() -> None:
             model.train()
             lm_loss(model, batch, 1.0, args.kl_weight).backward()
 
-        rec = {"plan": name, "batch": args.batch, "seq_len": args.seq_len, "kl_weight": args.kl_weight}
+        rec = {"shape": args.shape, "plan": name, "batch": args.batch, "seq_len": args.seq_len, "kl_weight": args.kl_weight}
         for stage, fn in (("stage1", stage1), ("stage2", stage2)):
             fn()  # warm-up (kernel compilation, allocator)
             s = timed(fn, args.steps, device)
@@ -108,7 +122,7 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
             model.zero_grad(set_to_none=True)
             if args.profile:
-                print(f"--- {name} {stage}\n{profile_table(fn, device)}", flush=True)
+                print(f"--- {name} {stage}\n{profile_table(fn, device, args.rows)}", flush=True)
                 model.zero_grad(set_to_none=True)
         result["records"].append(rec)
         print(json.dumps(rec), flush=True)
