@@ -695,7 +695,7 @@ for scalar, ty in (("fp64", "*bf16"), ("fp32", "*fp32")):  # IEEE products for f
     for qkn in (False, True)[: 2 if ty == "*bf16" else 1]:
         compile_sm90(s._qkv_rope_kernel, {**{n: ty for n in ("x", "w", "bias", "nw", "qkn", "q", "k", "v", "xn")}, "cos": "*fp32",
                      "sin": "*fp32", "M": "i32", "K": "i32", "eps": scalar, "qk_eps": scalar},
-                     dict(H=9, HK=3, D=64, BH=32 if qkn else 16, BM=16, BK=64, HAS_BIAS=True, QK_NORM=qkn, WRITE_XN=True,
+                     dict(H=9, HK=3, D=64, BH=32 if qkn else 16, BM=16, BK=64, HAS_BIAS=True, QK_NORM=qkn,
                           IEEE=ty == "*fp32"))
 """
 

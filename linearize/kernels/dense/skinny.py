@@ -88,7 +88,7 @@ def _rms_linear_kernel(
 def _qkv_rope_kernel(
     x, w, bias, nw, cos, sin, qkn, q, k, v, xn, M, K, eps, qk_eps,
     H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, BH: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-    HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr, WRITE_XN: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Program (head slot j of the H + 2 Hk stacked heads, block of BH rotary pairs, rows): columns c and c + D/2 of
     head j, so the rotary pair (and, with QK_NORM, BH = D/2: the whole head) is in one program."""
@@ -104,8 +104,7 @@ def _qkv_rope_kernel(
         rk = k0 + tl.arange(0, BK)
         mk = rk < K
         xt = _normed(x, nw, rm, mm, rk, mk, inv, K, True)
-        if WRITE_XN:
-            tl.store(xn + rm[:, None] * K + rk[None, :], xt.to(xn.dtype.element_ty), mask=mx[:, None] & mk[None, :])
+        tl.store(xn + rm[:, None] * K + rk[None, :], xt.to(xn.dtype.element_ty), mask=mx[:, None] & mk[None, :])
         xt = xt.to(w.dtype.element_ty)
         wm = mi[:, None] & mk[None, :]
         lo += _mm(xt, tl.trans(tl.load(w + r_lo[:, None] * K + rk[None, :], mask=wm, other=0.0)), IEEE)
@@ -160,21 +159,21 @@ def rms_linear_triton(
 
 def qkv_rope_triton(
     x: Tensor, weight: Tensor, bias: Tensor | None, *, norm: Tensor, eps: float, heads: tuple[int, int], cos: Tensor,
-    sin: Tensor, qk_norm: Tensor | None = None, qk_eps: float = 1e-6, write_xn: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """`qkv_rope_ref` in one launch; without `write_xn` the normed input is not stored (None)."""
+    sin: Tensor, qk_norm: Tensor | None = None, qk_eps: float = 1e-6,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`qkv_rope_ref` in one launch."""
     h, hk = heads
     m, c = x.shape
     d = weight.shape[0] // (h + 2 * hk)
     q = torch.empty(m, h, d, dtype=x.dtype, device=x.device)
     k, v = (torch.empty(m, hk, d, dtype=x.dtype, device=x.device) for _ in range(2))
-    xn = torch.empty_like(x) if write_xn else None
+    xn = torch.empty_like(x)
     half = triton.next_power_of_2(d // 2)
     bh = max(16, half if qk_norm is not None else min(16, half))  # a per-head norm needs the whole head in its program
     bm = _block_m(m)
     _qkv_rope_kernel[(h + 2 * hk, triton.cdiv(d // 2, bh), triton.cdiv(m, bm))](
         x.contiguous(), weight, bias if bias is not None else weight, norm, cos.contiguous(), sin.contiguous(),
-        qk_norm if qk_norm is not None else norm, q, k, v, xn if write_xn else x, m, c, float(eps), float(qk_eps),
-        h, hk, d, bh, bm, BK, bias is not None, qk_norm is not None, write_xn, weight.dtype == torch.float32,
+        qk_norm if qk_norm is not None else norm, q, k, v, xn, m, c, float(eps), float(qk_eps),
+        h, hk, d, bh, bm, BK, bias is not None, qk_norm is not None, weight.dtype == torch.float32,
     )
     return q, k, v, xn

@@ -473,21 +473,19 @@ def _intra_grad_kernel(
 @triton.jit
 def _decay_grad_kernel(
     q, k, dq, dk, fin, dg, cu, T,
-    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, KG: tl.constexpr,
+    H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, EXCLUSIVE: tl.constexpr, HAS_FIN: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    # dg_t = sum_{u>=t} (sum_heads q_u dq_u - k_u dk_u) + fin (q's term from u > t when exclusive):
-    # one program per (sequence, KV head, block of channels) walks its chunks backward with a carry
-    ik, nh = tl.program_id(0), tl.program_id(1)
+    # one decay per head (per channel it is formed in `_dqk_kernel`): dg_t = sum_{u>=t} sum_c (sum_heads q_u dq_u -
+    # k_u dk_u) + fin (q's term from u > t when exclusive); one program per (sequence, KV head), all K channels in
+    # BK >= K, walks its chunks backward with a carry
+    nh = tl.program_id(0)
     i_n, hk = nh // HK, nh % HK
     G: tl.constexpr = H // HK
     bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
-    rc, rk = tl.arange(0, C), ik * BK + tl.arange(0, BK)
+    rc, rk = tl.arange(0, C), tl.arange(0, BK)
     mk = rk < K
-    if HAS_FIN:  # the final state's term sum_v S_T dS_T, one value per channel (or per head)
-        carry = tl.load(fin + nh * KG + (rk if KG > 1 else rk * 0), mask=mk, other=0.0)
-    else:
-        carry = tl.zeros([BK], dtype=tl.float32)
+    carry = tl.load(fin + nh) if HAS_FIN else tl.full((), 0.0, tl.float32)  # the final state's term sum_{c,v} S_T dS_T
     nt = tl.cdiv(eos - bos, C)
     for n in range(nt):
         tok = bos + (nt - 1 - n) * C + rc
@@ -496,17 +494,12 @@ def _decay_grad_kernel(
         for j in range(G):
             r += _load(q, tok, mt, H, hk * G + j, K, rk, mk).to(tl.float32) * _load(dq, tok, mt, H, hk * G + j, K, rk, mk)
         x = r - _load(k, tok, mt, HK, hk, K, rk, mk).to(tl.float32) * _load(dk, tok, mt, HK, hk, K, rk, mk)
-        if KG == 1:  # one decay per head: its gradient sums over the channels
-            x = tl.sum(x, axis=1)[:, None] + tl.zeros([C, BK], dtype=tl.float32)
-            r = tl.sum(r, axis=1)[:, None] + tl.zeros([C, BK], dtype=tl.float32)
-        out = tl.cumsum(x, axis=0, reverse=True) + carry[None, :]
-        carry += tl.sum(x, axis=0)
+        xs, rs = tl.sum(x, axis=1), tl.sum(r, axis=1)
+        out = tl.cumsum(xs, axis=0, reverse=True) + carry
+        carry += tl.sum(xs, axis=0)
         if EXCLUSIVE:
-            out -= r
-        if KG == 1:
-            tl.store(dg + tok * HK + hk + rc * 0, tl.max(out, axis=1), mask=mt)  # every column holds the same value
-        else:
-            _store(dg, out, tok, mt, HK, hk, K, rk, mk)
+            out -= rs
+        tl.store(dg + tok * HK + hk, out, mask=mt)
 
 
 def _chunk_table(cu_seqlens: Tensor | None, batch: int, t: int, c: int) -> tuple[Tensor | None, Tensor | None, int, int]:
@@ -611,18 +604,14 @@ def _forward(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, out=N
 
 
 def _decay_grad(L: _Launch, q, k, dq, dk, final_state, dfinal, exclusive, dtype) -> Tensor:
-    """dL/dg from dq, dk (fp32): g_t enters every cumulative decay from t on, so
-    dg_t = sum_{u>=t} (q_u dq_u - k_u dk_u) + sum_v S_T dS_T (q's term one token later when exclusive)."""
-    fin = None
-    if dfinal is not None:
-        fin = (final_state * dfinal.float()).sum(-1)  # [N, Hk, K]
-        fin = (fin.sum(-1) if L.gate == 1 else fin).contiguous()
-    dg = torch.empty(q.shape[:2] + (L.HK,) + ((L.K,) if L.gate == 2 else ()), dtype=dtype, device=q.device)
+    """dL/dg of a per-head decay from dq, dk (fp32): g_t enters every cumulative decay from t on, so
+    dg_t = sum_{u>=t} sum_c (q_u dq_u - k_u dk_u) + sum_{c,v} S_T dS_T (q's term one token later when exclusive)."""
+    fin = None if dfinal is None else (final_state * dfinal.float()).sum((-2, -1)).contiguous()  # [N, Hk]
+    dg = torch.empty(q.shape[:2] + (L.HK,), dtype=dtype, device=q.device)
     cu, _, _ = L.seq_args()
-    bk = L.WK if L.gate == 2 else max(16, triton.next_power_of_2(L.K))  # per head: all channels at once
-    _decay_grad_kernel[(triton.cdiv(L.K, bk), L.N * L.HK)](
-        q, k, dq, dk, fin if fin is not None else dq, dg, cu, L.T, L.H, L.HK, L.K, L.KG, L.C, bk, exclusive,
-        fin is not None, L.varlen,
+    _decay_grad_kernel[(L.N * L.HK,)](
+        q, k, dq, dk, fin if fin is not None else dq, dg, cu, L.T, L.H, L.HK, L.K, L.C,
+        max(16, triton.next_power_of_2(L.K)), exclusive, fin is not None, L.varlen,
     )
     return dg
 
