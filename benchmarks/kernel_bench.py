@@ -9,6 +9,7 @@ bandwidth). Writes JSON records {"op", "impl", "T", "pass", "ms"} and prints a m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import sys
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 import linearize
 from linearize import kernels
+from linearize.kernels.conv import causal_conv1d_ref
 from linearize.kernels.gla.naive import chunk_gla_ref
 from linearize.kernels.hybrid.naive import hybrid_attn_ref
 
@@ -68,7 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, references only (checks the script)")
-    ap.add_argument("--ops", nargs="*", help="time only these ops (linear_attn, simple_gla, gla, lolcats_hybrid, softmax_attn)")
+    ap.add_argument("--ops", nargs="*", help="time only these ops (linear_attn, simple_gla, gla, lolcats_hybrid, softmax_attn, causal_conv1d)")
     ap.add_argument("--impls", nargs="*", help="time only these implementations (ours, ours_sinks4, fla, sdpa, reference, torch_window)")
     ap.add_argument("--lengths", nargs="*", type=int, help="sequence lengths (default 2048 8192 32768 on a GPU)")
     args = ap.parse_args()
@@ -147,6 +149,27 @@ def main() -> None:
                 record("lolcats_hybrid", impl, t, "fwd", lambda: hybrid(q, k, v, fq, fk, None, mix))
                 record("lolcats_hybrid", impl, t, "fwdbwd",
                        lambda: torch.autograd.backward(hybrid(*hybrid_leaves[:5], None, hybrid_leaves[5])[0], do))
+
+        # Mamba-2's short conv over x, B, C (Llama-3-8B: 3 x 32 heads x 128 channels, width 4), as the mamba2 layers
+        # call it, against the PyTorch reference (F.conv1d, as the layers ran it before, under stage 1's bf16 autocast)
+        xbc = torch.randn(b, t, 3 * h * d, device=device, dtype=dtype)
+        taps = torch.randn(3 * h * d, 4, device=device)
+        conv_leaves = [xbc.clone().requires_grad_(), taps.clone().requires_grad_()]
+        if not args.ops or "causal_conv1d" in args.ops:
+            records.append({"op": "causal_conv1d", "impl": "floor", "T": t, "pass": "fwd", "ms": round(2 * xbc.numel() * xbc.element_size() / bw, 4)})
+        auto = lambda: torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()  # noqa: E731
+        for impl, conv in (("ours", kernels.causal_conv1d), ("reference", causal_conv1d_ref)):
+            if impl == "ours" and not cuda:
+                continue
+            def fwd(conv=conv):
+                with auto():
+                    return conv(xbc, taps)
+            def fwdbwd(conv=conv):
+                with auto():
+                    y = conv(*conv_leaves)[0]
+                torch.autograd.backward(y, xbc)
+            record("causal_conv1d", impl, t, "fwd", fwd)
+            record("causal_conv1d", impl, t, "fwdbwd", fwdbwd)
 
     out = {
         **header(cuda),

@@ -562,6 +562,32 @@ def test_linear_normalizer_kernel_key_offset(dtype, t, offset):
     assert (grads[1][:, t - offset:] == 0).all()
 
 
+conv_ops = pytest.importorskip("linearize.kernels.conv.depthwise")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,t,n,width,initial", [(2, 70, 200, 4, False), (1, 3, 130, 4, True), (3, 65, 64, 2, True),
+                                                  (1, 5, 16, 1, False), (2, 1, 40, 4, True)])
+def test_causal_conv1d_kernel_matches_reference_with_gradients(dtype, b, t, n, width, initial):
+    """The Triton depthwise conv against the fp32 reference, output, continuation state and the gradients of x, the
+    weights and the earlier call's inputs: tokens and channels across tile edges, shorter than the width, one token."""
+    from linearize.kernels.conv import causal_conv1d_ref
+
+    x = torch.randn(b, t, n, device=DEVICE).to(dtype)
+    w = torch.randn(n, width, device=DEVICE)
+    init = torch.randn(b, width - 1, n, device=DEVICE) if initial else None
+    dy, dtail = torch.randn(b, t, n, device=DEVICE), torch.randn(b, width - 1, n, device=DEVICE)
+    leaves = [x.detach().requires_grad_(), w.detach().requires_grad_()] + ([init.requires_grad_()] if initial else [])
+    ref_leaves = [a.detach().double().requires_grad_() for a in leaves]
+    y, tail = conv_ops.causal_conv1d_triton(*leaves, *([] if initial else [None]))
+    y_ref, tail_ref = causal_conv1d_ref(*ref_leaves, *([] if initial else [None]))
+    assert y.dtype == dtype and tail.dtype == torch.float32
+    assert rel_err(y, y_ref) < TOL[dtype] and rel_err(tail, tail_ref) == 0
+    grads = torch.autograd.grad((y.double() * dy).sum() + (tail.double() * dtail).sum(), leaves)
+    refs = torch.autograd.grad((y_ref * dy).sum() + (tail_ref * dtail).sum(), ref_leaves)
+    assert all(rel_err(a, r) < TOL[dtype] for a, r in zip(grads, refs))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b,h,hk,d,s", [(1, 9, 3, 64, 100), (2, 4, 4, 16, 33), (3, 8, 2, 128, 300)])
 @pytest.mark.parametrize("softcap,window", [(None, None), (30.0, None), (None, 17)])
@@ -699,6 +725,19 @@ for scalar, ty in (("fp64", "*bf16"), ("fp32", "*fp32")):  # IEEE products for f
                           IEEE=ty == "*fp32"))
 """
 
+SM90_CONV = SM90_DECODE.split("for scalar")[0].replace(
+    "from linearize.kernels.attention.decode import _merge_kernel, _span_kernel",
+    "from linearize.kernels.conv import depthwise as c",
+) + """
+ints = {n: "i32" for n in ("T", "N", "NT", "s_xb", "s_xt", "s_ib", "s_it", "s_yb", "s_yt", "s_db", "s_dt")}
+for init in (False, True):
+    for kernel in (c._fwd_kernel, c._bwd_kernel):
+        names = set(inspect.signature(kernel.fn).parameters)
+        io = {"x": "*bf16", "w": "*fp32", "init": "*fp32", "y": "*bf16", "dy": "*bf16", "dx": "*bf16", "dw": "*fp32", **ints}
+        cfg = c.FWD if kernel is c._fwd_kernel else c.BWD
+        compile_sm90(kernel, {k: v for k, v in io.items() if k in names}, dict(W=4, HAS_INIT=init, BT=cfg["BT"], BN=cfg["BN"]))
+"""
+
 SM90_CHUNK_DQK = """
 import inspect
 import torch
@@ -758,7 +797,7 @@ def test_kernels_compile_for_hopper():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    for script in (SM90_DECODE, SM90_NORMALIZER, SM90_WINDOW, SM90_CHUNK_DQK, SM90_DENSE):  # the hybrid normalizer's kernels; the scan's dq/dk
+    for script in (SM90_DECODE, SM90_NORMALIZER, SM90_WINDOW, SM90_CHUNK_DQK, SM90_DENSE, SM90_CONV):  # the hybrid normalizer's kernels; the scan's dq/dk
         # kernel as launched within a Hopper's shared memory (fp32 at V = 64 overflowed it: found on the H200)
         run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]

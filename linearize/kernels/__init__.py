@@ -14,6 +14,7 @@ import os
 from torch import Tensor
 
 from .attention import cached_attention_ref
+from .conv import causal_conv1d_ref
 from .dense import qkv_rope_ref, rms_linear_ref, rope_tables
 from .gla import chunk_gla_ref, gla_step_ref
 from .hybrid import EPS, empty_state
@@ -22,6 +23,7 @@ from .hybrid import hybrid_step_ref
 
 try:  # Triton is Linux-only; without it everything runs on the references
     from .attention.decode import cached_attention_triton
+    from .conv.depthwise import causal_conv1d_triton
     from .dense.skinny import qkv_rope_triton, rms_linear_triton
     from .gla.chunk import chunk_gla_triton
     from .gla.fused_recurrent import gla_step_triton
@@ -29,7 +31,7 @@ try:  # Triton is Linux-only; without it everything runs on the references
     from .hybrid.normalizer import linear_normalizer_triton
     from .hybrid.window import window_combine
 except ImportError:  # pragma: no cover - depends on the platform
-    cached_attention_triton = chunk_gla_triton = gla_step_triton = hybrid_step_triton = window_combine = None
+    cached_attention_triton = causal_conv1d_triton = chunk_gla_triton = gla_step_triton = hybrid_step_triton = window_combine = None
     linear_normalizer_triton = qkv_rope_triton = rms_linear_triton = None
 
 
@@ -89,6 +91,14 @@ def hybrid_step(
     return y, state
 
 
+def causal_conv1d(x: Tensor, weight: Tensor, initial: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Causal depthwise conv1d over time (see `causal_conv1d_ref`): y in x's dtype and the last W-1 inputs (fp32); a
+    sequence on CUDA goes to the Triton kernels, a decode token to the reference's few elementwise ops (which Inductor
+    fuses into the compiled step)."""
+    fn = causal_conv1d_triton if use_triton(x) and x.shape[1] > 1 else causal_conv1d_ref
+    return fn(x, weight, initial)
+
+
 def rms_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, **kw) -> Tensor:
     """A few rows' [residual +] act(RMSNorm(x) W^T + b) (see `rms_linear_ref`), one launch on CUDA."""
     return (rms_linear_triton if use_triton(x) else rms_linear_ref)(x, weight, bias, **kw)
@@ -100,4 +110,4 @@ def qkv_rope(x: Tensor, weight: Tensor, bias: Tensor | None, **kw) -> tuple[Tens
     return (qkv_rope_triton if use_triton(x) else qkv_rope_ref)(x, weight, bias, **kw)
 
 
-__all__ = ["EPS", "chunk_gla", "empty_state", "gla_step", "hybrid_attn", "hybrid_step", "qkv_rope", "rms_linear", "rope_tables", "use_triton"]
+__all__ = ["EPS", "causal_conv1d", "chunk_gla", "empty_state", "gla_step", "hybrid_attn", "hybrid_step", "qkv_rope", "rms_linear", "rope_tables", "use_triton"]

@@ -19,7 +19,8 @@ teacher's projections), W_dt = 0 and dt_bias with softplus(dt_bias) spread log-u
 (gate 1). The projections q/k/v/o are the teacher's modules themselves, not copies.
 
 Parallel form: the chunked scan with one decay per head (`kernels.chunk_gla`, Triton on CUDA).
-Recurrent form: the state h and the last conv_size - 1 inputs of the conv live in the cache.
+Recurrent form: the state h and the last conv_size - 1 inputs of the conv live in the cache. The conv runs on
+`kernels.causal_conv1d` (Triton on CUDA, in the input's dtype; fp32 inside).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..kernels import chunk_gla, gla_step
+from ..kernels import causal_conv1d, chunk_gla, gla_step
 from ..errors import PlanError
 from . import register
 from .base import KindOptions, LinearizedAttention
@@ -72,19 +73,6 @@ class Mamba2Attention(LinearizedAttention):
         self.z_proj = nn.Linear(self.hidden_size, h * d, bias=False)
         nn.init.zeros_(self.z_proj.weight)
 
-    def _conv(self, xbc: Tensor, state: dict[str, Tensor] | None) -> tuple[Tensor, Tensor]:
-        """Causal depthwise conv over time of xbc [B,T,N] in fp32; returns the output (xbc's dtype) and
-        the last conv_size - 1 inputs (fp32, like every recurrent state)."""
-        width = self.conv.shape[1]
-        b, t, n = xbc.shape
-        past = state["conv"] if state is not None else xbc.new_zeros(b, width - 1, n, dtype=torch.float32)
-        full = torch.cat([past, xbc.float()], 1)  # [B, W-1+T, N]
-        if t == 1:
-            out = (full * self.conv.T.float()).sum(1, keepdim=True)
-        else:
-            out = nn.functional.conv1d(full.transpose(1, 2), self.conv.float()[:, None], groups=n).transpose(1, 2)
-        return out.to(xbc.dtype), full[:, full.shape[1] - (width - 1) :]
-
     def mix(self, q, k, v, x, valid, state):
         b, t, h, d = q.shape
         rep = h // k.shape[2]
@@ -92,7 +80,7 @@ class Mamba2Attention(LinearizedAttention):
         xbc = torch.cat([v, k, q * self.scaling], -1).reshape(b, t, -1)
         if valid is not None:  # padding writes nothing: no input to the conv or the state, no decay
             xbc = xbc * valid[..., None].to(xbc.dtype)
-        xbc, conv_state = self._conv(xbc, state)
+        xbc, conv_state = causal_conv1d(xbc, self.conv, None if state is None else state["conv"])
         xs, bs, cs = xbc.view(b, t, h, 3 * d).split(d, -1)
         dt = nn.functional.softplus(self.dt_proj(x).float() + self.dt_bias.float())  # [B,T,H]
         g = -dt * torch.exp(self.A_log.float())  # log decay per head
