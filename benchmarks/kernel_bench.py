@@ -24,7 +24,7 @@ import linearize
 from linearize import kernels
 from linearize.kernels.conv import causal_conv1d_ref
 from linearize.kernels.gla.naive import chunk_gla_ref
-from linearize.kernels.hybrid.naive import hybrid_attn_ref
+from linearize.kernels.hybrid.naive import hedgehog_features, hybrid_attn_ref
 
 
 def bench(fn: Callable[[], object], cuda: bool, reps: int = 20) -> float:
@@ -70,7 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, references only (checks the script)")
-    ap.add_argument("--ops", nargs="*", help="time only these ops (linear_attn, simple_gla, gla, lolcats_hybrid, softmax_attn, causal_conv1d)")
+    ap.add_argument("--ops", nargs="*", help="time only these ops (linear_attn, simple_gla, gla, lolcats_hybrid, softmax_attn, causal_conv1d, hedgehog_map)")
     ap.add_argument("--impls", nargs="*", help="time only these implementations (ours, ours_sinks4, fla, sdpa, reference, torch_window)")
     ap.add_argument("--lengths", nargs="*", type=int, help="sequence lengths (default 2048 8192 32768 on a GPU)")
     args = ap.parse_args()
@@ -170,6 +170,24 @@ def main() -> None:
                 torch.autograd.backward(y, xbc)
             record("causal_conv1d", impl, t, "fwd", fwd)
             record("causal_conv1d", impl, t, "fwdbwd", fwdbwd)
+
+        # Hedgehog's feature map of the queries (feature dim 64, as the 7-8B recipes), as the kinds call it, against the
+        # PyTorch reference (a batched product, bias, two softmaxes and a concatenation, under bf16 autocast)
+        wmap, bmap = torch.randn(h, d, 64, device=device) * 0.1, torch.zeros(h, 64, device=device)
+        map_leaves = [q.clone().requires_grad_(), wmap.clone().requires_grad_(), bmap.clone().requires_grad_()]
+        dphi = torch.randn(b, t, h, 128, device=device, dtype=dtype)
+        for impl, fmap in (("ours", kernels.hedgehog_features), ("reference", hedgehog_features)):
+            if impl == "ours" and not cuda:
+                continue
+            def map_fwd(fmap=fmap):
+                with auto():
+                    return fmap(q, wmap, bmap)
+            def map_fwdbwd(fmap=fmap):
+                with auto():
+                    phi = fmap(*map_leaves)
+                torch.autograd.backward(phi, dphi.to(phi.dtype))
+            record("hedgehog_map", impl, t, "fwd", map_fwd)
+            record("hedgehog_map", impl, t, "fwdbwd", map_fwdbwd)
 
     out = {
         **header(cuda),

@@ -562,6 +562,26 @@ def test_linear_normalizer_kernel_key_offset(dtype, t, offset):
     assert (grads[1][:, t - offset:] == 0).all()
 
 
+fmap_ops = pytest.importorskip("linearize.kernels.hybrid.feature_map")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead,h,d,fd", [((2, 70), 3, 16, 8), ((1, 1100), 2, 64, 64), ((3,), 4, 32, 20)])
+def test_hedgehog_feature_map_kernel_matches_reference_with_gradients(dtype, lead, h, d, fd):
+    """The fused Hedgehog map (product, both softmaxes, one write) against the reference, with the gradients of x, W
+    and b: rows across tiles and across the backward's programs, feature sizes not a power of two."""
+    x = torch.randn(*lead, h, d, device=DEVICE).to(dtype)
+    w, b = torch.randn(h, d, fd, device=DEVICE) * 0.3, torch.randn(h, fd, device=DEVICE) * 0.3
+    leaves = [x.requires_grad_(), w.requires_grad_(), b.requires_grad_()]
+    ref_leaves = [a.detach().double().requires_grad_() for a in leaves]
+    phi, phi_ref = fmap_ops.hedgehog_features_triton(*leaves), hedgehog_features(*ref_leaves)
+    assert phi.dtype == dtype and phi.shape == phi_ref.shape and rel_err(phi, phi_ref) < TOL[dtype]
+    dphi = torch.randn_like(phi_ref)
+    grads = torch.autograd.grad((phi.double() * dphi).sum(), leaves)
+    refs = torch.autograd.grad((phi_ref * dphi).sum(), ref_leaves)
+    assert all(rel_err(a, r) < 2 * TOL[dtype] for a, r in zip(grads, refs))  # bf16: dz and W rounded for the products
+
+
 conv_ops = pytest.importorskip("linearize.kernels.conv.depthwise")
 
 
@@ -736,6 +756,14 @@ for init in (False, True):
         io = {"x": "*bf16", "w": "*fp32", "init": "*fp32", "y": "*bf16", "dy": "*bf16", "dx": "*bf16", "dw": "*fp32", **ints}
         cfg = c.FWD if kernel is c._fwd_kernel else c.BWD
         compile_sm90(kernel, {k: v for k, v in io.items() if k in names}, dict(W=4, HAS_INIT=init, BT=cfg["BT"], BN=cfg["BN"]))
+
+from linearize.kernels.hybrid import feature_map as f
+ints.update(M="i32", ROWS="i32", s_xm="i32", s_xh="i32", s_pm="i32", s_ph="i32")
+for kernel, cfg in ((f._fwd_kernel, f.FWD), (f._bwd_kernel, f.BWD)):
+    names = set(inspect.signature(kernel.fn).parameters)
+    io = {"x": "*bf16", "w": "*fp32", "b": "*fp32", "phi": "*bf16", "dphi": "*bf16", "dx": "*bf16", "dw": "*fp32",
+          "db": "*fp32", **ints}
+    compile_sm90(kernel, {k: v for k, v in io.items() if k in names}, dict(D=128, FD=64, BD=128, BF=64, BM=cfg["BM"]))
 """
 
 SM90_CHUNK_DQK = """
@@ -814,3 +842,37 @@ def test_decode_attention_dispatch_and_refusals():
     valid = torch.ones(1, 8, dtype=torch.bool, device=DEVICE)
     got = kernels.cached_attention(q, k, k, valid, torch.tensor([3, 4], device=DEVICE), scale=0.25)
     assert rel_err(got, kernels.cached_attention_ref(q, k, k, valid, torch.tensor([3, 4], device=DEVICE), scale=0.25)) == 0
+
+
+def test_training_forward_compiles_around_the_kernels(monkeypatch):
+    """torch.compile of a converted model's training forward and backward with the sequence ops on their Triton kernels
+    (on CPU forced onto them, interpreted): each kernel a graph break, the glue compiled around it; logits and the
+    trained parameters' gradients as the same model run eagerly."""
+    import linearize
+    from linearize import kernels
+    from linearize.distill.stages import new_parameters
+
+    from conftest import perturb_new_params, tiny_model
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(kernels, "use_triton", lambda x: True)
+    model = linearize.convert(tiny_model("llama"), "0:lolcats(window=4, sinks=2, softmax_heads=[1]),1:lizard(window=3),2:mamba2")
+    perturb_new_params(model)
+    model.to(DEVICE).requires_grad_(False)
+    params = list(new_parameters(model).values())
+    for p in params:
+        p.requires_grad_(True)
+    ids = torch.randint(3, 128, (2, 20), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+
+    def run(m):
+        model.zero_grad(set_to_none=True)
+        logits = m(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logits.square().mean().backward()
+        return logits.detach(), [p.grad for p in params]
+
+    torch._dynamo.reset()
+    logits, grads = run(torch.compile(model, backend="inductor" if DEVICE == "cuda" else "aot_eager"))
+    ref, ref_grads = run(model)
+    assert rel_err(logits, ref) < 1e-5 and all(rel_err(a, b) < 1e-4 for a, b in zip(grads, ref_grads))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import Tensor
 
 from .attention import cached_attention_ref
@@ -18,6 +19,7 @@ from .conv import causal_conv1d_ref
 from .dense import qkv_rope_ref, rms_linear_ref, rope_tables
 from .gla import chunk_gla_ref, gla_step_ref
 from .hybrid import EPS, empty_state
+from .hybrid import hedgehog_features as hedgehog_features_ref
 from .hybrid import hybrid_attn_ref
 from .hybrid import hybrid_step_ref
 
@@ -27,12 +29,20 @@ try:  # Triton is Linux-only; without it everything runs on the references
     from .dense.skinny import qkv_rope_triton, rms_linear_triton
     from .gla.chunk import chunk_gla_triton
     from .gla.fused_recurrent import gla_step_triton
+    from .hybrid.feature_map import hedgehog_features_triton
     from .hybrid.fused_recurrent import hybrid_step_triton
     from .hybrid.normalizer import linear_normalizer_triton
     from .hybrid.window import window_combine
 except ImportError:  # pragma: no cover - depends on the platform
     cached_attention_triton = causal_conv1d_triton = chunk_gla_triton = gla_step_triton = hybrid_step_triton = window_combine = None
-    linear_normalizer_triton = qkv_rope_triton = rms_linear_triton = None
+    hedgehog_features_triton = linear_normalizer_triton = qkv_rope_triton = rms_linear_triton = None
+
+# The sequence ops' Triton kernels are opaque to torch.compile: a graph break each, their glue compiled around them
+# (whether Dynamo can trace a Triton launch inside an autograd Function depends on the torch/Triton pair; torch 2.13 with
+# Triton 3.9 cannot). The decode steps' kernels stay traceable: the compiled decode step holds them in one graph.
+causal_conv1d_triton, chunk_gla_triton, hedgehog_features_triton, linear_normalizer_triton, window_combine = (
+    fn and torch.compiler.disable(fn)
+    for fn in (causal_conv1d_triton, chunk_gla_triton, hedgehog_features_triton, linear_normalizer_triton, window_combine))
 
 
 def use_triton(x: Tensor) -> bool:
@@ -99,6 +109,13 @@ def causal_conv1d(x: Tensor, weight: Tensor, initial: Tensor | None = None) -> t
     return fn(x, weight, initial)
 
 
+def hedgehog_features(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """Hedgehog's feature map per head (see `hedgehog_features_ref`); a sequence x [B,T,H,D] on CUDA goes to the Triton
+    kernels (phi in x's dtype), a decode token to the reference (fused into the compiled step)."""
+    fn = hedgehog_features_triton if use_triton(x) and x.dim() == 4 and x.shape[1] > 1 else hedgehog_features_ref
+    return fn(x, weight, bias)
+
+
 def rms_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, **kw) -> Tensor:
     """A few rows' [residual +] act(RMSNorm(x) W^T + b) (see `rms_linear_ref`), one launch on CUDA."""
     return (rms_linear_triton if use_triton(x) else rms_linear_ref)(x, weight, bias, **kw)
@@ -110,4 +127,4 @@ def qkv_rope(x: Tensor, weight: Tensor, bias: Tensor | None, **kw) -> tuple[Tens
     return (qkv_rope_triton if use_triton(x) else qkv_rope_ref)(x, weight, bias, **kw)
 
 
-__all__ = ["EPS", "causal_conv1d", "chunk_gla", "empty_state", "gla_step", "hybrid_attn", "hybrid_step", "qkv_rope", "rms_linear", "rope_tables", "use_triton"]
+__all__ = ["EPS", "causal_conv1d", "chunk_gla", "empty_state", "gla_step", "hedgehog_features", "hybrid_attn", "hybrid_step", "qkv_rope", "rms_linear", "rope_tables", "use_triton"]

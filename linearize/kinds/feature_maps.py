@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import PlanError
-from ..kernels.hybrid import hedgehog_features
+from ..kernels import hedgehog_features
 
 
 class HedgehogFeatureMap(nn.Module):
