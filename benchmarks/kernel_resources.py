@@ -1,8 +1,9 @@
 """Registers, spill stack and shared memory of the training/prefill kernels as they are launched, compiled for a GPU
 architecture on any machine (no GPU needed: Triton compiles ahead of time and its bundled cuobjdump reads the cubin).
-The window kernels (`kernels/hybrid/window.py`, block sizes from `_config`) and the chunked scan's kernels
+The window kernels (`kernels/hybrid/window.py`, block sizes from `_config`), the chunked scan's kernels
 (`kernels/gla/chunk.py`, block sizes, warps and stages from `_Launch`, bf16 at the kernel benchmark's shape: H = 32,
-K = V = 128, chunks of 64, GQA groups of 1 and 4; `--warps` adds other warp counts). A stack above 0 means spills
+K = V = 128, chunks of 64, GQA groups of 1 and 4; `--warps` adds other warp counts), the Hedgehog feature map's
+(`kernels/hybrid/feature_map.py`, head dims 64 and 128) and Mamba-2's conv (`kernels/conv/depthwise.py`, width 4). A stack above 0 means spills
 (accumulators in local memory: a cause of slow kernels that shows before any timing, not a timing); the shared memory
 must stay under the device's limit per block (227 KB on an H100/H200). Run it without TRITON_INTERPRET.
 
@@ -25,8 +26,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from linearize.kernels.conv import depthwise
 from linearize.kernels.gla import chunk
-from linearize.kernels.hybrid import window
+from linearize.kernels.hybrid import feature_map, window
 from linearize.kernels.hybrid.naive import EPS
 
 from kernel_bench import header  # noqa: E402  (the script's folder is on sys.path)
@@ -34,7 +36,9 @@ from kernel_bench import header  # noqa: E402  (the script's folder is on sys.pa
 # (window, head dim, query heads, KV heads, softcap, fused): the benchmark's shape, GQA, gemma2's head dim, small ones
 SHAPES = [(64, 128, 32, 32, False, True), (128, 128, 32, 8, True, True), (64, 64, 16, 4, True, False),
           (64, 256, 8, 4, True, True), (5, 16, 6, 2, False, False)]
-INTS, STATS = {"cu", "cidx", "coff", "valid", "rarg", "at", "sbase"}, {"T", "NT", "L", "S", "LNS", "LDS"}
+INTS = {"cu", "cidx", "coff", "valid", "rarg", "at", "sbase"}
+STATS = {"T", "NT", "L", "S", "LNS", "LDS", "M", "N", "ROWS", "s_xb", "s_xt", "s_ib", "s_it", "s_yb", "s_yt", "s_db", "s_dt",
+         "s_xm", "s_xh", "s_pm", "s_ph"}
 FP32 = {"b", "A", "s0", "s_out", "ds_final", "ds0", "dA", "dqi", "dki", "dg", "mix", "den", "rmax", "dd", "cw", "delta",
         "dmix", "dlden"}
 
@@ -96,6 +100,22 @@ def chunk_rows(arch: int, extra_warps: list[int]) -> list[dict]:
     return rows
 
 
+def map_and_conv_rows(arch: int) -> list[dict]:
+    """The Hedgehog feature map's kernels (bf16 x, fp32 W and b; head dim 64 and 128, feature dim 64 and 128) and the
+    conv's (bf16 x, fp32 taps, width 4), with the warps and tiles they are launched with."""
+    rows = []
+    for d, fd in ((128, 64), (64, 64), (128, 128)):
+        for name, fn, cfg in (("map_fwd", feature_map._fwd_kernel, feature_map.FWD), ("map_bwd", feature_map._bwd_kernel, feature_map.BWD)):
+            const = {**feature_map._blocks(d, fd), "BM": cfg["BM"]}
+            rows.append({"kernel": name, "shape": f"D={d} FD={fd}", "launched": True,
+                         **resources(fn, const, arch, {"num_warps": cfg["num_warps"], "num_stages": 3}, fp32={"w", "b", "dw", "db"})})
+    for name, fn, cfg in (("conv_fwd", depthwise._fwd_kernel, depthwise.FWD), ("conv_bwd", depthwise._bwd_kernel, depthwise.BWD)):
+        const = dict(W=4, HAS_INIT=True, BT=cfg["BT"], BN=cfg["BN"])
+        rows.append({"kernel": name, "shape": "W=4", "launched": True,
+                     **resources(fn, const, arch, {"num_warps": cfg["num_warps"], "num_stages": 3}, fp32={"w", "dw", "init"})})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
@@ -104,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="JSON of the rows")
     args = ap.parse_args(argv)
     rows = window_rows(args.arch, {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]) + chunk_rows(args.arch, args.warps)
+    rows += map_and_conv_rows(args.arch)
     print("| kernel | shape | launched | warps | stages | registers | stack bytes | shared KB |\n|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['kernel']} | {r['shape']} | {'yes' if r['launched'] else ''} | {r['num_warps']} | {r['num_stages']} | "

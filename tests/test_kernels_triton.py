@@ -856,7 +856,7 @@ def test_training_forward_compiles_around_the_kernels(monkeypatch):
 
     if DEVICE == "cpu":
         monkeypatch.setattr(kernels, "use_triton", lambda x: True)
-    model = linearize.convert(tiny_model("llama"), "0:lolcats(window=4, sinks=2, softmax_heads=[1]),1:lizard(window=3),2:mamba2")
+    model = linearize.convert(tiny_model("llama"), "0:lolcats(window=4, sinks=2, softmax_heads=[1]),1:mamba2,2:softmax")
     perturb_new_params(model)
     model.to(DEVICE).requires_grad_(False)
     params = list(new_parameters(model).values())

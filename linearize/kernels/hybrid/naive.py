@@ -228,8 +228,7 @@ def hybrid_attn_ref(
     # exclusive scan gives; its decay from there to t covers the W ext tokens [t, t+W-1].
     fq = fq.to(dt)
     if ext_g is not None:
-        cum = torch.nn.functional.pad(ext_g.cumsum(1), (0, 0, 0, 0, 1, 0))
-        win_decay = (cum[:, window : window + t] - cum[:, :t]).exp()  # [B,T,Hk,F]
+        win_decay = window_sums(ext_g, window, t).exp()  # [B,T,Hk,F]
         fq = (fq.reshape(b, t, hk, h // hk, f) * win_decay[:, :, :, None]).reshape(b, t, h, f).to(dt)
     packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
     off = {"key_offset": lag} if lag else {}
@@ -331,6 +330,21 @@ def token_order(state: dict[str, Tensor]) -> dict[str, Tensor]:
         if name in state:
             out[name] = state[name].gather(1, idx.view(b, p, *[1] * (state[name].dim() - 2)).expand_as(state[name]))
     return out
+
+
+def window_sums(x: Tensor, width: int, n: int) -> Tensor:
+    """out[:, i] = x[:, i : i + width].sum(1) for i < n (x [B, >= n + width - 1, ...]), in blocks of `width` tokens: a
+    block's tail plus the next block's head, each from a cumulative sum over `width` tokens (a sum over the whole
+    sequence would run serially in T on a GPU, where it is not the innermost dimension, and lose digits to cancellation
+    between far-apart partial sums)."""
+    blocks = -(-n // width) + 1  # blocks covering [0, n + width - 1)
+    x = x[:, : blocks * width]
+    x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, blocks * width - x.shape[1]))
+    xb = x.view(x.shape[0], blocks, width, *x.shape[2:])
+    incl = xb.cumsum(2)
+    excl = incl - xb
+    out = (incl[:, :-1, -1:] - excl[:, :-1]) + excl[:, 1:]  # block a from offset r on, then block a+1 before r
+    return out.reshape(x.shape[0], (blocks - 1) * width, *x.shape[2:])[:, :n]
 
 
 def window_tokens(
