@@ -503,6 +503,34 @@ def test_weights_and_trained_parameters_dtypes(tmp_path, capsys):
         assert not (tmp_path / "out").exists() and not (tmp_path / "out.ckpt").exists()
 
 
+def test_compiled_norms_and_mlps_train_as_eager_and_bad_backends_are_refused(tmp_path, capsys):
+    """compile=BACKEND compiles each decoder layer's norms and MLP (one graph per module class, shared by the layers):
+    both stages' losses as the eager run's; an unknown backend is a one-line error before anything loads."""
+    from linearize import cli
+    from linearize.distill import distill
+    from conftest import tiny_folder
+
+    folder = tiny_folder(tmp_path / "m")
+    (tmp_path / "d.txt").write_text("\n".join(" ".join(f"w{(7 * i + j) % 120 + 4}" for j in range(200)) for i in range(20)))
+    common = [f"model={folder}", "plan=1:lolcats(window=4)", f"data.source={tmp_path / 'd.txt'}", "data.seq_len=32",
+              "stage1.steps=2", "stage2.steps=2"]
+    logs: list[str] = []
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    distill(load_config(None, [*common, "compile=aot_eager"]), tmp_path / "c", log=logs.append)
+    assert "compile: 9 norms and MLPs through torch.compile (aot_eager)" in logs
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 8  # per class and shape, not per layer
+    distill(load_config(None, common), tmp_path / "e", log=lambda s: None)
+    for stage in ("stage1", "stage2"):
+        got, ref = (json.loads((tmp_path / run / "metrics" / f"{stage}.json").read_text())["history"] for run in ("c", "e"))
+        assert len(got) == 2 and all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, ref))
+    capsys.readouterr()
+    assert cli.main(["convert", "--model", str(folder), "--plan", "1:gla", "--out", str(tmp_path / "out"), "compile=fast"]) == 2
+    err = capsys.readouterr().err
+    assert "compile='fast' is not a torch.compile backend" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 weights train under CUDA's autocast")
 def test_bfloat16_weights_with_float32_trained_parameters_on_a_gpu(tmp_path):
     from linearize.distill import distill

@@ -580,6 +580,8 @@ def test_hedgehog_feature_map_kernel_matches_reference_with_gradients(dtype, lea
     grads = torch.autograd.grad((phi.double() * dphi).sum(), leaves)
     refs = torch.autograd.grad((phi_ref * dphi).sum(), ref_leaves)
     assert all(rel_err(a, r) < 2 * TOL[dtype] for a, r in zip(grads, refs))  # bf16: dz and W rounded for the products
+    frozen = fmap_ops.hedgehog_features_triton(x.detach(), *leaves[1:])  # stage 1: no gradient for x, none computed
+    assert all(torch.equal(a, r) for a, r in zip(torch.autograd.grad((frozen.double() * dphi).sum(), leaves[1:]), grads[1:]))
 
 
 conv_ops = pytest.importorskip("linearize.kernels.conv.depthwise")
@@ -606,6 +608,9 @@ def test_causal_conv1d_kernel_matches_reference_with_gradients(dtype, b, t, n, w
     grads = torch.autograd.grad((y.double() * dy).sum() + (tail.double() * dtail).sum(), leaves)
     refs = torch.autograd.grad((y_ref * dy).sum() + (tail_ref * dtail).sum(), ref_leaves)
     assert all(rel_err(a, r) < TOL[dtype] for a, r in zip(grads, refs))
+    frozen = conv_ops.causal_conv1d_triton(x.detach(), leaves[1], None)[0]  # stage 1: no gradient for x, none computed
+    y_w = conv_ops.causal_conv1d_triton(leaves[0], leaves[1], None)[0]
+    assert torch.equal(*(torch.autograd.grad((z.double() * dy).sum(), leaves[1])[0] for z in (frozen, y_w)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

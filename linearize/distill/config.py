@@ -77,6 +77,7 @@ class DistillConfig:
     # (bfloat16 for a bfloat16 checkpoint on a GPU, half the memory and exact; float32 otherwise)
     dtype: str = "auto"
     train_dtype: str = "float32"  # the trained parameters (the kinds' new ones and LoRA): "float32" or "bfloat16"
+    compile: str | None = None  # torch.compile backend ("inductor") for the decoder layers' norms and MLPs; None: eager
     data: DataConfig = field(default_factory=DataConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
@@ -89,6 +90,14 @@ class DistillConfig:
         for key, value, allowed in (("dtype", self.dtype, (*DTYPES, "auto")), ("train_dtype", self.train_dtype, DTYPES)):
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r} is not a dtype distillation runs in: give one of {', '.join(allowed)}")
+        if self.compile is not None:
+            import torch._dynamo
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if self.compile not in backends:
+                raise ConfigError(f"compile={self.compile!r} is not a torch.compile backend: give inductor (or another of "
+                                  f"torch._dynamo.list_backends()), "
+                                  "or null")
         bad = [f"{k}={v}" for k, v, ok in [
             ("data.seq_len", self.data.seq_len, self.data.seq_len >= 2),
             ("data.val_fraction", self.data.val_fraction, 0 < self.data.val_fraction < 1),

@@ -81,8 +81,25 @@ def _check_same_run(work: Path, cfg: DistillConfig, world: int) -> None:
                   f"resume on a number of processes that divides {rows}"
             raise LinearizeError(f"the checkpoints in {work} were made on {processes} process(es) drawing {rows} rows a "
                                  f"{stage} step, this run draws {per * world} ({per} x {world}): {fix}")
+    for recipe in (saved, new):  # compiled or not, the same computation
+        recipe.pop("compile", None)
     if saved != new:
         raise LinearizeError(f"the checkpoints in {work} were made with another recipe; resume with the same one, or delete them")
+
+
+def compile_frozen_blocks(model: torch.nn.Module, backend: str) -> int:
+    """torch.compile each decoder layer's norms and MLP in place, where the frozen forward spends its time outside the
+    matrix products (RMSNorm's fp32 passes, the gated MLP's activation and product). Regional: modules of one class
+    share one compiled graph, whatever the number of layers. Returns how many modules."""
+    from ..adapters import decoder_layers
+
+    count = 0
+    for layer in decoder_layers(model):
+        for name, module in layer.named_children():
+            if name == "mlp" or name.endswith("layernorm"):
+                module.compile(backend=backend)
+                count += 1
+    return count
 
 
 def _lora_targets(model: torch.nn.Module, names: list[str]) -> list[str]:
@@ -128,6 +145,8 @@ def distill(
     device, rank, world = _distributed()
     dtype, train_dtype = resolve_dtypes(cfg, device, config)
     sharded = world > 1 and fsdp.requested()
+    if sharded and cfg.compile:
+        raise LinearizeError(f"compile={cfg.compile} is not supported under FSDP yet: run without it (compile=null)")
     if device.type == "cuda":  # a recipe that clearly cannot fit fails now, not after minutes of loading
         from .memory import check_fits
 
@@ -175,6 +194,8 @@ def distill(
         teacher_ppl = measure(model, "teacher_eval")
 
     convert(model, plan)
+    if cfg.compile:
+        log(f"compile: {compile_frozen_blocks(model, cfg.compile)} norms and MLPs through torch.compile ({cfg.compile})")
     # LoRA goes in now (B = 0: no effect until stage 2) so that FSDP can shard the adapters with the rest
     s2 = cfg.stage2
     lora = None

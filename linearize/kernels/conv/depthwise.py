@@ -49,8 +49,9 @@ def _fwd_kernel(x, w, init, y, T, N, s_xb, s_xt, s_ib, s_it, s_yb, s_yt,
 
 @triton.jit
 def _bwd_kernel(x, w, init, dy, dx, dw, T, N, NT, s_xb, s_xt, s_ib, s_it, s_db, s_dt,
-                W: tl.constexpr, HAS_INIT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr):
-    """dx [B,T,N] (contiguous) = sum_j w[:, j] dy_{s+W-1-j}; dw [B*NT, W, N] (fp32) this tile's sum_t dy_t x_{t-W+1+j}."""
+                W: tl.constexpr, HAS_INIT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, NEED_DX: tl.constexpr = True):
+    """dx [B,T,N] (contiguous; NEED_DX) = sum_j w[:, j] dy_{s+W-1-j}; dw [B*NT, W, N] (fp32) this tile's
+    sum_t dy_t x_{t-W+1+j}."""
     pn, pt, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn, rt = pn * BN + tl.arange(0, BN), pt * BT + tl.arange(0, BT)
     mn, mt = rn < N, rt < T
@@ -61,10 +62,12 @@ def _bwd_kernel(x, w, init, dy, dx, dw, T, N, NT, s_xb, s_xt, s_ib, s_it, s_db, 
         wj = tl.load(w + rn * W + j, mask=mn, other=0.0).to(tl.float32)
         xj = _tap(x, init, b, rt, rn, mt, mn, W - 1 - j, s_xb, s_xt, s_ib, s_it, W, HAS_INIT)
         tl.store(part + j * N, tl.sum(g * xj, 0), mask=mn)
-        s = rt + (W - 1 - j)  # the output that read token rt through tap j
-        gs = tl.load(dy + b * s_db + s[:, None] * s_dt + rn[None, :], mask=(s < T)[:, None] & mn[None, :], other=0.0)
-        acc += gs.to(tl.float32) * wj[None, :]
-    tl.store(dx + (b * T + rt[:, None]) * N + rn[None, :], acc.to(dx.dtype.element_ty), mask=mt[:, None] & mn[None, :])
+        if NEED_DX:
+            s = rt + (W - 1 - j)  # the output that read token rt through tap j
+            gs = tl.load(dy + b * s_db + s[:, None] * s_dt + rn[None, :], mask=(s < T)[:, None] & mn[None, :], other=0.0)
+            acc += gs.to(tl.float32) * wj[None, :]
+    if NEED_DX:  # not in stage 1, where x comes from frozen projections
+        tl.store(dx + (b * T + rt[:, None]) * N + rn[None, :], acc.to(dx.dtype.element_ty), mask=mt[:, None] & mn[None, :])
 
 
 def _grid(b: int, t: int, n: int, cfg: dict) -> tuple[int, int, int]:
@@ -95,18 +98,19 @@ class CausalConv1dFunction(torch.autograd.Function):
         width = weight.shape[1]
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
         nt = triton.cdiv(t, BWD["BT"])
-        dx = torch.empty(b, t, n, dtype=x.dtype, device=x.device)
+        need_dx = ctx.needs_input_grad[0]
+        dx = torch.empty(b, t, n, dtype=x.dtype, device=x.device) if need_dx else x
         parts = torch.empty(b * nt, width, n, dtype=torch.float32, device=x.device)
         _bwd_kernel[_grid(b, t, n, BWD)](x, weight, init if init is not None else x, dy, dx, parts, t, n, nt,
                                     x.stride(0), x.stride(1), *(init.stride()[:2] if init is not None else (0, 0)),
-                                    dy.stride(0), dy.stride(1), W=width, HAS_INIT=init is not None, **BWD)
+                                    dy.stride(0), dy.stride(1), W=width, HAS_INIT=init is not None, NEED_DX=need_dx, **BWD)
         dw = parts.sum(0).T.to(weight.dtype)
         dinit = None
         if init is not None and ctx.needs_input_grad[2]:  # entry p of the earlier inputs fed outputs p - j, j <= p
             w, g = weight.float(), dy.float()
             dinit = torch.stack([sum(w[:, j] * g[:, p - j] for j in range(p + 1) if p - j < t) for p in range(width - 1)], 1)
             dinit = dinit.to(init.dtype)
-        return dx, dw, dinit
+        return dx if need_dx else None, dw, dinit
 
 
 def causal_conv1d_triton(x: Tensor, weight: Tensor, initial: Tensor | None = None) -> tuple[Tensor, Tensor]:

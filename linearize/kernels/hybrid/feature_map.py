@@ -66,8 +66,9 @@ def _fwd_kernel(x, w, b, phi, M, s_xm, s_xh, s_pm, s_ph,
 
 @triton.jit
 def _bwd_kernel(x, w, b, dphi, dx, dw, db, M, ROWS, s_xm, s_xh, s_pm, s_ph,
-                D: tl.constexpr, FD: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BM: tl.constexpr):
-    """dx [M,H,D] (contiguous); dw [P,H,D,FD] and db [P,H,FD] (fp32): program p's sums over its ROWS rows."""
+                D: tl.constexpr, FD: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BM: tl.constexpr,
+                NEED_DX: tl.constexpr = True):
+    """dx [M,H,D] (contiguous; NEED_DX); dw [P,H,D,FD] and db [P,H,FD] (fp32): program p's sums over its ROWS rows."""
     h, p = tl.program_id(0), tl.program_id(1)
     H = tl.num_programs(0)
     rd, rf = tl.arange(0, BD), tl.arange(0, BF)
@@ -85,8 +86,9 @@ def _bwd_kernel(x, w, b, dphi, dx, dw, db, M, ROWS, s_xm, s_xh, s_pm, s_ph,
         d1 = tl.load(at, mask=mask, other=0.0).to(tl.float32)
         d2 = tl.load(at + FD, mask=mask, other=0.0).to(tl.float32)
         dz = s1 * (d1 - tl.sum(d1 * s1, 1)[:, None]) - s2 * (d2 - tl.sum(d2 * s2, 1)[:, None])
-        dxt = _dot(dz.to(xt.dtype), tl.trans(wt.to(xt.dtype)))
-        tl.store(dx + (rm[:, None] * H + h) * D + rd[None, :], dxt.to(dx.dtype.element_ty), mask=mm[:, None] & md[None, :])
+        if NEED_DX:  # not in stage 1, where q and k come from frozen projections
+            dxt = _dot(dz.to(xt.dtype), tl.trans(wt.to(xt.dtype)))
+            tl.store(dx + (rm[:, None] * H + h) * D + rd[None, :], dxt.to(dx.dtype.element_ty), mask=mm[:, None] & md[None, :])
         acc_w += _dot(tl.trans(xt), dz.to(xt.dtype))
         acc_b += tl.sum(dz, 0)
     tl.store(dw + ((p * H + h) * D + rd[:, None]) * FD + rf[None, :], acc_w, mask=md[:, None] & mf[None, :])
@@ -130,12 +132,13 @@ class HedgehogFunction(torch.autograd.Function):
         dphi = _rows(dphi)
         rows = triton.cdiv(triton.cdiv(m, triton.cdiv(PROGRAMS, h)), BWD["BM"]) * BWD["BM"]
         parts = triton.cdiv(m, rows)
-        dx = torch.empty(m, h, d, dtype=xm.dtype, device=xm.device)
+        need_dx = ctx.needs_input_grad[0]
+        dx = torch.empty(m, h, d, dtype=xm.dtype, device=xm.device) if need_dx else xm
         dw = torch.empty(parts, h, d, fd, dtype=torch.float32, device=xm.device)
         db = torch.empty(parts, h, fd, dtype=torch.float32, device=xm.device)
         _bwd_kernel[(h, parts)](xm, weight, bias, dphi, dx, dw, db, m, rows, xm.stride(0), xm.stride(1), dphi.stride(0),
-                                dphi.stride(1), **_blocks(d, fd), **BWD)
-        return dx.view(ctx.shape), dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype)
+                                dphi.stride(1), **_blocks(d, fd), **BWD, NEED_DX=need_dx)
+        return dx.view(ctx.shape) if need_dx else None, dw.sum(0).to(weight.dtype), db.sum(0).to(bias.dtype)
 
 
 def hedgehog_features_triton(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
