@@ -130,9 +130,10 @@ CHUNK_CASES = [
     (70, 64, 64, 64, True, True),  # K = V = 64 in chunks of 64: the undecayed hybrids' scan at SmolLM2's head dim
 ]
 # per-channel decays in the interpreter (its sub-block loops are slow there) run bf16 only (fp32 inputs take the same
-# code: its products are fp32 either way) and skip three cases: value width 1 and K = V = 64 concern the undecayed scan,
-# no initial state the state walks (both run with every decay kind on the others). A GPU runs them all.
-INTERPRETER_SKIPS_CHANNEL = {(33, 32, 16, 24), (40, 16, 16, 1), (70, 64, 64, 64)}
+# code: its products are fp32 either way) and skip four cases: value width 1 and K = V = 64 concern the undecayed scan,
+# no initial state the state walks (both run with every decay kind on the others), and exclusive chunks of 32 over K = 64
+# (exclusive several-chunk runs: (47, 16, ...); K = 64: (9, 16, ...)). A GPU runs them all.
+INTERPRETER_SKIPS_CHANNEL = {(33, 32, 16, 24), (40, 16, 16, 1), (70, 64, 64, 64), (70, 32, 64, 40)}
 
 
 def _skip_slow_in_interpreter(gate: str, dtype: torch.dtype, case: tuple = ()) -> None:
@@ -574,14 +575,16 @@ def test_hedgehog_feature_map_kernel_matches_reference_with_gradients(dtype, lea
     w, b = torch.randn(h, d, fd, device=DEVICE) * 0.3, torch.randn(h, fd, device=DEVICE) * 0.3
     leaves = [x.requires_grad_(), w.requires_grad_(), b.requires_grad_()]
     ref_leaves = [a.detach().double().requires_grad_() for a in leaves]
+    tol = 2e-3 if dtype == torch.float32 and DEVICE == "cuda" else TOL[dtype]  # a GPU's fp32 products are TF32
     phi, phi_ref = fmap_ops.hedgehog_features_triton(*leaves), hedgehog_features(*ref_leaves)
-    assert phi.dtype == dtype and phi.shape == phi_ref.shape and rel_err(phi, phi_ref) < TOL[dtype]
+    assert phi.dtype == dtype and phi.shape == phi_ref.shape and rel_err(phi, phi_ref) < tol
     dphi = torch.randn_like(phi_ref)
     grads = torch.autograd.grad((phi.double() * dphi).sum(), leaves)
     refs = torch.autograd.grad((phi_ref * dphi).sum(), ref_leaves)
-    assert all(rel_err(a, r) < 2 * TOL[dtype] for a, r in zip(grads, refs))  # bf16: dz and W rounded for the products
+    assert all(rel_err(a, r) < 2 * tol for a, r in zip(grads, refs))  # bf16: dz and W rounded for the products
     frozen = fmap_ops.hedgehog_features_triton(x.detach(), *leaves[1:])  # stage 1: no gradient for x, none computed
-    assert all(torch.equal(a, r) for a, r in zip(torch.autograd.grad((frozen.double() * dphi).sum(), leaves[1:]), grads[1:]))
+    # the same sums (a GPU compiles the kernel without dx differently: fp32 rounding apart)
+    assert all(rel_err(a, r) < 1e-5 for a, r in zip(torch.autograd.grad((frozen.double() * dphi).sum(), leaves[1:]), grads[1:]))
 
 
 conv_ops = pytest.importorskip("linearize.kernels.conv.depthwise")
@@ -755,12 +758,11 @@ SM90_CONV = SM90_DECODE.split("for scalar")[0].replace(
     "from linearize.kernels.conv import depthwise as c",
 ) + """
 ints = {n: "i32" for n in ("T", "N", "NT", "s_xb", "s_xt", "s_ib", "s_it", "s_yb", "s_yt", "s_db", "s_dt")}
-for init in (False, True):
-    for kernel in (c._fwd_kernel, c._bwd_kernel):
-        names = set(inspect.signature(kernel.fn).parameters)
-        io = {"x": "*bf16", "w": "*fp32", "init": "*fp32", "y": "*bf16", "dy": "*bf16", "dx": "*bf16", "dw": "*fp32", **ints}
-        cfg = c.FWD if kernel is c._fwd_kernel else c.BWD
-        compile_sm90(kernel, {k: v for k, v in io.items() if k in names}, dict(W=4, HAS_INIT=init, BT=cfg["BT"], BN=cfg["BN"]))
+for kernel in (c._fwd_kernel, c._bwd_kernel):  # with the earlier call's inputs: the branch without them is a subset
+    names = set(inspect.signature(kernel.fn).parameters)
+    io = {"x": "*bf16", "w": "*fp32", "init": "*fp32", "y": "*bf16", "dy": "*bf16", "dx": "*bf16", "dw": "*fp32", **ints}
+    cfg = c.FWD if kernel is c._fwd_kernel else c.BWD
+    compile_sm90(kernel, {k: v for k, v in io.items() if k in names}, dict(W=4, HAS_INIT=True, BT=cfg["BT"], BN=cfg["BN"]))
 
 from linearize.kernels.hybrid import feature_map as f
 ints.update(M="i32", ROWS="i32", s_xm="i32", s_xh="i32", s_pm="i32", s_ph="i32")
@@ -811,7 +813,7 @@ assert four["stack_bytes"] > 0 and eight["stack_bytes"] == 0 and eight["register
 
 def test_kernel_resources_reads_registers_and_spills():
     """benchmarks/kernel_resources.py's reading of a compiled kernel: the scan's output kernel spills at 4 warps and
-    not at 8 (why the scan launches 8), compiled for sm_90 without a GPU."""
+    not at 8, compiled for sm_90 without a GPU (the scan still launches 4: at 8 it computed wrong results on the H200)."""
     import subprocess
     import sys
 
@@ -880,4 +882,5 @@ def test_training_forward_compiles_around_the_kernels(monkeypatch):
     torch._dynamo.reset()
     logits, grads = run(torch.compile(model, backend="inductor" if DEVICE == "cuda" else "aot_eager"))
     ref, ref_grads = run(model)
-    assert rel_err(logits, ref) < 1e-5 and all(rel_err(a, b) < 1e-4 for a, b in zip(grads, ref_grads))
+    tol = 1e-3 if DEVICE == "cuda" else 1e-4  # H200: up to 2e-4 (Inductor's fusions in fp32 beside TF32 products)
+    assert rel_err(logits, ref) < 1e-5 and all(rel_err(a, b) < tol for a, b in zip(grads, ref_grads))

@@ -42,10 +42,10 @@ from ..triton_utils import dot as _dot
 
 SUB = 16  # sub-block of the per-channel intra-chunk weights
 WALK_PROGRAMS = 256  # programs the walks over the chunks aim at: about two per SM of an H100/H200
-# warps of the [C, 64]-tile kernels (state, output, dstate, dv, dq/dk): at 4 their fp32 accumulators spill when compiled
-# for sm_90 at K = V = 128 (300-1,500 bytes of stack a thread; none or a few at 8, at the same occupancy: 4 warps of
-# 255 registers fit twice on an SM, 8 once). Chosen from those compiler counts, not yet from timings
-CHUNK_WARPS = 8
+# warps of the [C, 64]-tile kernels (state, output, dstate, dv, dq/dk): 4. At 8 they spill less when compiled for
+# sm_90 (benchmarks/kernel_resources.py), but on the H200 (Triton 3.6) 8 warps gave wrong results: chunks of 64 at
+# K = V = 16 off by 74% (tests/test_kernels_triton.py, 2026-12-05), and an illegal address in a longer run
+CHUNK_WARPS = 4
 
 
 @triton.jit
