@@ -101,3 +101,26 @@ def smollm2(smollm2_base):
     """A fresh copy of the embedded SmolLM2-135M-Instruct and its tokenizer."""
     model, tok = smollm2_base
     return copy.deepcopy(model), tok
+
+
+def compiled_and_eager_training(model, compile_kw: dict, device: str = "cpu"):
+    """One training forward and backward of a converted `model` (its new parameters trained, a left-padded batch of 2 x
+    20) through torch.compile(model, **compile_kw), then eagerly: (logits, grads) of each, to compare."""
+    from linearize.distill.stages import new_parameters
+
+    model.requires_grad_(False)
+    params = list(new_parameters(model).values())
+    for p in params:
+        p.requires_grad_(True)
+    ids = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+
+    def run(m):
+        model.zero_grad(set_to_none=True)
+        logits = m(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logits.square().mean().backward()
+        return logits.detach(), [p.grad for p in params]
+
+    torch._dynamo.reset()
+    return run(torch.compile(model, **compile_kw)), run(model)

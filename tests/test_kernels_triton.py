@@ -857,30 +857,13 @@ def test_training_forward_compiles_around_the_kernels(monkeypatch):
     trained parameters' gradients as the same model run eagerly."""
     import linearize
     from linearize import kernels
-    from linearize.distill.stages import new_parameters
-
-    from conftest import perturb_new_params, tiny_model
+    from conftest import compiled_and_eager_training, perturb_new_params, tiny_model
 
     if DEVICE == "cpu":
         monkeypatch.setattr(kernels, "use_triton", lambda x: True)
     model = linearize.convert(tiny_model("llama"), "0:lolcats(window=4, sinks=2, softmax_heads=[1]),1:mamba2,2:softmax")
     perturb_new_params(model)
-    model.to(DEVICE).requires_grad_(False)
-    params = list(new_parameters(model).values())
-    for p in params:
-        p.requires_grad_(True)
-    ids = torch.randint(3, 128, (2, 20), device=DEVICE)
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0
-
-    def run(m):
-        model.zero_grad(set_to_none=True)
-        logits = m(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        logits.square().mean().backward()
-        return logits.detach(), [p.grad for p in params]
-
-    torch._dynamo.reset()
-    logits, grads = run(torch.compile(model, backend="inductor" if DEVICE == "cuda" else "aot_eager"))
-    ref, ref_grads = run(model)
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    (logits, grads), (ref, ref_grads) = compiled_and_eager_training(model.to(DEVICE), dict(backend=backend), DEVICE)
     tol = 1e-3 if DEVICE == "cuda" else 1e-4  # H200: up to 2e-4 (Inductor's fusions in fp32 beside TF32 products)
     assert rel_err(logits, ref) < 1e-5 and all(rel_err(a, b) < tol for a, b in zip(grads, ref_grads))

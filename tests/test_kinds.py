@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import linearize
-from linearize.distill.stages import new_parameters
 from linearize.kinds.base import LinearizedAttention
 
-from conftest import assert_left_padding_changes_nothing, assert_state_dtypes, bf16_parallel_and_stepwise, perturb_new_params, rel_err, tiny_model
+from conftest import (assert_left_padding_changes_nothing, assert_state_dtypes, bf16_parallel_and_stepwise, compiled_and_eager_training,
+                      perturb_new_params, rel_err, tiny_model)
 
 PLANS = {
     "hedgehog": "*:hedgehog",
@@ -156,22 +156,5 @@ def test_training_forward_compiles_whole_and_matches_eager(base, plan):
     """torch.compile(fullgraph=True) takes a converted model's whole training forward and backward on the references
     (every kind's glue without a graph break, left padding included): logits and every trained parameter's gradient as
     eager. (AOTAutograd's graphs run as they are: Inductor's CPU code generation takes minutes on CI's 2 cores.)"""
-    model = converted(base, plan)
-    model.requires_grad_(False)
-    params = list(new_parameters(model).values())
-    for p in params:
-        p.requires_grad_(True)
-    ids = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0
-
-    def run(m):
-        model.zero_grad(set_to_none=True)
-        logits = m(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        logits.square().mean().backward()
-        return logits.detach(), [p.grad for p in params]
-
-    torch._dynamo.reset()
-    logits, grads = run(torch.compile(model, backend="aot_eager", fullgraph=True))
-    ref, ref_grads = run(model)
+    (logits, grads), (ref, ref_grads) = compiled_and_eager_training(converted(base, plan), dict(backend="aot_eager", fullgraph=True))
     assert rel_err(logits, ref) < 1e-6 and all(rel_err(a, b) < 1e-5 for a, b in zip(grads, ref_grads))
