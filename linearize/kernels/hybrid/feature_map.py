@@ -98,10 +98,7 @@ def _bwd_kernel(x, w, b, dphi, dx, dw, db, M, ROWS, s_xm, s_xh, s_pm, s_ph,
 def _rows(x: Tensor) -> Tensor:
     """x [..., H, D] as [M, H, D] with unit stride over D (a view where the layout allows)."""
     x = x if x.stride(-1) == 1 else x.contiguous()
-    try:
-        return x.view(-1, *x.shape[-2:])
-    except RuntimeError:
-        return x.reshape(-1, *x.shape[-2:])
+    return x.reshape(-1, *x.shape[-2:])  # reshape copies only where a view cannot be had
 
 
 def _blocks(d: int, fd: int) -> dict[str, int]:
