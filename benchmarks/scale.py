@@ -119,7 +119,9 @@ def convert_run(recipe: str, folder: Path, text: Path, out: Path, seq: int, rows
     env = {**os.environ, "ACCELERATE_USE_FSDP": "true"}  # FSDP2 wherever several processes run
     t0 = time.time()
     if interrupt:
-        proc = subprocess.Popen(cmd(gpus), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # Ctrl-C's default action in the run even where this one inherited it ignored (a background job: `make test &`)
+        proc = subprocess.Popen(cmd(gpus), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         while proc.poll() is None and not (ckpt / "stage1" / "state.pt").is_file():
             time.sleep(0.01)
         proc.send_signal(signal.SIGINT)

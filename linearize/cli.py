@@ -40,7 +40,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, overrides)
     if args.plan is not None:
         cfg.plan = _plan_arg(args.plan)
-    s = distill(cfg, args.out, resume=args.resume, force=args.force)  # checks the plan and --out before loading
+    try:
+        s = distill(cfg, args.out, resume=args.resume, force=args.force)  # checks the plan and --out before loading
+    finally:  # leave the group before exit: gloo torn down at interpreter exit can abort a process (std::terminate)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")):
         return  # several processes: the first one reports
     print(f"\nplan: {s['plan']}")
