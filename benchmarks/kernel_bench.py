@@ -81,6 +81,15 @@ def main() -> None:
     lengths = args.lengths or ([2048, 8192, 32768] if cuda else [64, 128])
     bw = copy_bandwidth(device)
     records = []
+    out = {
+        **header(cuda),
+        "shapes": {"heads": h, "head_dim": d, "tokens_per_batch": tokens, "dtype": str(dtype)},
+        "copy_bandwidth_GBps": round(bw / 1e6, 1), "records": records,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every record: a call cut short keeps what it measured
+        Path(args.out).write_text(json.dumps(out, indent=1))
 
     def record(op: str, impl: str, t: int, pas: str, fn: Callable[[], object]) -> None:
         if (args.ops and op not in args.ops) or (args.impls and impl not in args.impls):
@@ -92,6 +101,7 @@ def main() -> None:
             return
         records.append({"op": op, "impl": impl, "T": t, "pass": pas, "ms": round(ms, 4)})
         print(f"{op} {impl} T={t} {pas}: {ms:.4f} ms", file=sys.stderr, flush=True)
+        save()
 
     try:  # the public peers, on the same inputs (flash-linear-attention's wheels carried to the device)
         from fla.ops.gla import chunk_gla as fla_gla
@@ -189,13 +199,7 @@ def main() -> None:
             record("hedgehog_map", impl, t, "fwd", map_fwd)
             record("hedgehog_map", impl, t, "fwdbwd", map_fwdbwd)
 
-    out = {
-        **header(cuda),
-        "shapes": {"heads": h, "head_dim": d, "tokens_per_batch": tokens, "dtype": str(dtype)},
-        "copy_bandwidth_GBps": round(bw / 1e6, 1), "records": records,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    save()
     print("| op | impl | T | pass | ms |\n|---|---|---:|---|---:|")
     for r in records:
         print(f"| {r['op']} | {r['impl']} | {r['T']} | {r['pass']} | {r['ms']} |")
