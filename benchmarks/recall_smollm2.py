@@ -65,6 +65,8 @@ RUNS = {
     "ours-w128-8k": (W128, 8192, 2, 150, 150, 0.25, 5e-4),
     "ours-w128-8k-norecall": (W128, 8192, 2, 150, 150, 0.0, 5e-4),  # the recall rows' share of it (teacher text alone)
     "ours-w128-8k-seed1": (W128, 8192, 2, 150, 150, 0.25, 5e-4, {"seed": 1}),  # another seed: teacher samples, rows, init
+    # a decay in the linear part: lizard's per-channel gates (GLA) in place of lolcats' undecayed memory, same heads and window
+    "ours-w128-8k-lizard": (W128.replace("lolcats(", "lizard("), 8192, 2, 150, 150, 0.25, 5e-4),
     # issue 20's precision study: the frozen weights in bfloat16 (new parameters and LoRA float32), then everything bfloat16
     "ours-w128-bf16": (W128, 4096, 4, 150, 150, 0.25, 5e-4, {"dtype": "bfloat16"}),
     "ours-w128-bf16-all": (W128, 4096, 4, 150, 150, 0.25, 5e-4, {"dtype": "bfloat16", "train_dtype": "bfloat16"}),
