@@ -7,8 +7,8 @@ layer launches two instead of five. It is for inference: the stacked weights rep
 so a fused model cannot be trained or saved in its checkpoint's layout; save it first.
 
 `FusedStep` goes further for graphed decoding (`GraphedDecoder(fused_layers=True)`): one token through every layer on
-the skinny kernels (`kernels.dense`), five launches a layer besides the mixer's own: RMSNorm + q/k/v + rotary, the
-kind's step, o_proj + residual, RMSNorm + gate/up + SiLU gate, down_proj + residual.
+the skinny kernels (`kernels.dense`): five launches a layer, the kind's step among them: RMSNorm + q/k/v + rotary,
+the kind's step, o_proj + residual, RMSNorm + gate/up + SiLU gate, down_proj + residual.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ class GraphedDecoder:
     gives Inductor options. The weights stay inputs of the compiled step (Inductor's freezing finds no
     constants to fold); `linearize.fusion.fuse_projections` stacks the projections that share an input.
     `fused_layers=True` (after `fuse_projections`) runs the step's dense parts on our skinny kernels instead of the
-    model's modules (`linearize.fusion.FusedStep`: five launches a layer besides the mixer's); the prefill is the same.
+    model's modules (`linearize.fusion.FusedStep`: five launches a layer with the mixer's step); the prefill is the same.
     """
 
     def __init__(

@@ -867,3 +867,58 @@ def test_training_forward_compiles_around_the_kernels(monkeypatch):
     (logits, grads), (ref, ref_grads) = compiled_and_eager_training(model.to(DEVICE), dict(backend=backend), DEVICE)
     tol = 1e-3 if DEVICE == "cuda" else 1e-4  # H200: up to 2e-4 (Inductor's fusions in fp32 beside TF32 products)
     assert rel_err(logits, ref) < 1e-5 and all(rel_err(a, b) < tol for a, b in zip(grads, ref_grads))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="counts the interpreter's launches (CPU tensors)")
+def test_fused_decode_step_is_five_launches_a_layer(monkeypatch):
+    """Issue 18's launch budget: one `fused_layers` decode step of an all-converted model runs, per layer, q/k/v with
+    its norm and rotary, the kind's step, o with the residual, gate/up with the norm and SiLU, and down with the
+    residual: five kernels and no other op (what else runs is per step: embedding, rotary tables, head, sampling)."""
+    import copy
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import linearize
+    from conftest import tiny_model
+    from linearize import GraphedDecoder, kernels
+    from linearize.fusion import fuse_projections
+
+    monkeypatch.setattr(kernels, "use_triton", lambda x: True)
+    free = {"empty.memory_format", "empty_like.default", "view.default", "unsqueeze.default", "select.int", "slice.Tensor",
+            "alias.default"}  # allocations and views: no kernel
+
+    def one_step(layers: int) -> tuple[Counter, int]:
+        model = copy.deepcopy(tiny_model("llama"))
+        model.model.layers = model.model.layers[:layers]
+        model.config.num_hidden_layers = layers
+        model = fuse_projections(linearize.convert(model, "*:lolcats(window=3)"))
+        decoder = GraphedDecoder(model, torch.randint(0, 100, (1, 6)), graph=False, fused_layers=True, max_new_tokens=4)
+        decoder.step()  # the first step allocates what later ones reuse
+        launches, ops, inside = Counter(), [0], [False]
+        kernel_class = type(kernels.dense.skinny._rms_linear_kernel)
+        run = kernel_class.run
+
+        def counted(self, *a, **kw):
+            launches[self.fn.__name__] += 1
+            inside[0] = True
+            try:
+                return run(self, *a, **kw)
+            finally:
+                inside[0] = False
+
+        class Ops(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if not inside[0] and func.__name__ not in free:
+                    ops[0] += 1
+                return func(*args, **(kwargs or {}))
+
+        monkeypatch.setattr(kernel_class, "run", counted)
+        with Ops():
+            decoder.step()
+        monkeypatch.setattr(kernel_class, "run", run)
+        return launches, ops[0]
+
+    (one, ops1), (three, ops3) = one_step(1), one_step(3)
+    assert three == {"_qkv_rope_kernel": 3, "_hybrid_step_kernel": 3, "_rms_linear_kernel": 3 * 3 + 1}
+    assert sum(three.values()) - sum(one.values()) == 2 * 5 and ops3 == ops1  # nothing else grows with the layers
