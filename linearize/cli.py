@@ -40,13 +40,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, overrides)
     if args.plan is not None:
         cfg.plan = _plan_arg(args.plan)
-    try:
-        s = distill(cfg, args.out, resume=args.resume, force=args.force)  # checks the plan and --out before loading
-    finally:  # leave the group before exit: gloo torn down at interpreter exit can abort (std::terminate, pytorch#190489)
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    s = distill(cfg, args.out, resume=args.resume, force=args.force)  # checks the plan and --out before loading
     if int(os.environ.get("RANK", "0")):
         return  # several processes: the first one reports
     print(f"\nplan: {s['plan']}")

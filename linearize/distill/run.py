@@ -134,8 +134,21 @@ def distill(
 
     `evaluate(model, tokenizer)`, if given, scores the teacher, the model after stage 1 and the
     final model (summary keys teacher_eval, stage1_eval, final_eval). `force` lets `out` replace a
-    folder that another command wrote (see `linearize.outputs`).
+    folder that another command wrote (see `linearize.outputs`). Under torchrun, a process group the run
+    joined is left when it ends (gloo's threads torn down at interpreter exit can abort a process, pytorch#190489).
     """
+    joined = torch.distributed.is_initialized()
+    try:
+        return _distill(cfg, out, resume=resume, force=force, log=log, evaluate=evaluate)
+    finally:
+        if not joined and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _distill(
+    cfg: DistillConfig, out: str | Path, *, resume: bool, force: bool, log: Callable[[str], None],
+    evaluate: Callable[[torch.nn.Module, Any], dict] | None,
+) -> dict[str, Any]:
     cfg.check()
     plan = LayerPlan.coerce(cfg.plan).check_kinds()
     out = Path(out)
