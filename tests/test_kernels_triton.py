@@ -159,7 +159,7 @@ def _tols(dtype):
 
 def _compare(dtype, gate, q, k, v, g, s0, **kw):
     """Forward (into a NaN-poisoned buffer) and gradients of q, k, v, g, s0 against the reference."""
-    out = torch.full(q.shape[:3] + v.shape[-1:], float("nan"), dtype=dtype, device=DEVICE)
+    out = torch.full(q.shape[:3] + (v.shape[-1] + kw.get("ones", False),), float("nan"), dtype=dtype, device=DEVICE)
     o, s = chunk_ops.chunk_gla_fwd(q, k, v, g, initial_state=s0, out=out, **kw)
     o_ref, s_ref = chunk_gla_ref(*(x.float() for x in (q, k, v)), g, initial_state=s0, **kw)
     tol, tol_g = _tols(dtype)
@@ -207,6 +207,24 @@ def test_chunk_gla_kernels_packed_sequences_and_strong_decay(dtype, gate):
     _compare(dtype, gate, q, k, v, _decay(gate, 1, t, hk, kd, 30.0), s0, exclusive=True, chunk_size=32, cu_seqlens=cu)
 
 
+@pytest.mark.parametrize("gate,dtype,t,chunk,kd,vd,packed", [
+    ("none", torch.float32, 40, 16, 16, 65, False),  # two value blocks beside the ones column
+    ("none", torch.bfloat16, 40, 16, 16, 1, False),  # one value column: the padded path, its ones column written out
+    ("scalar", torch.bfloat16, 58, 16, 16, 24, True),
+    ("channel", torch.bfloat16, 33, 16, 16, 16, False),
+])
+def test_chunk_gla_ones_column_is_implicit(gate, dtype, t, chunk, kd, vd, packed):
+    """ones=True: the kernels give what a ones column appended to v gives (the normalizer in o's and the states' last
+    column), forward and gradients, without tiling V + 1 columns."""
+    b, h, hk = (1 if packed else 2), 6, 2
+    cu = torch.tensor([0, 11, 40, t], device=DEVICE) if packed else None
+    leaf = lambda *s: torch.randn(*s, device=DEVICE).to(dtype).requires_grad_()  # noqa: E731
+    q, k, v = leaf(b, t, h, kd), leaf(b, t, hk, kd), leaf(b, t, hk, vd)
+    s0 = torch.randn(3 if packed else b, hk, kd, vd + 1, device=DEVICE).requires_grad_()
+    _compare(dtype, gate, q, k, v, _decay(gate, b, t, hk, kd), s0, exclusive=True, chunk_size=chunk, cu_seqlens=cu,
+             ones=True)
+
+
 @pytest.mark.parametrize("gate", ["scalar", "channel"])
 def test_chunk_gla_walk_tiles_do_not_change_results(gate, monkeypatch):
     """The walks over the chunks take smaller tiles when too few programs would run (few long sequences): the same
@@ -225,11 +243,11 @@ def test_chunk_gla_walk_tiles_do_not_change_results(gate, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("t,chunk,offset,exclusive,packed", [
-    (70, 32, 9, True, False), (40, 16, 40, False, False),  # a lag across chunks; one as long as the sequence
-    (100, 64, 63, True, False), (58, 16, 5, True, True),  # the hybrids' W-1 = 63 at chunks of 64; packed sequences
+@pytest.mark.parametrize("t,chunk,offset,exclusive,packed,ones", [
+    (70, 32, 9, True, False, False), (40, 16, 40, False, False, False),  # a lag across chunks; as long as the sequence
+    (100, 64, 63, True, False, False), (58, 16, 5, True, True, True),  # the hybrids' W-1 = 63; packed, a ones column
 ])
-def test_chunk_gla_key_offset_reads_earlier_keys_in_place(dtype, t, chunk, offset, exclusive, packed):
+def test_chunk_gla_key_offset_reads_earlier_keys_in_place(dtype, t, chunk, offset, exclusive, packed, ones):
     """key_offset: position i's key and value are token i - offset's (none before a sequence's start), read from the
     tensors as they are: outputs, final states and gradients of q, k, v and the initial state against the reference,
     which shifts copies of k and v; the last `offset` keys of each sequence get no gradient."""
@@ -237,8 +255,8 @@ def test_chunk_gla_key_offset_reads_earlier_keys_in_place(dtype, t, chunk, offse
     cu = torch.tensor([0, 11, 40, t], device=DEVICE) if packed else None
     leaf = lambda *s: torch.randn(*s, device=DEVICE).to(dtype).requires_grad_()  # noqa: E731
     q, k, v = leaf(b, t, h, kd), leaf(b, t, hk, kd), leaf(b, t, hk, vd)
-    s0 = torch.randn(3 if packed else b, hk, kd, vd, device=DEVICE).requires_grad_()
-    kw = dict(initial_state=s0, exclusive=exclusive, chunk_size=chunk, cu_seqlens=cu, key_offset=offset)
+    s0 = torch.randn(3 if packed else b, hk, kd, vd + ones, device=DEVICE).requires_grad_()
+    kw = dict(initial_state=s0, exclusive=exclusive, chunk_size=chunk, cu_seqlens=cu, key_offset=offset, ones=ones)
     o, s = chunk_ops.chunk_gla_triton(q, k, v, **kw)
     o_ref, s_ref = chunk_gla_ref(q.float(), k.float(), v.float(), **kw)
     tol = _tols(dtype)[0]
@@ -786,11 +804,12 @@ for dtype, ty in ((torch.float32, "*fp32"), (torch.bfloat16, "*bf16")):
     for gate in (0, 1, 2):
         x = torch.zeros(1, 64, 9, 64, dtype=dtype)
         kv = x[:, :, :3]
-        L = _Launch(x, kv, kv, [None, kv[..., 0], kv][gate], None, 64)
+        L = _Launch(x, kv, kv, [None, kv[..., 0], kv][gate], None, 64, ones=True)
         pointers = {n: ty for n in ("q", "k", "v", "h", "do", "dh", "dq", "dk")}
         pointers.update(b="*fp32", cu="*i32", cidx="*i32", T="i32", NT="i32", dqi="*fp32", dki="*fp32", dg="*fp32")
         constants = dict(H=9, HK=3, K=64, V=64, KG=64 if gate == 2 else 1, C=64, BK=L.dqk_BK, BV=L.BV, GATE=gate, EXCLUSIVE=True,
-                         IS_VARLEN=False, LAG=63 if gate == 0 else 0)  # the hybrids' keys read W-1 = 63 positions late
+                         IS_VARLEN=False, LAG=63 if gate == 0 else 0,  # the hybrids' keys read W-1 = 63 positions late
+                         ONES=1)  # with the normalizer's ones column (the most it holds)
         source = ASTSource(_dqk_kernel, {n: pointers.get(n, "constexpr") for n in names},
                            {(names.index(n),): v for n, v in constants.items()})
         options = {"num_stages": L.dqk_stages, "num_warps": L.warps}
@@ -805,7 +824,7 @@ sys.path.insert(0, "benchmarks")
 import torch
 import kernel_resources as kr
 from linearize.kernels.gla import chunk
-const = dict(H=32, HK=32, K=128, V=128, KG=1, C=64, BK=64, BV=64, GATE=0, EXCLUSIVE=True, IS_VARLEN=False, LAG=0)
+const = dict(H=32, HK=32, K=128, V=128, KG=1, C=64, BK=64, BV=64, GATE=0, EXCLUSIVE=True, IS_VARLEN=False, LAG=0, ONES=0)
 four, eight = (kr.resources(chunk._output_kernel, const, 90, {"num_warps": w, "num_stages": 3}) for w in (4, 8))
 assert four["stack_bytes"] > 0 and eight["stack_bytes"] == 0 and eight["registers"] <= 255, (four, eight)
 """

@@ -53,12 +53,13 @@ def use_triton(x: Tensor) -> bool:
 def chunk_gla(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, initial_state: Tensor | None = None,
     exclusive: bool = False, chunk_size: int = 64, cu_seqlens: Tensor | None = None, key_offset: int = 0,
+    ones: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Chunked causal (gated) linear attention (see `chunk_gla_ref`; g None, per head or per channel),
-    forward and backward on the Triton kernels for CUDA tensors."""
+    """Chunked causal (gated) linear attention (see `chunk_gla_ref`; g None, per head or per channel; `ones`: v with a
+    ones column, the normalizer), forward and backward on the Triton kernels for CUDA tensors."""
     fn = chunk_gla_triton if use_triton(q) else chunk_gla_ref
     return fn(q, k, v, g, initial_state=initial_state, exclusive=exclusive, chunk_size=chunk_size, cu_seqlens=cu_seqlens,
-              key_offset=key_offset)
+              key_offset=key_offset, ones=ones)
 
 
 def hybrid_attn(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None, mix: Tensor, **kw):

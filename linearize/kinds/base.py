@@ -279,13 +279,13 @@ class LinearizedAttention(nn.Module):
         if valid is not None:  # padding neither writes to the memory nor decays it
             fk = fk * valid[..., None, None].to(fk.dtype)
             g = g * valid[..., None, None].to(g.dtype) if g is not None else None
-        if normalize:
-            v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
         if state is not None and fq.shape[1] == 1:
+            if normalize:
+                v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
             o, mem = gla_step(fq[:, 0], fk[:, 0], v[:, 0], None if g is None else g[:, 0], state["S"])
             o = o[:, None]
-        else:
-            o, mem = chunk_gla(fq, fk, v, g, initial_state=None if state is None else state["S"])
+        else:  # the scan adds the ones column itself
+            o, mem = chunk_gla(fq, fk, v, g, initial_state=None if state is None else state["S"], ones=normalize)
         y = o[..., :-1] / (o[..., -1:] + EPS) if normalize else o
         return y, {"S": mem}
 

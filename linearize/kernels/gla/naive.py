@@ -36,6 +36,7 @@ def chunk_gla_ref(
     chunk_size: int = 64,
     cu_seqlens: Tensor | None = None,
     key_offset: int = 0,
+    ones: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Chunked causal (gated) linear attention.
 
@@ -43,8 +44,11 @@ def chunk_gla_ref(
     initial_state [N,Hk,K,V] (the state before the first token; N = B, or the number of sequences).
     Inclusive: o_i = q_i . S_i.  Exclusive: o_i = q_i . S_{i-1} (token i does not see itself).
     key_offset (g None): position i's key and value are token i - key_offset's (zero before the sequence's start).
-    Returns o [B,T,H,V] (dtype of v) and the final states S_T [N,Hk,K,V] (fp32).
+    ones: v gets a last column of ones (o's last column is then the normalizer q_i . sum of the decayed keys).
+    Returns o [B,T,H,V(+1)] (dtype of v) and the final states S_T [N,Hk,K,V(+1)] (fp32).
     """
+    if ones:
+        v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
     if key_offset and g is not None:
         raise ValueError("key_offset needs g None (the decays would have to be offset too)")
     if g is not None and g.dim() == 3:  # one decay per head: the same for every key channel
