@@ -5,9 +5,12 @@ from __future__ import annotations
 import copy
 import functools
 import glob
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +73,60 @@ def check_gguf(path: Path) -> None:
                              f"{expected:,} bytes): download it again")
 
 
+GGUF_CACHE_MAX_BYTES = 2 << 30  # larger GGUFs are read from the file each time (their fp32 copy would be large)
+
+
+def gguf_cache(path: Path) -> Path | None:
+    """Where a GGUF's dequantized model (fp32) and tokenizer are kept after a first read: transformers parses the file's
+    metadata three times (20-30 s for the embedded model on a laptop CPU; the copy loads in under a second).
+    $LINEARIZE_CACHE (0 or off: no copy) or ~/.cache/linearize, one folder per file version; None for large files."""
+    root = os.environ.get("LINEARIZE_CACHE", "")
+    if root.lower() in ("0", "off", "false", "no"):
+        return None
+    stat = path.stat()
+    if stat.st_size > GGUF_CACHE_MAX_BYTES:
+        return None
+    import transformers
+
+    version = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "linearize"
+    return base / "gguf" / f"{path.stem}-{hashlib.sha256(version.encode()).hexdigest()[:16]}"
+
+
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A GGUF's model and tokenizer: from its cached copy when there is one, else read (and a copy kept)."""
+    cache = gguf_cache(path)
+    if cache is not None:
+        if not cache.is_dir():
+            _keep(cache, *_read_gguf(path, torch.float32))
+        if cache.is_dir():
+            try:
+                model, tok = AutoModelForCausalLM.from_pretrained(str(cache), dtype=dtype), AutoTokenizer.from_pretrained(str(cache))
+            except Exception:  # a damaged copy: dropped (the next load keeps a new one), the file read instead
+                shutil.rmtree(cache, ignore_errors=True)
+            else:
+                model.name_or_path = model.config._name_or_path = tok.name_or_path = str(path.parent)  # as read from the file
+                return model, tok
+    return _read_gguf(path, dtype)
+
+
+def _keep(cache: Path, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
+    """Save the copy into a temporary folder renamed into place: a copy is whole or absent (a concurrent reader of the
+    same file may have kept one first). Best effort: a cache that cannot be written is a warning."""
+    tmp = cache.parent / f".{cache.name}.{os.getpid()}.tmp"
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.rename(tmp, cache)
+    except Exception as e:
+        if not cache.is_dir():
+            warnings.warn(f"no copy of the GGUF kept in {str(cache.parent)!r} ({type(e).__name__}: {e}): the next load reads "
+                          "the file again (LINEARIZE_CACHE sets the folder, LINEARIZE_CACHE=off turns the copy off)", stacklevel=3)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     _need_gguf_packages()
     kwargs = {}
     try:  # newer transformers can keep GGUF blocks quantized: ask for a plain dense model
@@ -171,7 +227,13 @@ def load_config(name_or_path: str | os.PathLike | None = None) -> PretrainedConf
 
 @functools.lru_cache(maxsize=4)
 def _gguf_config(path: Path, size: int, mtime: int) -> PretrainedConfig:
-    """A GGUF's config, read once per file version (transformers parses the whole metadata: seconds)."""
+    """A GGUF's config, read once per file version (transformers parses the whole metadata: seconds; its cached copy's
+    config.json when there is one)."""
+    cache = gguf_cache(path)
+    if cache is not None and (cache / "config.json").is_file():
+        config = AutoConfig.from_pretrained(str(cache))
+        config._name_or_path = str(path.parent)
+        return config
     _need_gguf_packages()
     try:
         return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)

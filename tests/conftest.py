@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +13,16 @@ from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 import linearize
+
+# the embedded GGUF's dequantized copy (`loading.gguf_cache`) goes to this session's own folder: every run reads the file
+# once (that path stays tested) and the tests' subprocesses load the copy
+GGUF_CACHE = tempfile.mkdtemp(prefix="linearize-test-cache-")
+os.environ["LINEARIZE_CACHE"] = GGUF_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(GGUF_CACHE, ignore_errors=True)
+
 
 TINY = dict(
     vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,

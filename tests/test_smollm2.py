@@ -25,6 +25,43 @@ def test_default_model_is_smollm2(smollm2):
     assert "Rome" in tok.decode(out[0, -3:])  # a real pretrained model, not random weights
 
 
+def test_the_gguf_is_read_once_then_loaded_from_its_copy(smollm2_base, monkeypatch, tmp_path):
+    """`load` keeps the GGUF's dequantized model and tokenizer (LINEARIZE_CACHE; conftest points it at this session's
+    folder, where the first load kept it): the same weights, config and tokenizer from the copy without reading the
+    file; a damaged copy is dropped and the file read again, the next load keeps a new one; LINEARIZE_CACHE=off keeps
+    none."""
+    import copy
+
+    from linearize import loading
+
+    path = loading.default_gguf()
+    assert loading.gguf_cache(path).is_dir()
+    monkeypatch.setattr(loading, "_read_gguf", lambda *a: pytest.fail("the file was read again"))
+    model, tok = linearize.load(dtype=torch.bfloat16)
+    base, base_tok = smollm2_base
+    weights, expected = model.state_dict(), base.state_dict()
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k].bfloat16()) for k in expected)
+    assert model.config.dtype == torch.bfloat16 and model.name_or_path == base.name_or_path == str(path.parent)
+    chat = [{"role": "user", "content": "What is 2 + 2?"}]
+    assert tok.apply_chat_template(chat, tokenize=False) == base_tok.apply_chat_template(chat, tokenize=False)
+    assert tok("a test, with ünïcode")["input_ids"] == base_tok("a test, with ünïcode")["input_ids"]
+    assert (tok.eos_token, tok.pad_token, tok.name_or_path) == (base_tok.eos_token, base_tok.pad_token, base_tok.name_or_path)
+
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path))
+    damaged = loading.gguf_cache(path)
+    damaged.mkdir(parents=True)
+    (damaged / "config.json").write_text("{")
+    reads = []
+    monkeypatch.setattr(loading, "_read_gguf", lambda p, dtype: reads.append(dtype) or (copy.deepcopy(base).to(dtype), base_tok))
+    linearize.load(dtype=torch.bfloat16)
+    assert reads == [torch.bfloat16] and not damaged.exists()
+    model = linearize.load(dtype=torch.bfloat16)[0]
+    assert reads == [torch.bfloat16, torch.float32] and damaged.is_dir()  # kept in full precision, loaded in the dtype asked
+    assert model.config.dtype == torch.bfloat16 and torch.equal(model.lm_head.weight, base.lm_head.weight.bfloat16())
+    monkeypatch.setenv("LINEARIZE_CACHE", "off")
+    assert loading.gguf_cache(path) is None
+
+
 @pytest.mark.parametrize("kind", ["lolcats", "lizard"])
 def test_hybrids_with_window_over_sequence_reproduce_the_teacher(smollm2, kind):
     model, tok = smollm2
