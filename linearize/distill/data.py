@@ -130,7 +130,7 @@ def teacher_texts(model: Any, tokenizer: Any, cfg: DataConfig, seed: int, model_
         for p, row in zip(prompts, out[:, width:]):
             texts.append(p + tokenizer.decode(row, skip_special_tokens=True))
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # one per process: concurrent samplers never share it
     tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     os.replace(tmp, cache)
     return texts
