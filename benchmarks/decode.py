@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     cuda = torch.cuda.is_available() and not args.smoke
     device = torch.device("cuda" if cuda else "cpu")
     if args.smoke:
-        args.contexts, args.batches, args.steps, args.repeats, args.prefill_chunk = [80], [1, 2], 2, 2, 32  # past the window of 64
+        args.contexts, args.batches, args.steps, args.repeats, args.prefill_chunk = [80], [2], 2, 2, 32  # past the window of 64
         teacher, model_name = smollm2_shaped(device, layers=2, vocab=512), "tiny random SmolLM2-shaped Llama (2 layers)"
     elif args.random:
         teacher, model_name = smollm2_shaped(device, dtype=torch.bfloat16 if cuda else torch.float32), "random SmolLM2-135M config"

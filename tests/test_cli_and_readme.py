@@ -50,17 +50,17 @@ def test_kernel_benchmark_script_runs_in_smoke_mode(tmp_path):
 
 
 def test_scale_benchmark_runs_recipes_through_convert_in_smoke_mode(tmp_path):
-    """benchmarks/scale.py: a random model folder, then each 8B recipe through `linearize convert` (tiny shape)."""
+    """benchmarks/scale.py: a random model folder, then an 8B recipe through `linearize convert` (tiny shape; the
+    lolcats recipe runs in the two-process test below)."""
 
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--smoke", "--out", str(tmp_path / "s.json"),
-                          "--workdir", str(tmp_path / "w"), "--recipes", "llama3-8b-lolcats", "llama3-8b-instruct-mamba2-50"],
+                          "--workdir", str(tmp_path / "w"), "--recipes", "llama3-8b-instruct-mamba2-50"],
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     records = json.loads((tmp_path / "s.json").read_text())["records"]
-    assert [(r["recipe"], r["stage"]) for r in records] == [(a, s) for a in ("llama3-8b-lolcats", "llama3-8b-instruct-mamba2-50")
-                                                            for s in ("stage1", "stage2")]
+    assert [(r["recipe"], r["stage"]) for r in records] == [("llama3-8b-instruct-mamba2-50", s) for s in ("stage1", "stage2")]
     assert all(r["tokens_per_s"] > 0 and r["via"] == "convert" and r["seq_len"] == 32 for r in records)
-    assert records[0]["plan"].startswith("0-1:lolcats") and "mamba2" in records[2]["plan"]
+    assert "mamba2" in records[0]["plan"]
     assert not (tmp_path / "w" / "run").exists()  # each run's output folder is removed
 
 

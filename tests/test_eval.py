@@ -296,10 +296,10 @@ def test_eval_command_compares_converted_with_teacher(saved, tmp_path):
 def test_bench_command_writes_json_table_and_plot(saved, tmp_path):
     out = tmp_path / "bench"
     assert cli.main(["bench", str(saved["converted"]), "--compare", str(saved["teacher"]), "--lengths", "32,64",
-                     "--batch-sizes", "1,2", "--decode-tokens", "3", "--repeats", "1", "--out", str(out)]) == 0
+                     "--batch-sizes", "2", "--decode-tokens", "3", "--repeats", "1", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     assert [(r["model"], r["batch"], r["context"]) for r in res["rows"]] == [
-        (m, b, c) for m in (PLAN, "teacher") for b in (1, 2) for c in (32, 64)]
+        (m, 2, c) for m in (PLAN, "teacher") for c in (32, 64)]
     assert all(r["status"] == "ok" and r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in res["rows"])
     # the fastest path each has: the teacher's static cache; the graphed step for a plan that keeps whole softmax layers
     assert all(r["fast_decode_tok_s"] > 0 and r["fast_decode"] == "static cache" for r in res["rows"] if r["model"] == "teacher")

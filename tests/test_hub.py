@@ -41,7 +41,7 @@ def distilled(tmp_path_factory, smollm2_base):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(run, "load", lambda *a, **k: (copy.deepcopy(smollm2_base[0]), smollm2_base[1]))
         args = ["convert", "--config", "smollm2-135m", "--plan", PLAN, "--out", str(root / "model"),
-                f"data.source={root / 'd.txt'}", "data.seq_len=64", "stage1.steps=2", "stage2.steps=2"]
+                f"data.source={root / 'd.txt'}", "data.seq_len=64", "stage1.steps=1", "stage2.steps=1"]
         assert cli.main(args) == 0
     smollm2_base[0].save_pretrained(root / "teacher")
     smollm2_base[1].save_pretrained(root / "teacher")
