@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import linearize
 from linearize import kernels
 from linearize.kernels.conv import causal_conv1d_ref
-from linearize.kernels.gla.naive import chunk_gla_ref
+from linearize.kernels.gla.naive import chunk_gla_ref, with_ones
 from linearize.kernels.hybrid.naive import hedgehog_features, hybrid_attn_ref
 
 
@@ -142,7 +142,7 @@ def main() -> None:
             g, do1 = decays["gla"], torch.randn(b, t, h, d + 1, device=device, dtype=dtype)
             ones_leaves = [x.clone().requires_grad_() for x in (q, k, v, g)]
             for impl, fn in (("ours", lambda q, k, v, g: ours(q, k, v, g, ones=True)),
-                             ("ours_cat", lambda q, k, v, g: ours(q, k, torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1), g))):
+                             ("ours_cat", lambda q, k, v, g: ours(q, k, with_ones(v), g))):
                 record("gla_ones", impl, t, "fwd", lambda: fn(q, k, v, g))
                 record("gla_ones", impl, t, "fwdbwd", lambda: torch.autograd.backward(fn(*ones_leaves)[0], do1))
         record("linear_attn", "reference", t, "fwd", lambda: chunk_gla_ref(q, k, v))

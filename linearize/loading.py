@@ -96,18 +96,21 @@ def gguf_cache(path: Path) -> Path | None:
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A GGUF's model and tokenizer: from its cached copy when there is one, else read (and a copy kept)."""
     cache = gguf_cache(path)
-    if cache is not None:
-        if not cache.is_dir():
-            _keep(cache, *_read_gguf(path, torch.float32))
-        if cache.is_dir():
-            try:
-                model, tok = AutoModelForCausalLM.from_pretrained(str(cache), dtype=dtype), AutoTokenizer.from_pretrained(str(cache))
-            except Exception:  # a damaged copy: dropped (the next load keeps a new one), the file read instead
-                shutil.rmtree(cache, ignore_errors=True)
-            else:
-                model.name_or_path = model.config._name_or_path = tok.name_or_path = str(path.parent)  # as read from the file
-                return model, tok
-    return _read_gguf(path, dtype)
+    if cache is None:
+        return _read_gguf(path, dtype)
+    if not cache.is_dir():
+        model, tok = _read_gguf(path, torch.float32)
+        _keep(cache, model, tok)
+        if not cache.is_dir():  # no copy could be written: this read serves, in the dtype asked
+            model.to(dtype).config.dtype = dtype
+            return model, tok
+    try:
+        model, tok = AutoModelForCausalLM.from_pretrained(str(cache), dtype=dtype), AutoTokenizer.from_pretrained(str(cache))
+    except Exception:  # a damaged copy: dropped (the next load keeps a new one), the file read instead
+        shutil.rmtree(cache, ignore_errors=True)
+        return _read_gguf(path, dtype)
+    model.name_or_path = model.config._name_or_path = tok.name_or_path = str(path.parent)  # as read from the file
+    return model, tok
 
 
 def _keep(cache: Path, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:

@@ -28,8 +28,8 @@ def test_default_model_is_smollm2(smollm2):
 def test_the_gguf_is_read_once_then_loaded_from_its_copy(smollm2_base, monkeypatch, tmp_path):
     """`load` keeps the GGUF's dequantized model and tokenizer (LINEARIZE_CACHE; conftest points it at this session's
     folder, where the first load kept it): the same weights, config and tokenizer from the copy without reading the
-    file; a damaged copy is dropped and the file read again, the next load keeps a new one; LINEARIZE_CACHE=off keeps
-    none."""
+    file; a damaged copy is dropped and the file read again, the next load keeps a new one; a folder that cannot be
+    written costs a warning, not a second read; LINEARIZE_CACHE=off keeps none."""
     import copy
 
     from linearize import loading
@@ -58,6 +58,11 @@ def test_the_gguf_is_read_once_then_loaded_from_its_copy(smollm2_base, monkeypat
     model = linearize.load(dtype=torch.bfloat16)[0]
     assert reads == [torch.bfloat16, torch.float32] and damaged.is_dir()  # kept in full precision, loaded in the dtype asked
     assert model.config.dtype == torch.bfloat16 and torch.equal(model.lm_head.weight, base.lm_head.weight.bfloat16())
+    (tmp_path / "file").write_text("")  # a copy that cannot be written: one read, a warning, the model in the dtype asked
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "file"))
+    with pytest.warns(UserWarning, match="no copy of the GGUF kept"):
+        model = linearize.load(dtype=torch.bfloat16)[0]
+    assert reads == [torch.bfloat16, torch.float32, torch.float32] and model.config.dtype == model.dtype == torch.bfloat16
     monkeypatch.setenv("LINEARIZE_CACHE", "off")
     assert loading.gguf_cache(path) is None
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..kernels import EPS, cached_attention, chunk_gla, gla_step, hybrid_attn, hybrid_step
 from ..kernels.attention import visible_slots
+from ..kernels.gla import with_ones
 from ..kernels.hybrid import HedgehogMaps
 from .feature_maps import HedgehogFeatureMap
 from ..adapters import FUSED_QKV, Adapter, attention_geometry, key_validity, rotary_fn
@@ -281,7 +282,7 @@ class LinearizedAttention(nn.Module):
             g = g * valid[..., None, None].to(g.dtype) if g is not None else None
         if state is not None and fq.shape[1] == 1:
             if normalize:
-                v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
+                v = with_ones(v)
             o, mem = gla_step(fq[:, 0], fk[:, 0], v[:, 0], None if g is None else g[:, 0], state["S"])
             o = o[:, None]
         else:  # the scan adds the ones column itself

@@ -42,6 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..triton_utils import dot as _dot
+from .naive import with_ones
 
 SUB = 16  # sub-block of the per-channel intra-chunk weights
 WALK_PROGRAMS = 256  # programs the walks over the chunks aim at: about two per SM of an H100/H200
@@ -101,6 +102,19 @@ def _store(ptr, val, tok, mt, NH: tl.constexpr, head, D: tl.constexpr, rd, md):
 
 
 @triton.jit
+def _ones_tile(rows_mask, DT: tl.constexpr):
+    """v's implicit ones column as a matrix-product operand: a [rows, 16] tile, column 0 one where `rows_mask`."""
+    return tl.where(rows_mask[:, None] & (tl.arange(0, 16)[None, :] == 0), 1.0, 0.0).to(DT)
+
+
+@triton.jit
+def _ones_column(ptr, rows, rows_mask, V: tl.constexpr):
+    """Column V (the ones column's) of rows starting at offsets `rows`, as column 0 of a [rows, 16] tile."""
+    r16 = tl.arange(0, 16)
+    return tl.load(ptr + rows[:, None] + V + r16[None, :], mask=rows_mask[:, None] & (r16[None, :] == 0), other=0.0)
+
+
+@triton.jit
 def _decays(b, tok, mt, head, ck, mk, first, last, EXCLUSIVE: tl.constexpr, HK: tl.constexpr, KG: tl.constexpr, GATE: tl.constexpr):
     """Cumulative log-decays (from the chunk's first token) of rows `tok` for keys (bk), queries (bq,
     one token earlier when exclusive; 0 before the chunk) and at the chunk's last token (bl):
@@ -142,7 +156,7 @@ def _walk_program(init, cu, coff, T, NT, HK: tl.constexpr, K: tl.constexpr, V: t
     if HAS_INIT:
         tile = tl.load(init + nh.to(tl.int64) * K * VS + s_off, mask=ms, other=0.0).to(tl.float32)
         if ONES:
-            z = tl.load(init + nh.to(tl.int64) * K * VS + z_off, mask=mk[:, None] & (r16[None, :] == 0), other=0.0).to(tl.float32)
+            z = _ones_column(init + nh.to(tl.int64) * K * VS, rk * VS, mk, V).to(tl.float32)
     else:
         tile = tl.zeros([BK, BV], dtype=tl.float32)
     return nh, hk, bos, eos, c0, rc, rk, mk, rk if GATE == 2 else rk * 0, rv, mv, s_off, ms, tile, z, z_off, mz
@@ -167,7 +181,7 @@ def _state_kernel(
     VS: tl.constexpr = V + ONES
     nh, hk, bos, eos, c0, rc, rk, mk, ck, rv, mv, s_off, ms, state, z, z_off, mz = _walk_program(
         s0, cu, coff, T, NT, HK, K, V, C, BK, BV, GATE, HAS_S0, IS_VARLEN, ONES)
-    e0 = tl.where(tl.arange(0, 16)[None, :] + rc[:, None] * 0 == 0, 1.0, 0.0).to(v.dtype.element_ty)  # [C, 16]: the ones column
+    e0 = _ones_tile(rc < C, v.dtype.element_ty)  # every row: masked keys are zeros already
     for i_t in range(tl.cdiv(eos - bos, C)):
         h_n = h + ((c0 + i_t).to(tl.int64) * HK + hk) * K * VS
         tl.store(h_n + s_off, state.to(h.dtype.element_ty), mask=ms)
@@ -272,7 +286,7 @@ def _output_kernel(
             a += _dot(qc, tl.trans(_load(k, ktok, km, HK, hk, K, rk, mk)))
         acc += _dot(qd, hc)
         if ONES:
-            den += _dot(qd, tl.load(h_base + rk[:, None] * VS + V + r16[None, :], mask=mk[:, None] & (r16[None, :] == 0), other=0.0))
+            den += _dot(qd, _ones_column(h_base, rk * VS, mk, V))
     if GATE == 1:
         bk, bq, _bl = _decays(b, tok, mt, hk, rc, mt, first, last, EXCLUSIVE, HK, KG, 1)
         acc *= tl.exp(bq)[:, None]
@@ -285,7 +299,7 @@ def _output_kernel(
     acc += _dot(aw, vc)
     _store(o, acc, tok, mt, H, head, VS, rv, mv)
     if ONES:  # the ones column is there for the keys that are (none before a sequence's start)
-        den += _dot(aw, tl.where((r16[None, :] == 0) & km[:, None], 1.0, 0.0).to(vc.dtype))
+        den += _dot(aw, _ones_tile(km, vc.dtype))
         tl.store(o + (tok[:, None] * H + head) * VS + V + r16[None, :], den.to(o.dtype.element_ty),
                  mask=mt[:, None] & (r16[None, :] + iv == 0))
 
@@ -302,7 +316,6 @@ def _dstate_kernel(
     VS: tl.constexpr = V + ONES
     nh, hk, bos, eos, c0, rc, rk, mk, ck, rv, mv, s_off, ms, dstate, dz, z_off, mz = _walk_program(
         ds_final, cu, coff, T, NT, HK, K, V, C, BK, BV, GATE, HAS_DS, IS_VARLEN, ONES)
-    r16 = tl.arange(0, 16)
     nt = tl.cdiv(eos - bos, C)
     for n in range(nt):
         i_t = nt - 1 - n
@@ -326,8 +339,7 @@ def _dstate_kernel(
             qc = qc.to(doc.dtype)
             dstate += _dot(tl.trans(qc), doc)
             if ONES:
-                dd = tl.load(do + (tok[:, None] * H + hk * G + j) * VS + V + r16[None, :], mask=mt[:, None] & (r16[None, :] == 0), other=0.0)
-                dz += _dot(tl.trans(qc), dd)
+                dz += _dot(tl.trans(qc), _ones_column(do, (tok * H + hk * G + j) * VS, mt, V))
     tl.store(ds0 + nh.to(tl.int64) * K * VS + s_off, dstate, mask=ms)
     if ONES:
         tl.store(ds0 + nh.to(tl.int64) * K * VS + z_off, dz, mask=mz)
@@ -414,12 +426,10 @@ def _dqk_kernel(
         if GATE == 2:
             hc = tl.load(h + base + rk[:, None] * VS + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
             hdh += tl.sum(hc.to(tl.float32) * dhc.to(tl.float32), axis=1)
-    r16 = tl.arange(0, 16)
-    z_off, m16 = rk[:, None] * VS + V + r16[None, :], mk[:, None] & (r16[None, :] == 0)
-    if ONES:  # z, dz: the ones column's slices of h and dh, as column 0 of [BK, 16] tiles
-        zh = tl.load(h + base + z_off, mask=m16, other=0.0)
-        dzh = tl.load(dh + base + z_off, mask=m16, other=0.0)
-        dkc += _dot(tl.where((r16[None, :] == 0) & km[:, None], 1.0, 0.0).to(dzh.dtype), tl.trans(dzh))
+    if ONES:  # z, dz: the ones column's slices of h and dh; ek: v's ones column
+        zh, dzh = _ones_column(h + base, rk * VS, mk, V), _ones_column(dh + base, rk * VS, mk, V)
+        ek = _ones_tile(km, v.dtype.element_ty)
+        dkc += _dot(ek, tl.trans(dzh.to(ek.dtype)))
         hdh += tl.sum(zh.to(tl.float32) * dzh.to(tl.float32), axis=1)
     if GATE == 2:
         dkc *= tl.exp(bl[None, :] - bk)
@@ -442,10 +452,10 @@ def _dqk_kernel(
             if GATE != 2:
                 da += _dot(doc, tl.trans(_load(v, ktok, km, HK, hk, V, rv, mv)))
         if ONES:
-            dd = tl.load(do + (tok[:, None] * H + head) * VS + V + r16[None, :], mask=mt[:, None] & (r16[None, :] == 0), other=0.0)
+            dd = _ones_column(do, (tok * H + head) * VS, mt, V)
             dqc += _dot(dd, tl.trans(zh.to(dd.dtype)))
             if GATE != 2:
-                da += _dot(dd, tl.trans(tl.where((r16[None, :] == 0) & km[:, None], 1.0, 0.0).to(dd.dtype)))
+                da += _dot(dd, tl.trans(ek.to(dd.dtype)))
         if GATE == 2:
             dqc = dqc * tl.exp(bq) + _load(dqi, tok, mt, H, head, K, rk, mk)
             r += _load(q, tok, mt, H, head, K, rk, mk).to(tl.float32) * dqc
@@ -766,7 +776,7 @@ def chunk_gla_triton(
     width = _narrow(v)
     if width:
         if ones:  # narrow values take the padded path with their ones column written out
-            v, width = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1), width + 1
+            v, width = with_ones(v), width + 1
         o, s = ChunkGLAFunction.apply(q, k, *_widen(v, initial_state, g), exclusive, chunk_size, cu_seqlens, key_offset)
         return o[..., :width], s[..., :width]
     return ChunkGLAFunction.apply(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, key_offset, ones)
@@ -782,7 +792,7 @@ def chunk_gla_fwd(
     width = _narrow(v)
     if width:
         if ones:
-            v, width = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1), width + 1
+            v, width = with_ones(v), width + 1
         o, s_out = _forward(q, k, *_widen(v, initial_state, g), exclusive, chunk_size, cu_seqlens)[5:7]
         return (o[..., :width] if out is None else out.copy_(o[..., :width])), s_out[..., :width]
     o, s_out = _forward(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, out, ones=ones)[5:7]

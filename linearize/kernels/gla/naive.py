@@ -25,6 +25,11 @@ def lagged(x: Tensor, n: int) -> Tensor:
     return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (n, 0))[:, : x.shape[1]]
 
 
+def with_ones(v: Tensor) -> Tensor:
+    """v [..., V] with a last column of ones [..., V+1]: the output's last column is then the normalizer."""
+    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
+
+
 def chunk_gla_ref(
     q: Tensor,
     k: Tensor,
@@ -48,7 +53,7 @@ def chunk_gla_ref(
     Returns o [B,T,H,V(+1)] (dtype of v) and the final states S_T [N,Hk,K,V(+1)] (fp32).
     """
     if ones:
-        v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
+        v = with_ones(v)
     if key_offset and g is not None:
         raise ValueError("key_offset needs g None (the decays would have to be offset too)")
     if g is not None and g.dim() == 3:  # one decay per head: the same for every key channel
