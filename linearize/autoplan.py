@@ -257,7 +257,7 @@ def score_layers(
 
 
 def calibration_rows(model: nn.Module, tok: Any, source: str = "teacher", *, sequences: int = 32, seq_len: int = 256,
-                     seed: int = 0, model_id: str = "", cache_dir: str = "~/.cache/linearize") -> torch.Tensor:
+                     seed: int = 0, model_id: str = "", cache_dir: str = "") -> torch.Tensor:
     """Calibration token rows [N, seq_len]: text sampled from the model (cached as distillation's is) or a file."""
     from .distill.config import DataConfig
     from .distill.data import pack, read_texts, teacher_texts

@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from .convert import register_auto_classes
 from .errors import LinearizeError, ModelLoadError
+from .home import cache_root, copies_off
 
 register_auto_classes()  # a saved converted model loads back converted (`import linearize` imports this module)
 
@@ -79,9 +80,8 @@ GGUF_CACHE_MAX_BYTES = 2 << 30  # larger GGUFs are read from the file each time 
 def gguf_cache(path: Path) -> Path | None:
     """Where a GGUF's dequantized model (fp32) and tokenizer are kept after a first read: transformers parses the file's
     metadata three times (20-30 s for the embedded model on a laptop CPU; the copy loads in under a second).
-    $LINEARIZE_CACHE (0 or off: no copy) or ~/.cache/linearize, one folder per file version; None for large files."""
-    root = os.environ.get("LINEARIZE_CACHE", "")
-    if root.lower() in ("0", "off", "false", "no"):
+    Under `home.cache_root()` (LINEARIZE_CACHE=off: no copy), one folder per file version; None for large files."""
+    if copies_off():
         return None
     stat = path.stat()
     if stat.st_size > GGUF_CACHE_MAX_BYTES:
@@ -89,8 +89,7 @@ def gguf_cache(path: Path) -> Path | None:
     import transformers
 
     version = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "linearize"
-    return base / "gguf" / f"{path.stem}-{hashlib.sha256(version.encode()).hexdigest()[:16]}"
+    return cache_root() / "gguf" / f"{path.stem}-{hashlib.sha256(version.encode()).hexdigest()[:16]}"
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

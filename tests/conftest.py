@@ -14,8 +14,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 import linearize
 
-# the embedded GGUF's dequantized copy (`loading.gguf_cache`) goes to this session's own folder: every run reads the file
-# once (that path stays tested) and the tests' subprocesses load the copy
+# every cache of linearize (the embedded GGUF's dequantized copy, teacher samples) goes to this session's own folder:
+# every run reads the GGUF once (that path stays tested), the tests' subprocesses load the copy, ~/.cache is left alone
 GGUF_CACHE = tempfile.mkdtemp(prefix="linearize-test-cache-")
 os.environ["LINEARIZE_CACHE"] = GGUF_CACHE
 

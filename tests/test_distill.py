@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -294,6 +295,18 @@ def test_txt_and_jsonl_loaders_pack_exactly(smollm2, tmp_path):
         read_texts(DataConfig(source=str(tmp_path / "missing.jsonl")))
     with pytest.raises(DataError, match="not one sequence"):
         pack(["hi"], tok, 512)
+
+
+def test_teacher_samples_are_kept_under_the_one_cache_root(tmp_path, monkeypatch):
+    from linearize.distill.data import teacher_cache
+
+    cfg = DataConfig()
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "root"))
+    assert teacher_cache(cfg, 0, "m").parent == tmp_path / "root" / "teacher"
+    for off in ("off", ""):  # `off` stops only the optional GGUF copies; the samples a run resumes on are still kept
+        monkeypatch.setenv("LINEARIZE_CACHE", off)
+        assert teacher_cache(cfg, 0, "m").parent == Path.home() / ".cache" / "linearize" / "teacher"
+    assert teacher_cache(DataConfig(cache_dir=str(tmp_path / "own")), 0, "m").parent == tmp_path / "own" / "teacher"
 
 
 def test_recipe_loading_and_overrides(tmp_path):

@@ -36,7 +36,7 @@ class DataConfig:
     teacher_temperature: float = 1.0
     teacher_len: int | None = None  # tokens per teacher sample (default seq_len); shorter samples pack into longer rows
     recall_mix: float = 0.0  # fraction of training rows that are recall-rich synthetic rows (distill/recall_data.py)
-    cache_dir: str = "~/.cache/linearize"
+    cache_dir: str = ""  # teacher samples kept under it; empty: `home.cache_root()` ($LINEARIZE_CACHE or ~/.cache/linearize)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import LinearizeError
+from ..home import cache_root
 from .config import DataConfig
 
 PROMPTS = [
@@ -102,7 +103,7 @@ def split(rows: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Ten
 def teacher_cache(cfg: DataConfig, seed: int, model_id: str) -> Path:
     """Where the teacher corpus of this model and data recipe is cached."""
     key = json.dumps(["full-length", model_id, cfg.teacher_sequences, cfg.teacher_len or cfg.seq_len, cfg.teacher_temperature, seed, PROMPTS])
-    return Path(os.path.expanduser(cfg.cache_dir)) / "teacher" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
+    return (Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()) / "teacher" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
 
 
 def teacher_texts(model: Any, tokenizer: Any, cfg: DataConfig, seed: int, model_id: str) -> list[str]:
