@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import linearize
 from linearize import kernels
 from linearize.kernels.conv import causal_conv1d_ref
-from linearize.kernels.gla.naive import chunk_gla_ref, with_ones
+from linearize.kernels.gla.naive import chunk_gla_ref
 from linearize.kernels.hybrid.naive import hedgehog_features, hybrid_attn_ref
 
 
@@ -70,8 +70,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, references only (checks the script)")
-    ap.add_argument("--ops", nargs="*", help="time only these ops (linear_attn, simple_gla, gla, gla_ones, lolcats_hybrid, softmax_attn, causal_conv1d, hedgehog_map)")
-    ap.add_argument("--impls", nargs="*", help="time only these implementations (ours, ours_cat, ours_sinks4, fla, sdpa, reference, torch_window)")
+    ap.add_argument("--ops", nargs="*", help="time only these ops (linear_attn, simple_gla, gla, lolcats_hybrid, softmax_attn, causal_conv1d, hedgehog_map)")
+    ap.add_argument("--impls", nargs="*", help="time only these implementations (ours, ours_sinks4, fla, sdpa, reference, torch_window)")
     ap.add_argument("--lengths", nargs="*", type=int, help="sequence lengths (default 2048 8192 32768 on a GPU)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
@@ -136,15 +136,6 @@ def main() -> None:
                 leaves = [x.clone().requires_grad_() for x in (q, k, v)] + [None if g is None else g.clone().requires_grad_()]
                 record(op, impl, t, "fwd", lambda: fn(q, k, v, g))
                 record(op, impl, t, "fwdbwd", lambda: torch.autograd.backward(fn(*leaves)[0], do))
-        # the normalized per-channel scan (the gla kind, lizard's linear part): v's ones column implicit (ours) or
-        # written out as a 129th column (ours_cat, the path before)
-        if cuda:
-            g, do1 = decays["gla"], torch.randn(b, t, h, d + 1, device=device, dtype=dtype)
-            ones_leaves = [x.clone().requires_grad_() for x in (q, k, v, g)]
-            for impl, fn in (("ours", lambda q, k, v, g: ours(q, k, v, g, ones=True)),
-                             ("ours_cat", lambda q, k, v, g: ours(q, k, with_ones(v), g))):
-                record("gla_ones", impl, t, "fwd", lambda: fn(q, k, v, g))
-                record("gla_ones", impl, t, "fwdbwd", lambda: torch.autograd.backward(fn(*ones_leaves)[0], do1))
         record("linear_attn", "reference", t, "fwd", lambda: chunk_gla_ref(q, k, v))
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
         record("softmax_attn", "sdpa", t, "fwd", lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True))

@@ -77,25 +77,26 @@ def window_rows(arch: int, dtype: torch.dtype) -> list[dict]:
 
 def chunk_rows(arch: int, extra_warps: list[int]) -> list[dict]:
     """The chunked scan's kernels of a forward + backward, bf16, H = 32, K = V = 128, each decay kind, groups 1 and 4,
-    8 sequences (the walks' tile sizes depend on how many); with group 4 also with the implicit ones column."""
+    8 sequences (the walks' tile sizes depend on how many)."""
     rows = []
-    for gate, hk, ones in [(gate, hk, ones) for gate in (0, 1, 2) for hk in (32, 8) for ones in ((0, 1) if hk == 8 else (0,))]:
-        q = torch.zeros(8, 64, 32, 128, dtype=torch.bfloat16)  # 8 sequences: the walks' tiles of 16k tokens at T = 2k
-        k = q[:, :, :hk]
-        L = chunk._Launch(q, k, k, [None, k[..., 0], k][gate], None, 64, ones=bool(ones))
-        common = dict(H=32, HK=hk, K=128, V=128, KG=L.KG, C=L.C, GATE=gate, EXCLUSIVE=True, IS_VARLEN=False, LAG=0,
-                      HAS_S0=False, HAS_DS=False, S=chunk.SUB, ONES=ones)
-        launches = [("state", chunk._state_kernel, L.WK, L.WV, L.warps, 3), ("output", chunk._output_kernel, L.BK, L.BV, L.warps, 3),
-                    ("dstate", chunk._dstate_kernel, L.WK, L.WV, L.warps, 3), ("dv", chunk._dv_kernel, L.BK, L.BV, L.warps, 3),
-                    ("dqk", chunk._dqk_kernel, L.dqk_BK, L.BV, L.warps, L.dqk_stages)]
-        if gate == 2:
-            launches += [("intra", chunk._intra_kernel, L.BKS, L.BV, 4, 3), ("intra_grad", chunk._intra_grad_kernel, L.BKS, L.BV, 4, 3)]
-        for name, fn, bk, bv, warps, stages in launches:
-            fp32 = {"dq", "dk"} if name == "intra_grad" or (name == "dqk" and gate == 1) else set()
-            for w in sorted({warps, *extra_warps}):
-                rows.append({"kernel": name, "shape": f"decay={['none', 'head', 'channel'][gate]} group={32 // hk}{' ones' if ones else ''}",
-                             "launched": w == warps, **resources(fn, {**common, "BK": bk, "BV": bv}, arch,
-                                                                 {"num_warps": w, "num_stages": stages}, fp32=fp32)})
+    for gate in (0, 1, 2):
+        for hk in (32, 8):
+            q = torch.zeros(8, 64, 32, 128, dtype=torch.bfloat16)  # 8 sequences: the walks' tiles of 16k tokens at T = 2k
+            k = q[:, :, :hk]
+            L = chunk._Launch(q, k, k, [None, k[..., 0], k][gate], None, 64)
+            common = dict(H=32, HK=hk, K=128, V=128, KG=L.KG, C=L.C, GATE=gate, EXCLUSIVE=True, IS_VARLEN=False, LAG=0,
+                          HAS_S0=False, HAS_DS=False, S=chunk.SUB)
+            launches = [("state", chunk._state_kernel, L.WK, L.WV, L.warps, 3), ("output", chunk._output_kernel, L.BK, L.BV, L.warps, 3),
+                        ("dstate", chunk._dstate_kernel, L.WK, L.WV, L.warps, 3), ("dv", chunk._dv_kernel, L.BK, L.BV, L.warps, 3),
+                        ("dqk", chunk._dqk_kernel, L.dqk_BK, L.BV, L.warps, L.dqk_stages)]
+            if gate == 2:
+                launches += [("intra", chunk._intra_kernel, L.BKS, L.BV, 4, 3), ("intra_grad", chunk._intra_grad_kernel, L.BKS, L.BV, 4, 3)]
+            for name, fn, bk, bv, warps, stages in launches:
+                fp32 = {"dq", "dk"} if name == "intra_grad" or (name == "dqk" and gate == 1) else set()
+                for w in sorted({warps, *extra_warps}):
+                    rows.append({"kernel": name, "shape": f"decay={['none', 'head', 'channel'][gate]} group={32 // hk}",
+                                 "launched": w == warps, **resources(fn, {**common, "BK": bk, "BV": bv}, arch,
+                                                                     {"num_warps": w, "num_stages": stages}, fp32=fp32)})
     return rows
 
 

@@ -132,8 +132,7 @@ CHUNK_CASES = [
 # per-channel decays in the interpreter (its sub-block loops are slow there) run bf16 only (fp32 inputs take the same
 # code: its products are fp32 either way) and skip five cases: value width 1 and K = V = 64 concern the undecayed scan,
 # no initial state the state walks (both run with every decay kind on the others), and exclusive several-chunk runs
-# (packed in the strong-decay test; with the ones column in test_chunk_gla_ones_column_is_implicit; K = 64: (9, 16, ...)).
-# A GPU runs them all.
+# (packed in the strong-decay test; K = 64: (9, 16, ...)). A GPU runs them all.
 INTERPRETER_SKIPS_CHANNEL = {(33, 32, 16, 24), (40, 16, 16, 1), (70, 64, 64, 64), (70, 32, 64, 40), (47, 16, 16, 16)}
 
 
@@ -158,16 +157,19 @@ def _tols(dtype):
     return 2e-2, 3e-2
 
 
-def _compare(dtype, gate, q, k, v, g, s0, **kw):
-    """Forward (into a NaN-poisoned buffer) and gradients of q, k, v, g, s0 against the reference."""
-    out = torch.full(q.shape[:3] + (v.shape[-1] + kw.get("ones", False),), float("nan"), dtype=dtype, device=DEVICE)
-    o, s = chunk_ops.chunk_gla_fwd(q, k, v, g, initial_state=s0, out=out, **kw)
+def _compare(dtype, gate, q, k, v, g, s0, op=None, **kw):
+    """Forward (into a NaN-poisoned buffer) and gradients of q, k, v, g, s0 against the reference; `op`: through
+    that function instead of the kernels' own entry points."""
     o_ref, s_ref = chunk_gla_ref(*(x.float() for x in (q, k, v)), g, initial_state=s0, **kw)
     tol, tol_g = _tols(dtype)
-    assert o.data_ptr() == out.data_ptr() and not torch.isnan(o).any()
-    assert rel_err(o, o_ref) < tol and rel_err(s, s_ref) < tol
+    if op is None:
+        out = torch.full(q.shape[:3] + v.shape[-1:], float("nan"), dtype=dtype, device=DEVICE)
+        o, s = chunk_ops.chunk_gla_fwd(q, k, v, g, initial_state=s0, out=out, **kw)
+        assert o.data_ptr() == out.data_ptr() and not torch.isnan(o).any()
+        assert rel_err(o, o_ref) < tol and rel_err(s, s_ref) < tol
     inputs = [x for x in (q, k, v, g, s0) if x is not None]
-    o, s = chunk_ops.chunk_gla_triton(q, k, v, g, initial_state=s0, **kw)
+    o, s = (op or chunk_ops.chunk_gla_triton)(q, k, v, g, initial_state=s0, **kw)
+    assert o.shape == o_ref.shape and rel_err(o, o_ref) < tol and rel_err(s, s_ref) < tol
     do, ds = torch.randn_like(o_ref), torch.randn_like(s_ref)
     grads = torch.autograd.grad((o.float() * do).sum() + (s * ds).sum(), inputs)
     refs = torch.autograd.grad((o_ref * do).sum() + (s_ref * ds).sum(), inputs)
@@ -208,21 +210,23 @@ def test_chunk_gla_kernels_packed_sequences_and_strong_decay(dtype, gate):
     _compare(dtype, gate, q, k, v, _decay(gate, 1, t, hk, kd, 30.0), s0, exclusive=True, chunk_size=32, cu_seqlens=cu)
 
 
-@pytest.mark.parametrize("gate,dtype,t,chunk,kd,vd,packed", [
-    ("none", torch.float32, 40, 16, 16, 65, False),  # two value blocks beside the ones column
-    ("none", torch.bfloat16, 40, 16, 16, 1, False),  # one value column: the padded path, its ones column written out
-    ("scalar", torch.bfloat16, 58, 16, 16, 24, True),
-    ("channel", torch.bfloat16, 33, 16, 16, 16, False),
-])
-def test_chunk_gla_ones_column_is_implicit(gate, dtype, t, chunk, kd, vd, packed):
-    """ones=True: the kernels give what a ones column appended to v gives (the normalizer in o's and the states' last
-    column), forward and gradients, without tiling V + 1 columns."""
-    b, h, hk = (1 if packed else 2), 6, 2
-    cu = torch.tensor([0, 11, 40, t], device=DEVICE) if packed else None
+@pytest.mark.skipif(DEVICE != "cuda", reason="the kernels' path of kernels.chunk_gla (CPU tensors take the reference)")
+@pytest.mark.parametrize("walk_programs", [256, 1])  # walk tiles of 16 and 64
+@pytest.mark.parametrize("gate,dtype,kd,vd", [(g, torch.bfloat16, kd, vd) for g in ("none", "scalar", "channel")
+                                              for kd in (128, 256) for vd in (64, 128)]
+                         + [(g, torch.float32, 128, 64) for g in ("none", "scalar", "channel")])
+def test_chunk_gla_ones_column_at_the_kinds_shapes(gate, dtype, kd, vd, walk_programs, monkeypatch):
+    """`kernels.chunk_gla(..., ones=True)`, the normalized kinds' scan, at 64-token chunks and K = 2 x feature_dim
+    (several key blocks, M = 64 tensor-core products): a version carrying the ones column inside the kernels passed
+    the small-shape tests and gave NaNs, wrong outputs and an illegal address here on an H100."""
+    from linearize import kernels
+
+    monkeypatch.setattr(chunk_ops, "WALK_PROGRAMS", walk_programs)
+    b, t, h, hk = 2, 300, 8, 4
     leaf = lambda *s: torch.randn(*s, device=DEVICE).to(dtype).requires_grad_()  # noqa: E731
     q, k, v = leaf(b, t, h, kd), leaf(b, t, hk, kd), leaf(b, t, hk, vd)
-    s0 = torch.randn(3 if packed else b, hk, kd, vd + 1, device=DEVICE).requires_grad_()
-    _compare(dtype, gate, q, k, v, _decay(gate, b, t, hk, kd), s0, exclusive=True, chunk_size=chunk, cu_seqlens=cu,
+    s0 = torch.randn(b, hk, kd, vd + 1, device=DEVICE).requires_grad_()
+    _compare(dtype, gate, q, k, v, _decay(gate, b, t, hk, kd), s0, op=kernels.chunk_gla, exclusive=gate == "channel",
              ones=True)
 
 
@@ -244,11 +248,11 @@ def test_chunk_gla_walk_tiles_do_not_change_results(gate, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("t,chunk,offset,exclusive,packed,ones", [
-    (70, 32, 9, True, False, False), (40, 16, 40, False, False, False),  # a lag across chunks; as long as the sequence
-    (100, 64, 63, True, False, False), (58, 16, 5, True, True, True),  # the hybrids' W-1 = 63; packed, a ones column
+@pytest.mark.parametrize("t,chunk,offset,exclusive,packed", [
+    (70, 32, 9, True, False), (40, 16, 40, False, False),  # a lag across chunks; one as long as the sequence
+    (100, 64, 63, True, False), (58, 16, 5, True, True),  # the hybrids' W-1 = 63 at chunks of 64; packed sequences
 ])
-def test_chunk_gla_key_offset_reads_earlier_keys_in_place(dtype, t, chunk, offset, exclusive, packed, ones):
+def test_chunk_gla_key_offset_reads_earlier_keys_in_place(dtype, t, chunk, offset, exclusive, packed):
     """key_offset: position i's key and value are token i - offset's (none before a sequence's start), read from the
     tensors as they are: outputs, final states and gradients of q, k, v and the initial state against the reference,
     which shifts copies of k and v; the last `offset` keys of each sequence get no gradient."""
@@ -256,8 +260,8 @@ def test_chunk_gla_key_offset_reads_earlier_keys_in_place(dtype, t, chunk, offse
     cu = torch.tensor([0, 11, 40, t], device=DEVICE) if packed else None
     leaf = lambda *s: torch.randn(*s, device=DEVICE).to(dtype).requires_grad_()  # noqa: E731
     q, k, v = leaf(b, t, h, kd), leaf(b, t, hk, kd), leaf(b, t, hk, vd)
-    s0 = torch.randn(3 if packed else b, hk, kd, vd + ones, device=DEVICE).requires_grad_()
-    kw = dict(initial_state=s0, exclusive=exclusive, chunk_size=chunk, cu_seqlens=cu, key_offset=offset, ones=ones)
+    s0 = torch.randn(3 if packed else b, hk, kd, vd, device=DEVICE).requires_grad_()
+    kw = dict(initial_state=s0, exclusive=exclusive, chunk_size=chunk, cu_seqlens=cu, key_offset=offset)
     o, s = chunk_ops.chunk_gla_triton(q, k, v, **kw)
     o_ref, s_ref = chunk_gla_ref(q.float(), k.float(), v.float(), **kw)
     tol = _tols(dtype)[0]
@@ -805,12 +809,11 @@ for dtype, ty in ((torch.float32, "*fp32"), (torch.bfloat16, "*bf16")):
     for gate in (0, 1, 2):
         x = torch.zeros(1, 64, 9, 64, dtype=dtype)
         kv = x[:, :, :3]
-        L = _Launch(x, kv, kv, [None, kv[..., 0], kv][gate], None, 64, ones=True)
+        L = _Launch(x, kv, kv, [None, kv[..., 0], kv][gate], None, 64)
         pointers = {n: ty for n in ("q", "k", "v", "h", "do", "dh", "dq", "dk")}
         pointers.update(b="*fp32", cu="*i32", cidx="*i32", T="i32", NT="i32", dqi="*fp32", dki="*fp32", dg="*fp32")
         constants = dict(H=9, HK=3, K=64, V=64, KG=64 if gate == 2 else 1, C=64, BK=L.dqk_BK, BV=L.BV, GATE=gate, EXCLUSIVE=True,
-                         IS_VARLEN=False, LAG=63 if gate == 0 else 0,  # the hybrids' keys read W-1 = 63 positions late
-                         ONES=1)  # with the normalizer's ones column (the most it holds)
+                         IS_VARLEN=False, LAG=63 if gate == 0 else 0)  # the hybrids' keys read W-1 = 63 positions late
         source = ASTSource(_dqk_kernel, {n: pointers.get(n, "constexpr") for n in names},
                            {(names.index(n),): v for n, v in constants.items()})
         options = {"num_stages": L.dqk_stages, "num_warps": L.warps}
@@ -825,7 +828,7 @@ sys.path.insert(0, "benchmarks")
 import torch
 import kernel_resources as kr
 from linearize.kernels.gla import chunk
-const = dict(H=32, HK=32, K=128, V=128, KG=1, C=64, BK=64, BV=64, GATE=0, EXCLUSIVE=True, IS_VARLEN=False, LAG=0, ONES=0)
+const = dict(H=32, HK=32, K=128, V=128, KG=1, C=64, BK=64, BV=64, GATE=0, EXCLUSIVE=True, IS_VARLEN=False, LAG=0)
 four, eight = (kr.resources(chunk._output_kernel, const, 90, {"num_warps": w, "num_stages": 3}) for w in (4, 8))
 assert four["stack_bytes"] > 0 and eight["stack_bytes"] == 0 and eight["registers"] <= 255, (four, eight)
 """

@@ -17,7 +17,7 @@ from torch import Tensor
 from .attention import cached_attention_ref
 from .conv import causal_conv1d_ref
 from .dense import qkv_rope_ref, rms_linear_ref, rope_tables
-from .gla import chunk_gla_ref, gla_step_ref
+from .gla import chunk_gla_ref, gla_step_ref, with_ones
 from .hybrid import EPS, empty_state
 from .hybrid import hedgehog_features as hedgehog_features_ref
 from .hybrid import hybrid_attn_ref
@@ -56,10 +56,12 @@ def chunk_gla(
     ones: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Chunked causal (gated) linear attention (see `chunk_gla_ref`; g None, per head or per channel; `ones`: v with a
-    ones column, the normalizer), forward and backward on the Triton kernels for CUDA tensors."""
-    fn = chunk_gla_triton if use_triton(q) else chunk_gla_ref
-    return fn(q, k, v, g, initial_state=initial_state, exclusive=exclusive, chunk_size=chunk_size, cu_seqlens=cu_seqlens,
-              key_offset=key_offset, ones=ones)
+    ones column, the normalizer), forward and backward on the Triton kernels for CUDA tensors. The kernels take the
+    ones column written out (carried inside them, as a tail of their tensor-core products, it failed on an H100)."""
+    kw = dict(initial_state=initial_state, exclusive=exclusive, chunk_size=chunk_size, cu_seqlens=cu_seqlens, key_offset=key_offset)
+    if use_triton(q):
+        return chunk_gla_triton(q, k, with_ones(v) if ones else v, g, **kw)
+    return chunk_gla_ref(q, k, v, g, ones=ones, **kw)
 
 
 def hybrid_attn(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, g: Tensor | None, mix: Tensor, **kw):

@@ -25,10 +25,7 @@ head's k, v, states and gradients; k and v are never repeated. Exclusive scans (
 before token i) shift bq by one token and make the diagonal strict. Packed sequences (cu_seqlens):
 a table maps each program to its (sequence, chunk); no chunk crosses a sequence boundary. A key offset (no decay)
 makes position t read token t - offset's key and value in place, none before a sequence's start (the hybrids' fresh
-window: their linear keys lag the queries by W-1, without a shifted copy). `ones` (the normalized kinds' and the decayed
-hybrids' denominator): v's column of ones is implicit; o and the states keep V + 1 columns, the value blocks tile the V
-columns alone and the first one carries the ones column as a 16-wide tail of matrix products (129 columns in 64-wide
-blocks were three blocks, the third all but empty).
+window: their linear keys lag the queries by W-1, without a shifted copy).
 States are fp32 at the ends; the per-chunk states are stored in the inputs' dtype for 16-bit inputs
 (as flash-linear-attention does), so matrix products run on bf16/fp16 tensor cores.
 """
@@ -42,7 +39,6 @@ import triton.language as tl
 from torch import Tensor
 
 from ..triton_utils import dot as _dot
-from .naive import with_ones
 
 SUB = 16  # sub-block of the per-channel intra-chunk weights
 WALK_PROGRAMS = 256  # programs the walks over the chunks aim at: about two per SM of an H100/H200
@@ -102,19 +98,6 @@ def _store(ptr, val, tok, mt, NH: tl.constexpr, head, D: tl.constexpr, rd, md):
 
 
 @triton.jit
-def _ones_tile(rows_mask, DT: tl.constexpr):
-    """v's implicit ones column as a matrix-product operand: a [rows, 16] tile, column 0 one where `rows_mask`."""
-    return tl.where(rows_mask[:, None] & (tl.arange(0, 16)[None, :] == 0), 1.0, 0.0).to(DT)
-
-
-@triton.jit
-def _ones_column(ptr, rows, rows_mask, V: tl.constexpr):
-    """Column V (the ones column's) of rows starting at offsets `rows`, as column 0 of a [rows, 16] tile."""
-    r16 = tl.arange(0, 16)
-    return tl.load(ptr + rows[:, None] + V + r16[None, :], mask=rows_mask[:, None] & (r16[None, :] == 0), other=0.0)
-
-
-@triton.jit
 def _decays(b, tok, mt, head, ck, mk, first, last, EXCLUSIVE: tl.constexpr, HK: tl.constexpr, KG: tl.constexpr, GATE: tl.constexpr):
     """Cumulative log-decays (from the chunk's first token) of rows `tok` for keys (bk), queries (bq,
     one token earlier when exclusive; 0 before the chunk) and at the chunk's last token (bl):
@@ -134,32 +117,22 @@ def _decays(b, tok, mt, head, ck, mk, first, last, EXCLUSIVE: tl.constexpr, HK: 
 
 @triton.jit
 def _walk_program(init, cu, coff, T, NT, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_INIT: tl.constexpr, IS_VARLEN: tl.constexpr,
-                  ONES: tl.constexpr):
+                  BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_INIT: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Program (block of K, block of V, sequence x KV head) of a walk over the chunks: its sequence,
-    first chunk, rows, channel ranges, tile offsets and starting [BK, BV] tile (`init`'s, or zeros), and (ONES) the
-    ones column's slice as column 0 of a [BK, 16] tile (its updates are matrix products on the tensor cores), carried
-    by every V block and stored by the first (offsets `z_off`, mask `mz`)."""
-    VS: tl.constexpr = V + ONES
+    first chunk, rows, channel ranges, tile offsets and starting [BK, BV] tile (`init`'s, or zeros)."""
     ik, iv, nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, hk = nh // HK, nh % HK
     bos, eos = _bounds(i_n, cu, T, IS_VARLEN)
     c0 = tl.load(coff + i_n) if IS_VARLEN else i_n * NT
     rc, rk, rv = tl.arange(0, C), ik * BK + tl.arange(0, BK), iv * BV + tl.arange(0, BV)
     mk, mv = rk < K, rv < V
-    s_off = rk[:, None] * VS + rv[None, :]
+    s_off = rk[:, None] * V + rv[None, :]
     ms = mk[:, None] & mv[None, :]
-    r16 = tl.arange(0, 16)
-    z_off = rk[:, None] * VS + V + r16[None, :]
-    mz = mk[:, None] & (r16[None, :] + iv == 0)
-    z = tl.zeros([BK, 16], dtype=tl.float32)
     if HAS_INIT:
-        tile = tl.load(init + nh.to(tl.int64) * K * VS + s_off, mask=ms, other=0.0).to(tl.float32)
-        if ONES:
-            z = _ones_column(init + nh.to(tl.int64) * K * VS, rk * VS, mk, V).to(tl.float32)
+        tile = tl.load(init + nh.to(tl.int64) * K * V + s_off, mask=ms, other=0.0).to(tl.float32)
     else:
         tile = tl.zeros([BK, BV], dtype=tl.float32)
-    return nh, hk, bos, eos, c0, rc, rk, mk, rk if GATE == 2 else rk * 0, rv, mv, s_off, ms, tile, z, z_off, mz
+    return nh, hk, bos, eos, c0, rc, rk, mk, rk if GATE == 2 else rk * 0, rv, mv, s_off, ms, tile
 
 
 @triton.jit
@@ -176,17 +149,12 @@ def _state_kernel(
     k, v, b, h, s0, s_out, cu, coff, T, NT,
     HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_S0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    LAG: tl.constexpr = 0, ONES: tl.constexpr = 0,
+    LAG: tl.constexpr = 0,
 ):
-    VS: tl.constexpr = V + ONES
-    nh, hk, bos, eos, c0, rc, rk, mk, ck, rv, mv, s_off, ms, state, z, z_off, mz = _walk_program(
-        s0, cu, coff, T, NT, HK, K, V, C, BK, BV, GATE, HAS_S0, IS_VARLEN, ONES)
-    e0 = _ones_tile(rc < C, v.dtype.element_ty)  # every row: masked keys are zeros already
+    nh, hk, bos, eos, c0, rc, rk, mk, ck, rv, mv, s_off, ms, state = _walk_program(
+        s0, cu, coff, T, NT, HK, K, V, C, BK, BV, GATE, HAS_S0, IS_VARLEN)
     for i_t in range(tl.cdiv(eos - bos, C)):
-        h_n = h + ((c0 + i_t).to(tl.int64) * HK + hk) * K * VS
-        tl.store(h_n + s_off, state.to(h.dtype.element_ty), mask=ms)
-        if ONES:
-            tl.store(h_n + z_off, z.to(h.dtype.element_ty), mask=mz)
+        tl.store(h + ((c0 + i_t).to(tl.int64) * HK + hk) * K * V + s_off, state.to(h.dtype.element_ty), mask=ms)
         tok = bos + i_t * C + rc
         mt = tok < eos
         kc = _load(k, tok - LAG, mt & (tok - LAG >= bos), HK, hk, K, rk, mk)
@@ -196,17 +164,11 @@ def _state_kernel(
             if GATE == 2:
                 kc = (kc * tl.exp(bl[None, :] - bk)).to(vc.dtype)
                 state = state * tl.exp(bl)[:, None]
-                z = z * tl.exp(bl)[:, None]
             else:
                 kc = (kc * tl.exp(bl - bk)[:, None]).to(vc.dtype)
                 state = state * tl.exp(bl)
-                z = z * tl.exp(bl)
         state += _dot(tl.trans(kc), vc)
-        if ONES:
-            z += _dot(tl.trans(kc), e0)
-    tl.store(s_out + nh.to(tl.int64) * K * VS + s_off, state, mask=ms)
-    if ONES:
-        tl.store(s_out + nh.to(tl.int64) * K * VS + z_off, z, mask=mz)
+    tl.store(s_out + nh.to(tl.int64) * K * V + s_off, state, mask=ms)
 
 
 @triton.jit
@@ -258,10 +220,8 @@ def _output_kernel(
     q, k, v, b, h, A, o, cu, cidx, T, NT,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, EXCLUSIVE: tl.constexpr, IS_VARLEN: tl.constexpr,
-    LAG: tl.constexpr = 0, ONES: tl.constexpr = 0,
+    LAG: tl.constexpr = 0,
 ):
-    # ONES: o's and h's last column is a column of ones' (v's is implicit): the normalizer, written by the first V block
-    VS: tl.constexpr = V + ONES
     iv, pid, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     hk = head // (H // HK)
     first, last, tok, mt, rc, sees = _chunk_rows(pid, cidx, cu, T, NT, C, EXCLUSIVE, IS_VARLEN)
@@ -269,39 +229,28 @@ def _output_kernel(
     rv = iv * BV + tl.arange(0, BV)
     mv = rv < V
     acc = tl.zeros([C, BV], dtype=tl.float32)
-    r16 = tl.arange(0, 16)
-    den = tl.zeros([C, 16], dtype=tl.float32)  # column 0: the ones column's output
     a = tl.zeros([C, C], dtype=tl.float32)
-    h_base = h + (pid.to(tl.int64) * HK + hk) * K * VS
+    h_base = h + (pid.to(tl.int64) * HK + hk) * K * V
     for ik in range(tl.cdiv(K, BK)):
         rk = ik * BK + tl.arange(0, BK)
         mk = rk < K
         qc = _load(q, tok, mt, H, head, K, rk, mk)
-        hc = tl.load(h_base + rk[:, None] * VS + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        hc = tl.load(h_base + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         if GATE == 2:
             _bk, bq, _bl = _decays(b, tok, mt, hk, rk, mk, first, last, EXCLUSIVE, HK, KG, 2)
-            qd = (qc * tl.exp(bq)).to(hc.dtype)
+            acc += _dot((qc * tl.exp(bq)).to(hc.dtype), hc)
         else:
-            qd = qc.to(hc.dtype)
+            acc += _dot(qc.to(hc.dtype), hc)
             a += _dot(qc, tl.trans(_load(k, ktok, km, HK, hk, K, rk, mk)))
-        acc += _dot(qd, hc)
-        if ONES:
-            den += _dot(qd, _ones_column(h_base, rk * VS, mk, V))
     if GATE == 1:
         bk, bq, _bl = _decays(b, tok, mt, hk, rc, mt, first, last, EXCLUSIVE, HK, KG, 1)
         acc *= tl.exp(bq)[:, None]
-        den *= tl.exp(bq)[:, None]
         a *= tl.exp(tl.where(sees, tl.minimum(bq[:, None] - bk[None, :], 0.0), float("-inf")))
     if GATE == 2:
         a = tl.load(A + (tok[:, None] * H + head) * C + rc[None, :], mask=mt[:, None] & sees, other=0.0)
     vc = _load(v, ktok, km, HK, hk, V, rv, mv)
-    aw = tl.where(sees, a, 0.0).to(vc.dtype)
-    acc += _dot(aw, vc)
-    _store(o, acc, tok, mt, H, head, VS, rv, mv)
-    if ONES:  # the ones column is there for the keys that are (none before a sequence's start)
-        den += _dot(aw, _ones_tile(km, vc.dtype))
-        tl.store(o + (tok[:, None] * H + head) * VS + V + r16[None, :], den.to(o.dtype.element_ty),
-                 mask=mt[:, None] & (r16[None, :] + iv == 0))
+    acc += _dot(tl.where(sees, a, 0.0).to(vc.dtype), vc)
+    _store(o, acc, tok, mt, H, head, V, rv, mv)
 
 
 @triton.jit
@@ -309,40 +258,30 @@ def _dstate_kernel(
     q, do, b, dh, ds_final, ds0, cu, coff, T, NT,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, EXCLUSIVE: tl.constexpr,
-    HAS_DS: tl.constexpr, IS_VARLEN: tl.constexpr, ONES: tl.constexpr = 0,
+    HAS_DS: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    # walking backward, dh[n] is the gradient of the state leaving chunk n (ONES: dz its ones column's)
+    # walking backward, dh[n] is the gradient of the state leaving chunk n
     G: tl.constexpr = H // HK
-    VS: tl.constexpr = V + ONES
-    nh, hk, bos, eos, c0, rc, rk, mk, ck, rv, mv, s_off, ms, dstate, dz, z_off, mz = _walk_program(
-        ds_final, cu, coff, T, NT, HK, K, V, C, BK, BV, GATE, HAS_DS, IS_VARLEN, ONES)
+    nh, hk, bos, eos, c0, rc, rk, mk, ck, rv, mv, s_off, ms, dstate = _walk_program(
+        ds_final, cu, coff, T, NT, HK, K, V, C, BK, BV, GATE, HAS_DS, IS_VARLEN)
     nt = tl.cdiv(eos - bos, C)
     for n in range(nt):
         i_t = nt - 1 - n
-        dh_n = dh + ((c0 + i_t).to(tl.int64) * HK + hk) * K * VS
-        tl.store(dh_n + s_off, dstate.to(dh.dtype.element_ty), mask=ms)
-        if ONES:
-            tl.store(dh_n + z_off, dz.to(dh.dtype.element_ty), mask=mz)
+        tl.store(dh + ((c0 + i_t).to(tl.int64) * HK + hk) * K * V + s_off, dstate.to(dh.dtype.element_ty), mask=ms)
         tok = bos + i_t * C + rc
         mt = tok < eos
         if GATE != 0:
             _bk, bq, bl = _decays(b, tok, mt, hk, ck, mk, bos + i_t * C, tl.minimum(bos + i_t * C + C, eos) - 1, EXCLUSIVE, HK, KG, GATE)
             dstate = dstate * (tl.exp(bl)[:, None] if GATE == 2 else tl.exp(bl))
-            dz = dz * (tl.exp(bl)[:, None] if GATE == 2 else tl.exp(bl))
         for j in range(G):
             qc = _load(q, tok, mt, H, hk * G + j, K, rk, mk)
-            doc = _load(do, tok, mt, H, hk * G + j, VS, rv, mv)
+            doc = _load(do, tok, mt, H, hk * G + j, V, rv, mv)
             if GATE == 2:
                 qc = qc * tl.exp(bq)
             elif GATE == 1:
                 qc = qc * tl.exp(bq)[:, None]
-            qc = qc.to(doc.dtype)
-            dstate += _dot(tl.trans(qc), doc)
-            if ONES:
-                dz += _dot(tl.trans(qc), _ones_column(do, (tok * H + hk * G + j) * VS, mt, V))
-    tl.store(ds0 + nh.to(tl.int64) * K * VS + s_off, dstate, mask=ms)
-    if ONES:
-        tl.store(ds0 + nh.to(tl.int64) * K * VS + z_off, dz, mask=mz)
+            dstate += _dot(tl.trans(qc.to(doc.dtype)), doc)
+    tl.store(ds0 + nh.to(tl.int64) * K * V + s_off, dstate, mask=ms)
 
 
 @triton.jit
@@ -350,10 +289,8 @@ def _dv_kernel(
     q, k, b, A, do, dh, dv, cu, cidx, T, NT,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, EXCLUSIVE: tl.constexpr, IS_VARLEN: tl.constexpr,
-    LAG: tl.constexpr = 0, ONES: tl.constexpr = 0,
+    LAG: tl.constexpr = 0,
 ):
-    # ONES: do's and dh's last column (the ones column's) gives v no gradient
-    VS: tl.constexpr = V + ONES
     iv, pid, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = H // HK
     first, last, tok, mt, rc, sees = _chunk_rows(pid, cidx, cu, T, NT, C, EXCLUSIVE, IS_VARLEN)
@@ -361,12 +298,12 @@ def _dv_kernel(
     rv = iv * BV + tl.arange(0, BV)
     mv = rv < V
     acc = tl.zeros([C, BV], dtype=tl.float32)
-    dh_base = dh + (pid.to(tl.int64) * HK + hk) * K * VS
+    dh_base = dh + (pid.to(tl.int64) * HK + hk) * K * V
     for ik in range(tl.cdiv(K, BK)):  # through the state leaving the chunk
         rk = ik * BK + tl.arange(0, BK)
         mk = rk < K
         kc = _load(k, ktok, km, HK, hk, K, rk, mk)
-        dhc = tl.load(dh_base + rk[:, None] * VS + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        dhc = tl.load(dh_base + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         if GATE == 2:
             bk, _bq, bl = _decays(b, tok, mt, hk, rk, mk, first, last, EXCLUSIVE, HK, KG, 2)
             kc = kc * tl.exp(bl[None, :] - bk)
@@ -376,7 +313,7 @@ def _dv_kernel(
         acc *= tl.exp(bl - bk)[:, None]
     for j in range(G):  # through the outputs of the same chunk
         head = hk * G + j
-        doc = _load(do, tok, mt, H, head, VS, rv, mv)
+        doc = _load(do, tok, mt, H, head, V, rv, mv)
         if GATE == 2:
             a = tl.load(A + (tok[:, None] * H + head) * C + rc[None, :], mask=mt[:, None] & sees, other=0.0)
         else:
@@ -396,16 +333,14 @@ def _dqk_kernel(
     q, k, v, b, h, do, dh, dq, dk, dqi, dki, dg, cu, cidx, T, NT,
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KG: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, EXCLUSIVE: tl.constexpr, IS_VARLEN: tl.constexpr,
-    LAG: tl.constexpr = 0, ONES: tl.constexpr = 0,
+    LAG: tl.constexpr = 0,
 ):
     # dq and dk through the states, and (no decay or per head) through the intra-chunk weights. Per channel, the
     # intra-chunk terms come in (dqi, dki, from `_intra_grad_kernel`) and the decay's gradient goes out, chunk by
     # chunk: dg_t = sum_{u>=t in the chunk} (sum_heads q_u dq_u - k_u dk_u) + the chunk's last cumulative decay's term,
-    # exp(b_last) sum_v h dh + sum_u k_u dk_u (through the states), which stands for every later chunk.
-    # ONES: v's implicit ones column meets h's and dh's last column (z, dz) and do's (dden)
+    # exp(b_last) sum_v h dh + sum_u k_u dk_u (through the states), which stands for every later chunk
     ik, pid, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = H // HK
-    VS: tl.constexpr = V + ONES
     first, last, tok, mt, rc, sees = _chunk_rows(pid, cidx, cu, T, NT, C, EXCLUSIVE, IS_VARLEN)
     ktok, km = _key_rows(pid, cidx, cu, T, NT, tok, mt, LAG, IS_VARLEN)
     rk = ik * BK + tl.arange(0, BK)
@@ -416,21 +351,16 @@ def _dqk_kernel(
     kc = _load(k, ktok, km, HK, hk, K, rk, mk)
     dkc = tl.zeros([C, BK], dtype=tl.float32)
     hdh = tl.zeros([BK], dtype=tl.float32)  # sum_v h dh (per channel)
-    base = (pid.to(tl.int64) * HK + hk) * K * VS
+    base = (pid.to(tl.int64) * HK + hk) * K * V
     for iv in range(tl.cdiv(V, BV)):
         rv = iv * BV + tl.arange(0, BV)
         mv = rv < V
         vc = _load(v, ktok, km, HK, hk, V, rv, mv)
-        dhc = tl.load(dh + base + rk[:, None] * VS + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+        dhc = tl.load(dh + base + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         dkc += _dot(vc, tl.trans(dhc.to(vc.dtype)))
         if GATE == 2:
-            hc = tl.load(h + base + rk[:, None] * VS + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+            hc = tl.load(h + base + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
             hdh += tl.sum(hc.to(tl.float32) * dhc.to(tl.float32), axis=1)
-    if ONES:  # z, dz: the ones column's slices of h and dh; ek: v's ones column
-        zh, dzh = _ones_column(h + base, rk * VS, mk, V), _ones_column(dh + base, rk * VS, mk, V)
-        ek = _ones_tile(km, v.dtype.element_ty)
-        dkc += _dot(ek, tl.trans(dzh.to(ek.dtype)))
-        hdh += tl.sum(zh.to(tl.float32) * dzh.to(tl.float32), axis=1)
     if GATE == 2:
         dkc *= tl.exp(bl[None, :] - bk)
         tail = tl.exp(bl) * hdh + tl.sum(kc.to(tl.float32) * dkc, axis=0)  # the chunk's last decay's term, through the states
@@ -446,16 +376,11 @@ def _dqk_kernel(
         for iv in range(tl.cdiv(V, BV)):
             rv = iv * BV + tl.arange(0, BV)
             mv = rv < V
-            doc = _load(do, tok, mt, H, head, VS, rv, mv)
-            hc = tl.load(h + base + rk[:, None] * VS + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+            doc = _load(do, tok, mt, H, head, V, rv, mv)
+            hc = tl.load(h + base + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
             dqc += _dot(doc, tl.trans(hc.to(doc.dtype)))
             if GATE != 2:
                 da += _dot(doc, tl.trans(_load(v, ktok, km, HK, hk, V, rv, mv)))
-        if ONES:
-            dd = _ones_column(do, (tok * H + head) * VS, mt, V)
-            dqc += _dot(dd, tl.trans(zh.to(dd.dtype)))
-            if GATE != 2:
-                da += _dot(dd, tl.trans(ek.to(dd.dtype)))
         if GATE == 2:
             dqc = dqc * tl.exp(bq) + _load(dqi, tok, mt, H, head, K, rk, mk)
             r += _load(q, tok, mt, H, head, K, rk, mk).to(tl.float32) * dqc
@@ -480,11 +405,8 @@ def _dqk_kernel(
 def _dA_kernel(
     v, do, dA, cu, cidx, T, NT,
     H: tl.constexpr, HK: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
-    ONES: tl.constexpr = 0,
 ):
-    # per-channel decay: dA = dO v^T of each chunk [tokens, H, C] (the mask is applied by its reader; ONES: plus do's
-    # last column, the ones column's)
-    VS: tl.constexpr = V + ONES
+    # per-channel decay: dA = dO v^T of each chunk [tokens, H, C] (the mask is applied by its reader)
     pid, head = tl.program_id(0), tl.program_id(1)
     hk = head // (H // HK)
     _first, _last, tok, mt, rc, _sees = _chunk_rows(pid, cidx, cu, T, NT, C, False, IS_VARLEN)
@@ -492,9 +414,7 @@ def _dA_kernel(
     for iv in range(tl.cdiv(V, BV)):
         rv = iv * BV + tl.arange(0, BV)
         mv = rv < V
-        da += _dot(_load(do, tok, mt, H, head, VS, rv, mv), tl.trans(_load(v, tok, mt, HK, hk, V, rv, mv)))
-    if ONES:
-        da += tl.load(do + (tok * H + head) * VS + V, mask=mt, other=0.0).to(tl.float32)[:, None]
+        da += _dot(_load(do, tok, mt, H, head, V, rv, mv), tl.trans(_load(v, tok, mt, HK, hk, V, rv, mv)))
     _store(dA, da, tok, mt, H, head, C, rc, rc < C)
 
 
@@ -599,12 +519,9 @@ def _chunk_table(cu_seqlens: Tensor | None, batch: int, t: int, c: int) -> tuple
 class _Launch:
     """Shapes, block sizes and the chunk table shared by the forward and backward launches."""
 
-    def __init__(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, cu_seqlens: Tensor | None, chunk_size: int,
-                 ones: bool = False):
+    def __init__(self, q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, cu_seqlens: Tensor | None, chunk_size: int):
         self.B, self.T, self.H, self.K = q.shape
         self.HK, self.V = k.shape[2], v.shape[-1]
-        self.ones = int(ones)  # v's ones column implicit: o and the states have VS = V + 1 columns
-        self.VS = self.V + self.ones
         self.gate = 0 if g is None else (1 if g.dim() == 3 else 2)
         self.KG = self.K if self.gate == 2 else 1
         self.C = chunk_size
@@ -657,20 +574,20 @@ def _check(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, chunk_size: int, c
         raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {b}")
 
 
-def _forward(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, out=None, key_offset=0, ones=False):
-    """The launch set-up, contiguous q, k, v, the cumulative decays b, o, the final states [N,Hk,K,VS]
+def _forward(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, out=None, key_offset=0):
+    """The launch set-up, contiguous q, k, v, the cumulative decays b, o, the final states [N,Hk,K,V]
     fp32, the per-chunk states and (per-channel decay) the intra weights."""
-    L = _Launch(q, k, v, g, cu_seqlens, chunk_size, ones)
+    L = _Launch(q, k, v, g, cu_seqlens, chunk_size)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     b = L.cumsum(g.contiguous()) if g is not None else None
     cu, cidx, coff = L.seq_args()
-    h = torch.empty(L.NTtot, L.HK, L.K, L.VS, dtype=L.state_dtype, device=q.device)
-    s_out = torch.empty(L.N, L.HK, L.K, L.VS, dtype=torch.float32, device=q.device)
+    h = torch.empty(L.NTtot, L.HK, L.K, L.V, dtype=L.state_dtype, device=q.device)
+    s_out = torch.empty(L.N, L.HK, L.K, L.V, dtype=torch.float32, device=q.device)
     s0 = initial_state.float().contiguous() if initial_state is not None else s_out
     bb = b if b is not None else q
     _state_kernel[(triton.cdiv(L.K, L.WK), triton.cdiv(L.V, L.WV), L.N * L.HK)](
         k, v, bb, h, s0, s_out, cu, coff, L.T, L.NT, L.HK, L.K, L.V, L.KG, L.C, L.WK, L.WV, L.gate,
-        initial_state is not None, L.varlen, key_offset, L.ones, num_warps=L.warps,
+        initial_state is not None, L.varlen, key_offset, num_warps=L.warps,
     )
     A = None
     if L.gate == 2:
@@ -678,10 +595,10 @@ def _forward(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, out=N
         _intra_kernel[(L.C // SUB, L.NTtot, L.H)](
             q, k, b, A, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.C, L.BKS, SUB, exclusive, L.varlen,
         )
-    o = torch.empty(L.B, L.T, L.H, L.VS, dtype=v.dtype, device=v.device) if out is None else out
+    o = torch.empty(L.B, L.T, L.H, L.V, dtype=v.dtype, device=v.device) if out is None else out
     _output_kernel[(triton.cdiv(L.V, L.BV), L.NTtot, L.H)](
         q, k, v, bb, h, A if A is not None else q, o, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.V, L.KG, L.C,
-        L.BK, L.BV, L.gate, exclusive, L.varlen, key_offset, L.ones, num_warps=L.warps,
+        L.BK, L.BV, L.gate, exclusive, L.varlen, key_offset, num_warps=L.warps,
     )
     return L, q, k, v, b, o, s_out, h, A
 
@@ -703,10 +620,8 @@ class ChunkGLAFunction(torch.autograd.Function):
     """Chunked (gated) linear attention on the Triton kernels; gradients for q, k, v, g and the initial state."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, exclusive: bool, chunk_size: int, cu_seqlens, key_offset: int = 0,
-                ones: bool = False):
-        L, q, k, v, b, o, s_out, h, A = _forward(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens,
-                                                 key_offset=key_offset, ones=ones)
+    def forward(ctx, q, k, v, g, initial_state, exclusive: bool, chunk_size: int, cu_seqlens, key_offset: int = 0):
+        L, q, k, v, b, o, s_out, h, A = _forward(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, key_offset=key_offset)
         ctx.save_for_backward(q, k, v, b, initial_state, h, A, s_out)
         ctx.L, ctx.exclusive, ctx.g_dtype, ctx.key_offset = L, exclusive, None if g is None else g.dtype, key_offset
         return o, s_out
@@ -719,18 +634,18 @@ class ChunkGLAFunction(torch.autograd.Function):
         do = do.contiguous()
         bb = b if b is not None else q
         dh = torch.empty_like(h)
-        ds0 = torch.empty(L.N, L.HK, L.K, L.VS, dtype=torch.float32, device=q.device)
+        ds0 = torch.empty(L.N, L.HK, L.K, L.V, dtype=torch.float32, device=q.device)
         dsf = dstate.float().contiguous() if dstate is not None else ds0
         _dstate_kernel[(triton.cdiv(L.K, L.WK), triton.cdiv(L.V, L.WV), L.N * L.HK)](
             q, do, bb, dh, dsf, ds0, cu, coff, L.T, L.NT, L.H, L.HK, L.K, L.V, L.KG, L.C, L.WK, L.WV, L.gate,
-            exclusive, dstate is not None, L.varlen, L.ones, num_warps=L.warps,
+            exclusive, dstate is not None, L.varlen, num_warps=L.warps,
         )
         lag = ctx.key_offset
         new = torch.zeros_like if lag else torch.empty_like  # the last `lag` keys reach no position: no gradient
         dv = new(v)
         _dv_kernel[(triton.cdiv(L.V, L.BV), L.NTtot, L.HK)](
             q, k, bb, A if A is not None else q, do, dh, dv, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.V, L.KG, L.C,
-            L.BK, L.BV, L.gate, exclusive, L.varlen, lag, L.ones, num_warps=L.warps,
+            L.BK, L.BV, L.gate, exclusive, L.varlen, lag, num_warps=L.warps,
         )
         gdt = torch.float32 if L.gate == 1 else None  # the per-head decay's gradient needs dq, dk unrounded
         dq = torch.empty(q.shape, dtype=gdt or q.dtype, device=q.device)
@@ -738,7 +653,7 @@ class ChunkGLAFunction(torch.autograd.Function):
         dqi = dki = dg = None
         if L.gate == 2:  # the intra-chunk terms first: the dq/dk kernel adds them and gives dg chunk by chunk
             dA = torch.empty(L.B, L.T, L.H, L.C, dtype=torch.float32, device=q.device)
-            _dA_kernel[(L.NTtot, L.H)](v, do, dA, cu, cidx, L.T, L.NT, L.H, L.HK, L.V, L.C, L.BV, L.varlen, L.ones)
+            _dA_kernel[(L.NTtot, L.H)](v, do, dA, cu, cidx, L.T, L.NT, L.H, L.HK, L.V, L.C, L.BV, L.varlen)
             dqi, dki = torch.empty(q.shape, dtype=torch.float32, device=q.device), torch.empty(k.shape, dtype=torch.float32, device=q.device)
             _intra_grad_kernel[(L.C // SUB, L.NTtot, L.HK * triton.cdiv(L.K, L.BKS))](
                 q, k, b, dA, dqi, dki, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.C, L.BKS, SUB, exclusive, L.varlen,
@@ -747,55 +662,47 @@ class ChunkGLAFunction(torch.autograd.Function):
         _dqk_kernel[(triton.cdiv(L.K, L.dqk_BK), L.NTtot, L.HK)](
             q, k, v, bb, h, do, dh, dq, dk, dqi if dqi is not None else dq, dki if dki is not None else dk,
             dg if dg is not None else dq, cu, cidx, L.T, L.NT, L.H, L.HK, L.K, L.V, L.KG, L.C, L.dqk_BK, L.BV,
-            L.gate, exclusive, L.varlen, lag, L.ones, num_stages=L.dqk_stages, num_warps=L.warps,
+            L.gate, exclusive, L.varlen, lag, num_stages=L.dqk_stages, num_warps=L.warps,
         )
         if L.gate == 1:
             dg = _decay_grad(L, q, k, dq, dk, s_out, dstate, exclusive, ctx.g_dtype)
         ds0 = ds0.to(s0.dtype) if s0 is not None else None
-        return dq.to(q.dtype), dk.to(k.dtype), dv, dg, ds0, None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv, dg, ds0, None, None, None, None
 
 
 def chunk_gla_triton(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, initial_state: Tensor | None = None,
     exclusive: bool = False, chunk_size: int = 64, cu_seqlens: Tensor | None = None, key_offset: int = 0,
-    ones: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Differentiable chunked (gated) linear attention: same arguments and results as `chunk_gla_ref`.
 
     q [B,T,H,K], k [B,T,Hk,K], v [B,T,Hk,V]; g None, [B,T,Hk] (per head) or [B,T,Hk,K] (per channel)
-    log-decays <= 0; initial_state [N,Hk,K,V(+1)]; cu_seqlens [N+1] int (B = 1) for packed sequences;
-    key_offset (no decay): position t's key and value are token t - key_offset's, read in place (none before a start);
-    ones: as if v had a last column of ones (the normalizer), which the kernels add in their first V block instead of
-    tiling V + 1 columns (129 are three 64-wide blocks). Returns o [B,T,H,V(+1)] in v's dtype and the final states
-    [N,Hk,K,V(+1)] fp32. On a GPU, fp32 products run in TF32 (Triton's default) and 16-bit inputs keep the per-chunk
-    states in 16 bits.
+    log-decays <= 0; initial_state [N,Hk,K,V]; cu_seqlens [N+1] int (B = 1) for packed sequences;
+    key_offset (no decay): position t's key and value are token t - key_offset's, read in place (none before a start).
+    Returns o [B,T,H,V] in v's dtype and the final states [N,Hk,K,V] fp32. On a GPU, fp32 products
+    run in TF32 (Triton's default) and 16-bit inputs keep the per-chunk states in 16 bits.
     """
     _check(q, k, v, g, chunk_size, cu_seqlens)
     if key_offset and g is not None:
         raise ValueError("key_offset needs g None (the decays would have to be offset too)")
     width = _narrow(v)
     if width:
-        if ones:  # narrow values take the padded path with their ones column written out
-            v, width = with_ones(v), width + 1
         o, s = ChunkGLAFunction.apply(q, k, *_widen(v, initial_state, g), exclusive, chunk_size, cu_seqlens, key_offset)
         return o[..., :width], s[..., :width]
-    return ChunkGLAFunction.apply(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, key_offset, ones)
+    return ChunkGLAFunction.apply(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, key_offset)
 
 
 def chunk_gla_fwd(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor | None = None, *, initial_state: Tensor | None = None,
     exclusive: bool = False, chunk_size: int = 64, cu_seqlens: Tensor | None = None, out: Tensor | None = None,
-    ones: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """The forward alone (no graph kept), optionally into a preallocated `out` [B,T,H,V(+1)]."""
+    """The forward alone (no graph kept), optionally into a preallocated `out` [B,T,H,V]."""
     _check(q, k, v, g, chunk_size, cu_seqlens)
     width = _narrow(v)
     if width:
-        if ones:
-            v, width = with_ones(v), width + 1
         o, s_out = _forward(q, k, *_widen(v, initial_state, g), exclusive, chunk_size, cu_seqlens)[5:7]
         return (o[..., :width] if out is None else out.copy_(o[..., :width])), s_out[..., :width]
-    o, s_out = _forward(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, out, ones=ones)[5:7]
+    o, s_out = _forward(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, out)[5:7]
     return o, s_out
 
 

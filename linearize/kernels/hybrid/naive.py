@@ -32,7 +32,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from ..gla.naive import chunk_gla_ref, lagged
+from ..gla.naive import chunk_gla_ref, lagged, with_ones
 
 EPS = 1e-12  # keeps 0/0 (rows with no visible key) finite; real normalizers are far larger
 NO_SINK = 2**62  # sink_pos of an empty sink slot: never far enough behind a query to be seen
@@ -238,9 +238,9 @@ def hybrid_attn_ref(
         first = None if cu_seqlens is None else cu_seqlens[:-1].to(q.device)[group[0]]  # each token's sequence start
         den_l, z = normalizer(fq, keys_fk, None if packed or lag else state["S"][..., vd], first, **off)
         mem = None if packed else torch.cat([mem, z[..., None]], -1)
-    else:  # decayed: the scan's ones column beside the values gives the normalizer
-        o_l, mem = scan(fq, keys_fk, ext_v[:, :t], keys_g, initial_state=None if packed else state["S"], exclusive=True,
-                        chunk_size=chunk_size, ones=True, **packed)
+    else:  # decayed: a column of ones beside the values gives the normalizer
+        o_l, mem = scan(fq, keys_fk, with_ones(ext_v[:, :t]), keys_g, initial_state=None if packed else state["S"],
+                        exclusive=True, chunk_size=chunk_size, **packed)
         num_l, den_l = o_l[..., :vd], o_l[..., vd]
     y = combine(q, ext_k, ext_v, ext_valid, num_l, den_l, mix, window, scale, softcap, dtype=v.dtype, sink=sink, sinks=sinks,
                 **off)
