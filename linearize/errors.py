@@ -19,3 +19,7 @@ class ModelLoadError(LinearizeError, OSError):
 
 class OutputError(LinearizeError, OSError):
     """An output path that cannot or must not be written: another's folder, the input, the current folder."""
+
+
+class SizeLimitError(LinearizeError, ValueError):
+    """A tensor past what the Triton kernels address (32-bit offsets): split the batch or the sequence."""

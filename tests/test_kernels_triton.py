@@ -119,6 +119,7 @@ def test_hybrid_step_kernel_applies_hedgehog_maps(dtype, gated, window, sinks, f
 
 
 chunk_ops = pytest.importorskip("linearize.kernels.gla.chunk")
+import linearize.kernels as kernels_api  # noqa: E402
 from linearize.kernels.gla.naive import chunk_gla_ref  # noqa: E402
 
 # (T, chunk, K, V, exclusive, initial state): T below, at and across chunks; chunks of 32 and 64 have
@@ -284,6 +285,9 @@ def test_chunk_gla_kernel_rejects_bad_shapes():
         chunk_ops.chunk_gla_triton(q[:, :, :3], k, v, torch.zeros(1, 8, 3, 5))
     with pytest.raises(ValueError, match="chunk_size"):
         chunk_ops.chunk_gla_triton(q[:, :, :3], k, v, chunk_size=24)
+    with pytest.raises(ValueError, match=r"initial_state must be \[N, Hk, K, V\] = \(1, 3, 16, 17\)"):
+        kernels_api.chunk_gla(q[:, :, :3].to(DEVICE), k.to(DEVICE), v.to(DEVICE), ones=True,
+                              initial_state=torch.zeros(1, 3, 16, 16, device=DEVICE))  # ones: V + 1 columns
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -945,3 +949,25 @@ def test_fused_decode_step_is_five_launches_a_layer(monkeypatch):
     (one, ops1), (three, ops3) = one_step(1), one_step(3)
     assert three == {"_qkv_rope_kernel": 3, "_hybrid_step_kernel": 3, "_rms_linear_kernel": 3 * 3 + 1}
     assert sum(three.values()) - sum(one.values()) == 2 * 5 and ops3 == ops1  # nothing else grows with the layers
+
+
+def test_kernels_refuse_tensors_past_32_bit_offsets():
+    """2^31 elements or more: a one-line SizeLimitError before any launch (the kernels' offsets would wrap), checked
+    on expanded views that take no memory."""
+    from linearize.errors import SizeLimitError
+
+    big = lambda *s: torch.zeros(1, device=DEVICE).expand(*s)  # noqa: E731
+    t = 2**21  # x 16 heads x 64 = 2^31
+    calls = {
+        "chunk_gla": lambda: chunk_ops.chunk_gla_triton(big(1, t, 16, 64), big(1, t, 16, 64), big(1, t, 16, 64)),
+        "window attention": lambda: window_ops.window_softmax(big(1, t, 16, 64), big(1, t + 3, 16, 64), big(1, t + 3, 16, 64),
+                                                              torch.ones(1, 1, dtype=torch.bool).expand(1, t + 3), 4, 0.1),
+        "linear normalizer": lambda: normalizer_ops.linear_normalizer_triton(big(1, t, 16, 64), big(1, t, 16, 64), None),
+        "hedgehog features": lambda: fmap_ops.hedgehog_features_triton(big(1, t, 16, 8), torch.zeros(16, 8, 32),
+                                                                       torch.zeros(16, 32)),
+        "causal conv1d": lambda: conv_ops.causal_conv1d_triton(big(1, t * 16, 64), torch.zeros(64, 4)),
+    }
+    for op, call in calls.items():
+        with pytest.raises(SizeLimitError, match=f"^{op}: .* past the 2\\^31 .*prefill_chunk"):
+            call()
+    chunk_ops.chunk_gla_triton(*(torch.randn(1, 8, 2, 16, device=DEVICE) for _ in range(3)))  # small: runs

@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..triton_utils import check_offsets
+
 FWD = dict(BT=32, BN=128, num_warps=8)  # tokens and channels per program; no spills compiled for sm_90
 BWD = dict(BT=32, BN=64, num_warps=8)  # (benchmarks/kernel_resources.py: 64 and 104 registers a thread)
 
@@ -120,6 +122,7 @@ def causal_conv1d_triton(x: Tensor, weight: Tensor, initial: Tensor | None = Non
     if weight.shape[0] != n or (initial is not None and tuple(initial.shape) != (b, width - 1, n)):
         raise ValueError(f"x {tuple(x.shape)}, weight {tuple(weight.shape)} and initial "
                          f"{None if initial is None else tuple(initial.shape)} must be [B,T,N], [N,W] and [B,W-1,N]")
+    check_offsets("causal conv1d", x=x.numel())
     y = CausalConv1dFunction.apply(x, weight, initial)
     past = initial.float() if initial is not None else x.new_zeros(b, width - 1, n, dtype=torch.float32)
     tail = torch.cat([past, x[:, max(t - (width - 1), 0) :].float()], 1)

@@ -38,7 +38,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..triton_utils import check_offsets
 from ..triton_utils import dot as _dot
+from .naive import check_initial_state
 
 SUB = 16  # sub-block of the per-channel intra-chunk weights
 WALK_PROGRAMS = 256  # programs the walks over the chunks aim at: about two per SM of an H100/H200
@@ -560,7 +562,8 @@ class _Launch:
         return b
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, chunk_size: int, cu_seqlens: Tensor | None) -> None:
+def _check(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, initial_state: Tensor | None, chunk_size: int,
+           cu_seqlens: Tensor | None) -> None:
     b, t, h, kd = q.shape
     if k.shape[:2] != (b, t) or v.shape[:3] != k.shape[:3] or k.shape[-1] != kd:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected [B,T,H,K], [B,T,Hk,K], [B,T,Hk,V]")
@@ -572,6 +575,10 @@ def _check(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, chunk_size: int, c
         raise ValueError(f"chunk_size must be a power of two >= {SUB}, got {chunk_size}")
     if cu_seqlens is not None and b != 1:
         raise ValueError(f"packed sequences (cu_seqlens) need batch size 1, got {b}")
+    check_initial_state(initial_state, k, v, cu_seqlens)
+    n, hk, vd = b if cu_seqlens is None else len(cu_seqlens) - 1, k.shape[2], v.shape[-1]
+    check_offsets("chunk_gla", q=q.numel(), k=k.numel(), v=v.numel(), output=b * t * h * vd,
+                  chunk_states=(b * t // chunk_size + n) * hk * kd * vd)
 
 
 def _forward(q, k, v, g, initial_state, exclusive, chunk_size, cu_seqlens, out=None, key_offset=0):
@@ -682,7 +689,7 @@ def chunk_gla_triton(
     Returns o [B,T,H,V] in v's dtype and the final states [N,Hk,K,V] fp32. On a GPU, fp32 products
     run in TF32 (Triton's default) and 16-bit inputs keep the per-chunk states in 16 bits.
     """
-    _check(q, k, v, g, chunk_size, cu_seqlens)
+    _check(q, k, v, g, initial_state, chunk_size, cu_seqlens)
     if key_offset and g is not None:
         raise ValueError("key_offset needs g None (the decays would have to be offset too)")
     width = _narrow(v)
@@ -697,7 +704,7 @@ def chunk_gla_fwd(
     exclusive: bool = False, chunk_size: int = 64, cu_seqlens: Tensor | None = None, out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The forward alone (no graph kept), optionally into a preallocated `out` [B,T,H,V]."""
-    _check(q, k, v, g, chunk_size, cu_seqlens)
+    _check(q, k, v, g, initial_state, chunk_size, cu_seqlens)
     width = _narrow(v)
     if width:
         o, s_out = _forward(q, k, *_widen(v, initial_state, g), exclusive, chunk_size, cu_seqlens)[5:7]

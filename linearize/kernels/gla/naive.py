@@ -30,6 +30,14 @@ def with_ones(v: Tensor) -> Tensor:
     return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
 
 
+def check_initial_state(initial_state: Tensor | None, k: Tensor, v: Tensor, cu_seqlens: Tensor | None) -> None:
+    """A one-line error for an initial state that is not [N, Hk, K, V] (N: rows, or packed sequences)."""
+    want = (k.shape[0] if cu_seqlens is None else len(cu_seqlens) - 1, k.shape[2], k.shape[3], v.shape[-1])
+    if initial_state is not None and tuple(initial_state.shape) != want:
+        raise ValueError(f"initial_state must be [N, Hk, K, V] = {want} (N: rows, or packed sequences), "
+                         f"got {tuple(initial_state.shape)}")
+
+
 def chunk_gla_ref(
     q: Tensor,
     k: Tensor,
@@ -54,6 +62,7 @@ def chunk_gla_ref(
     """
     if ones:
         v = with_ones(v)
+    check_initial_state(initial_state, k, v, cu_seqlens)
     if key_offset and g is not None:
         raise ValueError("key_offset needs g None (the decays would have to be offset too)")
     if g is not None and g.dim() == 3:  # one decay per head: the same for every key channel

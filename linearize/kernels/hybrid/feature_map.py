@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..triton_utils import check_offsets
 from ..triton_utils import dot as _dot
 
 FWD = dict(BM=64, num_warps=8)  # rows (tokens) per tile; no spills compiled for sm_90 at D, FD <= 128
@@ -144,4 +145,5 @@ def hedgehog_features_triton(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     if weight.dim() != 3 or x.shape[-2:] != weight.shape[:2] or bias.shape != (weight.shape[0], weight.shape[2]):
         raise ValueError(f"x {tuple(x.shape)}, W {tuple(weight.shape)} and b {tuple(bias.shape)} must be [..., H, D], "
                          "[H, D, FD] and [H, FD]")
+    check_offsets("hedgehog features", features=x.numel() // x.shape[-1] * 2 * weight.shape[2])
     return HedgehogFunction.apply(x, weight, bias)

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..triton_utils import check_offsets
 from ..triton_utils import dot as _dot
 
 BT = 64  # tokens per tile
@@ -240,4 +241,5 @@ def linear_normalizer_triton(
         raise ValueError(f"phi(q) {tuple(fq.shape)} and phi(k) {tuple(fk.shape)} must be [B,T,H,F] and [B,T,Hk,F], H a multiple of Hk")
     if first is not None and (fq.shape[0] != 1 or key_offset):
         raise ValueError("packed sequences (first) need batch size 1 and no key_offset")
+    check_offsets("linear normalizer", phi_q=fq.numel(), phi_k=fk.numel())
     return LinearNormalizerFunction.apply(fq, fk.to(fq.dtype), z0, first, key_offset)

@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..triton_utils import check_offsets
 from ..triton_utils import dot as _dot
 from .naive import EPS
 
@@ -434,6 +435,7 @@ def _check(q: Tensor, ext_k: Tensor, ext_v: Tensor, ext_valid: Tensor, window: i
     n = window - 1 + t - key_offset
     if ext_k.shape[:2] != (b, n) or ext_v.shape[:3] != ext_k.shape[:3] or ext_valid.shape != ext_k.shape[:2]:
         raise ValueError(f"ext_k, ext_v, ext_valid must hold W-1+T-key_offset = {n} tokens of batch {b}")
+    check_offsets("window attention", q=q.numel(), ext_k=ext_k.numel(), output=b * t * h * ext_v.shape[-1])
 
 
 def window_softmax(
