@@ -702,6 +702,9 @@ def test_dense_decode_kernels_match_their_references(dtype, m):
     for kw in cases:
         y = dense_ops.rms_linear_triton(x, eps=1e-5, **kw)
         assert not torch.isnan(y).any() and rel_err(y, rms_linear_ref(x, eps=1e-5, **kw)) < TOL[dtype]
+    for fn in (dense_ops.rms_linear_triton, rms_linear_ref):  # an unknown epilogue is refused, not run as none
+        with pytest.raises(ValueError, match="act must be None or 'swiglu', got 'gelu'"):
+            fn(x, w[:n], act="gelu")
     wqkv, bqkv = (r((h + 2 * hk) * d, c) / 8).to(dtype), r((h + 2 * hk) * d).to(dtype)
     cos, sin = rope_tables(torch.arange(m, device=DEVICE) * 37 + 5, 1.0 / 1e4 ** (torch.arange(0, d, 2, device=DEVICE) / d))
     for qk_norm in (None, (1 + r(2, d) / 4).to(dtype)):

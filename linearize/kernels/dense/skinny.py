@@ -144,6 +144,8 @@ def rms_linear_triton(
     act: str | None = None, residual: Tensor | None = None,
 ) -> Tensor:
     """`rms_linear_ref` in one launch (x [M, K], W [N, K] contiguous)."""
+    if act not in (None, "swiglu"):
+        raise ValueError(f"act must be None or 'swiglu', got {act!r}")
     m, kdim = x.shape
     n = weight.shape[0] // 2 if act == "swiglu" else weight.shape[0]
     bm = _block_m(m)
