@@ -22,7 +22,7 @@ from linearize import cli
 from linearize.eval import recall as recall_mod
 from linearize.eval import text_perplexity
 from linearize.eval.harness import expand_tasks
-from linearize.eval.report import compare, compare_table, recovery
+from linearize.eval.report import compare, compare_table, records_table, recovery
 from linearize.eval.tasks import loaders
 
 from conftest import tiny_model
@@ -152,6 +152,10 @@ def test_recovery_on_a_crafted_result():
     assert "| piqa | acc | 0.6000 ± 0.0200 | 0.4500 ± 0.0300 | 75.0 |" in table
     assert "| wiki | ppl | 10.0000 | 12.5000 | 80.0 |" in table
     assert recovery(0.0, 0.3, "acc") is None and recovery(2.0, 4.0, "bits_per_byte") == pytest.approx(50.0)
+    one = records_table([r for r in recs if r["model"] == "*:gla"])  # one model: named in the header, not every row
+    assert one.splitlines()[0] == "| task | metric | value |" and "| piqa | acc | 0.4500 ± 0.0300 |" in one
+    both = records_table(recs)
+    assert both.splitlines()[0] == "| model | task | metric | value |" and "| teacher | wiki | ppl | 10.0000 |" in both
 
 
 # --- recall --------------------------------------------------------------------------------------------

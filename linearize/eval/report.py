@@ -74,9 +74,12 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
 
 
 def records_table(recs: list[dict[str, Any]]) -> str:
+    """task, metric, value (± stderr); a model column only where the records hold several (the header names one: a
+    plan's string, repeated on every row, made the table unreadable)."""
     errs = {(r["model"], r["task"], r["metric"]): r["value"] for r in recs}
-    return table(["model", "task", "metric", "value"], [
-        [r["model"], r["task"], r["metric"], _num(r["value"], errs.get((r["model"], r["task"], r["metric"] + "_stderr")))]
+    several = len({r["model"] for r in recs}) > 1
+    return table(["model"] * several + ["task", "metric", "value"], [
+        [r["model"]] * several + [r["task"], r["metric"], _num(r["value"], errs.get((r["model"], r["task"], r["metric"] + "_stderr")))]
         for r in recs if not r["metric"].endswith("_stderr")])
 
 
