@@ -5,6 +5,9 @@ recall (copy, passkey, MQAR) at 512 tokens, in records of `{"run", "plan", "cach
 choices were made on).
 
     python benchmarks/default_plan_cpu.py --out benchmarks/results/default_plan_cpu.json
+    python benchmarks/default_plan_cpu.py --out benchmarks/results/default_plan_cpu.json --runs heads-w128-recall
+
+(`--runs`: those runs only; the records of the others are kept from --out, the new ones listed under "additions".)
 
 The head plan keeps softmax in the best KV heads of the head scores measured on the GPU
 (`results/recall_smollm2.json`, `head_scores`: WikiText-2 valid.txt and copy rows) while the plan's cache
@@ -46,6 +49,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="out/cpu_study")
     ap.add_argument("--data-dir", default="../shared/evaldata")
     ap.add_argument("--scores", default="benchmarks/results/recall_smollm2.json")
+    ap.add_argument("--runs", nargs="+", help="run only these (default: all)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -63,8 +67,16 @@ def main() -> None:
         # the hybrid started at the window's side (sigmoid(3) = 0.95: nearly the training-free plan)
         "heads-sinks-init3": (head_plan(args.scores, "lolcats(window=64, sinks=4, window_init=3)", budget, meter), []),
         # twice the window at half the feature dimension: the same cache per head (the GPU's ours-w128)
-        "heads-w128": (head_plan(args.scores, "lolcats(window=128, sinks=4, window_init=3, feature_dim=32)", budget, meter), []),
+        "heads-w128": (w128 := head_plan(args.scores, "lolcats(window=128, sinks=4, window_init=3, feature_dim=32)", budget, meter), []),
+        # ablations of the default: a quarter of the rows recall-rich (distill/recall_data.py), a decay in the linear part
+        "heads-w128-recall": (w128, ["data.recall_mix=0.25"]),
+        "heads-w128-lizard": (specs_to_string(with_kind(LayerPlan.from_string(w128).resolve(model.config.num_hidden_layers),
+                                                        "lizard(window=128, sinks=4, window_init=3, feature_dim=32)")), []),
     }
+    unknown = set(args.runs or ()) - set(runs)
+    if unknown:
+        ap.error(f"unknown runs {sorted(unknown)}; choose from {', '.join(runs)}")
+    runs = {name: run for name, run in runs.items() if not args.runs or name in args.runs}
     cli = [sys.executable, "-m", "linearize.cli"]
     evals = [a.format(data=args.data_dir) for a in EVAL]
     commands = []
@@ -103,6 +115,11 @@ def main() -> None:
                             "train_tokens": sum(summary["train_tokens"].values())})
     out = {**run_info(shlex.join(["python", *sys.argv])), "recipe": RECIPE, "budget_cache_fraction": round(budget, 4),
            "commands": commands, "records": records}
+    if args.runs and Path(args.out).is_file():  # a subset: the other runs' records stay, this call is an addition
+        old = json.loads(Path(args.out).read_text())
+        added = {k: out[k] for k in ("command", "date", "device", "versions", "commands")}
+        out = {**old, "records": [r for r in old["records"] if r["run"] not in runs] + records,
+               "additions": [*old.get("additions", []), {**added, "runs": list(runs)}]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print("| run | cache | metric | teacher | converted |\n| --- | ---: | --- | ---: | ---: |")
