@@ -268,6 +268,6 @@ def _hub_call(repo_id: str, fetch):
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached or has no such repo"
         raise ModelLoadError(
-            f"cannot load {repo_id!r} from the Hugging Face Hub ({why}): {e}. Download it where the Hub is "
-            "reachable (huggingface-cli download) and pass the local folder, or check the repo id."
+            f"cannot load {repo_id!r} from the Hugging Face Hub ({why}): {str(e).splitlines()[0].rstrip('.')}. Download it "
+            "where the Hub is reachable (huggingface-cli download) and pass the local folder, or check the repo id."
         ) from e

@@ -117,6 +117,8 @@ BAD = [
     (["bench", "model", "--lengths", "0,64", "--out", "o"], "--lengths [0, 64]: must be positive"),
     # 14: a model folder without its tokenizer
     (["eval", "model", *PPL, "--out", "o"], "has no tokenizer files: save the tokenizer there too"),
+    # a Hub id offline: transformers' message of several lines becomes one
+    (["inspect", "some-org/some-model"], "cannot load 'some-org/some-model' from the Hugging Face Hub"),
 ]
 
 
