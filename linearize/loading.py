@@ -245,9 +245,22 @@ def _gguf_config(path: Path, size: int, mtime: int) -> PretrainedConfig:
 
 
 def _folder_call(path: Path, fetch):
-    """Run `fetch` (a from_pretrained of the folder); an architecture transformers does not know becomes a clear error."""
+    """Run `fetch` (a from_pretrained of the folder); an architecture transformers does not know, or weights that are
+    missing, cut off or of other shapes than config.json gives, become a clear error."""
+    from safetensors import SafetensorError
+
     try:
         return fetch()
+    except (OSError, SafetensorError) as e:
+        if isinstance(e, LinearizeError):
+            raise
+        raise ModelLoadError(f"cannot read the weights in {str(path)!r} ({str(e).splitlines()[0].rstrip('.')}): they are missing or "
+                             "cut off: save the model there again (model.save_pretrained(folder))") from e
+    except RuntimeError as e:
+        if "ignore_mismatched_sizes" not in str(e):
+            raise
+        raise ModelLoadError(f"the weights in {str(path)!r} do not have the shapes its config.json gives (listed above): "
+                             "restore config.json, or save the model there again") from e
     except (ValueError, KeyError) as e:
         if isinstance(e, LinearizeError):
             raise
@@ -257,7 +270,7 @@ def _folder_call(path: Path, fetch):
         hint = (" (a model converted by linearize: `import linearize` first)" if str(model_type).startswith("linearize_")
                 else "; upgrade transformers if the architecture is newer than it")
         raise ModelLoadError(f"transformers {transformers.__version__} cannot load the folder {str(path)!r} "
-                             f"(model_type {model_type!r}: {str(e).split('. ')[0].strip()}){hint}") from e
+                             f"(model_type {model_type!r}: {' '.join(str(e).split()).split('. ')[0]}){hint}") from e
 
 
 def _hub_call(repo_id: str, fetch):

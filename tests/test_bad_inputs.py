@@ -297,3 +297,32 @@ def test_convert_of_a_tiny_model_runs_without_warnings(tmp_path):
                          f"data.source={tmp_path / 't.txt'}", "data.seq_len=16", "stage1.steps=1", "stage2.steps=1"]) == 0
     assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))], [str(w.message) for w in caught]
     assert (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def test_damaged_model_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    """Weights missing, cut off or of other shapes than config.json, a tokenizer that cannot be built: one line, no output."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    tiny_folder(tmp_path / "tiny")
+    (tmp_path / "d.txt").write_text("w3 w4 w5 w6\n")
+    weights = tmp_path / "tiny" / "model.safetensors"
+    config = json.loads((tmp_path / "tiny" / "config.json").read_text())
+    capsys.readouterr()
+    damage = {
+        "no weights": lambda f: (f / "model.safetensors").unlink(),
+        "cut off": lambda f: (f / "model.safetensors").write_bytes(weights.read_bytes()[: weights.stat().st_size * 9 // 10]),
+        "other shapes": lambda f: (f / "config.json").write_text(json.dumps({**config, "hidden_size": 32})),
+        "no tokenizer.json": lambda f: (f / "tokenizer.json").unlink(),
+    }
+    messages = {"no weights": "they are missing or cut off", "cut off": "they are missing or cut off",
+                "other shapes": "do not have the shapes its config.json gives", "no tokenizer.json": "tokenizer"}
+    for name, how in damage.items():
+        shutil.copytree(tmp_path / "tiny", tmp_path / name)
+        how(tmp_path / name)
+        assert cli.main(["eval", name, "--perplexity", "d.txt", "--device", "cpu", "--out", "o"]) == 2, name
+        err = "".join(line for line in capsys.readouterr().err.splitlines(True) if "it/s]" not in line)  # no progress bars
+        last = err.splitlines()[-1]  # other shapes: transformers' report of them above it
+        assert last.startswith("error: ") and messages[name] in last and "Traceback" not in err, err
+        assert err.count("\n") == 1 or name == "other shapes", err
+        assert not (tmp_path / "o").exists()
