@@ -103,6 +103,12 @@ BAD = [
     (["convert", "--out", "o", "stage1.steps=-5"], "stage1.steps=-5"),
     (["convert", "--out", "o", "stage2.save_every=0"], "stage2.save_every=0"),
     (["convert", "--out", "o", "stage1.steps=many"], "stage1.steps='many' does not fit the type int"),
+    (["convert", "--out", "o", "stage1.lr=-1"], "stage1.lr=-1.0"),
+    (["convert", "--out", "o", "stage2.lr=.nan"], "stage2.lr=nan"),
+    (["convert", "--out", "o", "stage1.weight_decay=-0.1"], "stage1.weight_decay=-0.1"),
+    (["convert", "--out", "o", "stage2.lora_r=0"], "stage2.lora_r=0"),
+    (["convert", "--out", "o", "stage2.lora_dropout=1.5"], "stage2.lora_dropout=1.5"),
+    (["convert", "--out", "o", "data.max_texts=-1"], "data.max_texts=-1"),
     # 8: an lm-eval task that needs the Hub, offline
     (["eval", "model", "--tasks", "piqa", "--out", "o"], "use 'local_piqa', which reads the offline copy"),
     # 11: an empty plan

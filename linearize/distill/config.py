@@ -4,6 +4,7 @@ from the command line as ``section.key=value``."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,10 +108,17 @@ class DistillConfig:
             *[(f"{name}.{k}", getattr(s, k), getattr(s, k) > 0) for name, s in (("stage1", self.stage1), ("stage2", self.stage2))
               for k in ("batch_size", "save_every")],
             *[(f"{name}.steps", s.steps, s.steps >= 0) for name, s in (("stage1", self.stage1), ("stage2", self.stage2))],
+            *[(f"{name}.lr", s.lr, 0 < s.lr < math.inf) for name, s in (("stage1", self.stage1), ("stage2", self.stage2))],
+            *[(f"{name}.weight_decay", s.weight_decay, 0 <= s.weight_decay < math.inf)
+              for name, s in (("stage1", self.stage1), ("stage2", self.stage2))],
+            ("data.max_texts", self.data.max_texts, self.data.max_texts is None or self.data.max_texts > 0),
+            ("stage2.lora_r", self.stage2.lora_r, self.stage2.lora_r > 0),
+            ("stage2.lora_dropout", self.stage2.lora_dropout, 0 <= self.stage2.lora_dropout < 1),
         ] if not ok]
         if bad:
             raise ConfigError(f"{', '.join(bad)}: sequence length must be at least 2, val_fraction between 0 and 1, "
-                              "recall_mix in [0, 1), batch sizes, lengths and counts positive, steps 0 or more")
+                              "recall_mix and lora_dropout in [0, 1), batch sizes, lengths, counts and learning rates "
+                              "positive, steps and weight_decay 0 or more")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
