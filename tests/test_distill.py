@@ -320,6 +320,16 @@ def test_recipe_loading_and_overrides(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def test_recipe_lists_and_plan_dicts_keep_their_type(tmp_path):
+    """A list (lora_targets) is a list of names, not a string matched by substring; a plan mapping stays a mapping."""
+    assert load_config(None, ["stage2.lora_targets=q_proj,v_proj"]).stage2.lora_targets == ["q_proj", "v_proj"]
+    assert load_config(None, ["stage2.lora_targets=[o_proj]"]).stage2.lora_targets == ["o_proj"]
+    (tmp_path / "r.yaml").write_text('plan:\n  layers:\n    "1": gla\n')
+    assert linearize.LayerPlan.coerce(load_config(tmp_path / "r.yaml").plan).resolve(3)[1].kind == "gla"
+    with pytest.raises(ConfigError, match="does not fit the type"):
+        load_config(None, ["data.template={a: 1}"])
+
+
 def test_cli_convert_end_to_end_with_resume(smollm2_base, tmp_path, monkeypatch, capsys):
     from linearize import cli
     from linearize.distill import run

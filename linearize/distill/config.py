@@ -8,6 +8,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import UnionType
 from typing import Any
 
 import yaml
@@ -122,7 +123,7 @@ class DistillConfig:
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    args = typing.get_args(hint)
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, UnionType) else ()
     if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args):
         if type(None) in args or hint is Any:
             return None
@@ -154,7 +155,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return float(value)
             except (TypeError, ValueError):
                 continue
-        if origin is str:
+        if origin is str and not isinstance(value, (dict, list)):
             return str(value)
     raise ConfigError(f"{key}={value!r} does not fit the type {getattr(hint, '__name__', hint)}")
 
