@@ -118,6 +118,9 @@ BAD = [
     # 13: a plan that does not fit the model, sizes below 1
     (["convert", "--model", "model", "--plan", "99:gla", "--out", "o"], "this model has 3 layers"),
     (["convert", "--model", "model", "--plan", "0-2:lolcats,1:gla", "--out", "o"], "layer 1 is assigned twice"),
+    (["convert", "--model", "model", "--plan", "*:softmax", "--out", "o"], "converts no layer, so there is nothing to distill"),
+    (["convert", "--model", "model", "--plan", "1:gla", "--out", "o", "stage2.lora_targets=q_norm"],
+     "stage2.lora_targets=q_norm names none of the converted layers' projections"),
     (["eval", "model", *PPL, "--context", "0", "--out", "o"], "--context 0: must be positive"),
     (["eval", "model", "--recall", "mqar", "--recall-lengths", "0", "--out", "o"], "--recall-lengths [0]: must be positive"),
     (["bench", "model", "--lengths", "0,64", "--out", "o"], "--lengths [0, 64]: must be positive"),

@@ -21,12 +21,13 @@ import torch
 import yaml
 from transformers import PretrainedConfig
 
+from ..adapters import adapter_for
 from ..convert import convert
 from ..errors import LinearizeError
 from ..info import resolve_plan
 from ..loading import load
 from ..outputs import atomic_dir, check_out
-from ..plan import LayerPlan
+from ..plan import SOFTMAX, LayerPlan, LayerSpec, specs_to_string
 from . import fsdp
 from .config import DistillConfig
 from .data import pack, read_texts, split, teacher_cache, teacher_texts
@@ -102,6 +103,17 @@ def compile_frozen_blocks(model: torch.nn.Module, backend: str) -> int:
     return count
 
 
+def _check_trainable(cfg: DistillConfig, config: PretrainedConfig, specs: list[LayerSpec]) -> None:
+    """Refuse a plan that converts no layer, and LoRA targets that name no projection of the converted layers."""
+    if all(s.kind == SOFTMAX for s in specs):
+        raise LinearizeError(f"the plan {specs_to_string(specs)!r} converts no layer, so there is nothing to distill: give "
+                             "some layers a kind, e.g. '2-:lolcats'")
+    projections = [n for n in adapter_for(config.model_type).modules if n.endswith("_proj")]
+    if cfg.stage2.steps and not set(cfg.stage2.lora_targets) & set(projections):
+        raise LinearizeError(f"stage2.lora_targets={','.join(cfg.stage2.lora_targets)} names none of the converted layers' "
+                             f"projections: give some of {','.join(projections)}, or stage2.steps=0")
+
+
 def _lora_targets(model: torch.nn.Module, names: list[str]) -> list[str]:
     from ..kinds.base import LinearizedAttention
 
@@ -154,7 +166,8 @@ def _distill(
     out = Path(out)
     output = dict(force=force, inputs=[cfg.model, cfg.data.source])
     check_out(out, "convert", **output)
-    config, _ = resolve_plan(cfg.model, plan)  # from the model's config: a plan that does not fit fails before any loading
+    config, specs = resolve_plan(cfg.model, plan)  # from the model's config: a plan that does not fit fails before any loading
+    _check_trainable(cfg, config, specs)
     device, rank, world = _distributed()
     dtype, train_dtype = resolve_dtypes(cfg, device, config)
     sharded = world > 1 and fsdp.requested()
