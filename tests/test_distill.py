@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -295,6 +296,22 @@ def test_txt_and_jsonl_loaders_pack_exactly(smollm2, tmp_path):
         read_texts(DataConfig(source=str(tmp_path / "missing.jsonl")))
     with pytest.raises(DataError, match="not one sequence"):
         pack(["hi"], tok, 512)
+
+
+def test_data_files_that_cannot_be_read_say_why(tmp_path):
+    files = {"bin.txt": b"ok\n\xff\xfe\n", "bad.jsonl": b'{"text": "a"}\n{bad\n', "str.jsonl": b'"text"\n',
+             "bad.json": b'{"text": ', "ints.json": b"[1, 2]"}
+    messages = {"bin.txt": "is not UTF-8 text (invalid start byte at byte 3)", "bad.jsonl": "line 2 of",
+                "str.jsonl": "holds a str where a record belongs", "bad.json": "is not valid JSON",
+                "ints.json": "holds a int where a record belongs"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match=re.escape(messages[name])):
+            read_texts(DataConfig(source=str(tmp_path / name)))
+    (tmp_path / "ok.jsonl").write_text('{"text": "a"}\n')
+    for template in ("{", "{0}", "{text!z}"):
+        with pytest.raises(DataError, match="is not a format string of column names"):
+            read_texts(DataConfig(source=str(tmp_path / "ok.jsonl"), template=template))
 
 
 def test_teacher_samples_are_kept_under_the_one_cache_root(tmp_path, monkeypatch):

@@ -54,6 +54,12 @@ def test_text_perplexity_matches_hand_computation(tmp_path, context, stride):
     assert math.isclose(got["ppl"], math.exp(nll / n), rel_tol=1e-5)
 
 
+def test_text_that_is_not_utf8_says_so(tmp_path):
+    (tmp_path / "t.txt").write_bytes(b"text\n\xff\xfe")
+    with pytest.raises(linearize.LinearizeError, match=r"'.*t.txt' is not UTF-8 text \(invalid start byte at byte 5\)"):
+        text_perplexity(None, ByteTokenizer(), tmp_path / "t.txt")
+
+
 # --- offline lm-eval tasks -----------------------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -30,11 +30,17 @@ class DataError(LinearizeError, ValueError):
 
 
 def _record_text(rec: dict[str, Any], cfg: DataConfig, where: str) -> str:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where} holds a {type(rec).__name__} where a record belongs: give records like "
+                        f"{{{cfg.text_column!r}: ...}}, or a .txt file of one text a line")
     if cfg.template:
         try:
             return cfg.template.format(**{k: ("" if v is None else v) for k, v in rec.items()})
         except KeyError as e:
             raise DataError(f"template field {e} is not a column of {where}; columns: {sorted(rec)}") from None
+        except (ValueError, IndexError) as e:
+            raise DataError(f"data.template {cfg.template!r} is not a format string of column names ({e}): "
+                            "write columns as {name}, literal braces as {{ and }}") from None
     if cfg.text_column not in rec:
         raise DataError(f"{where} has no column {cfg.text_column!r}; columns: {sorted(rec)}. Set data.text_column or data.template")
     return str(rec[cfg.text_column])
@@ -47,14 +53,18 @@ def read_texts(cfg: DataConfig) -> list[str]:
     if path.suffix in (".txt", ".json", ".jsonl", ".parquet") or path.exists():
         if not path.is_file():
             raise DataError(f"data file {src!r} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8") if path.suffix in (".txt", ".json", ".jsonl") else ""
+        except UnicodeDecodeError as e:
+            raise DataError(f"data file {src!r} is not UTF-8 text ({e.reason} at byte {e.start:,}): save it as UTF-8") from None
         if path.suffix == ".txt":
-            texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            texts = [line.strip() for line in text.splitlines() if line.strip()]
         elif path.suffix == ".jsonl":
-            recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            recs = [_json(line, f"line {n} of {src!r}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
             texts = [_record_text(r, cfg, src) for r in recs]
         elif path.suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            recs = data if isinstance(data, list) else data.get("data", data.get(cfg.split, []))
+            data = _json(text, f"data file {src!r}")
+            recs = data if isinstance(data, list) else data.get("data", data.get(cfg.split, [])) if isinstance(data, dict) else [data]
             texts = [_record_text(r, cfg, src) for r in recs]
         elif path.suffix == ".parquet":
             texts = [_record_text(r, cfg, src) for r in _datasets().load_dataset("parquet", data_files=str(path), split="train")]
@@ -67,6 +77,14 @@ def read_texts(cfg: DataConfig) -> list[str]:
             raise DataError(f"cannot load the Hub dataset {src!r} ({type(e).__name__}: {e}); offline, pass a local file") from e
         texts = [_record_text(r, cfg, src) for r in ds]
     return texts[: cfg.max_texts] if cfg.max_texts else texts
+
+
+def _json(text: str, where: str) -> Any:
+    """`text` parsed as JSON; anything else is an error that names `where`."""
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise DataError(f"{where} is not valid JSON ({e}): fix or remove it") from None
 
 
 def _datasets():

@@ -42,7 +42,11 @@ def text_perplexity(
     stride = stride or context
     if not 0 < stride <= context:
         raise LinearizeError(f"stride must be in 1..context ({context}), got {stride}")
-    ids = tokenizer(p.read_text(encoding="utf-8"), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LinearizeError(f"text file {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start:,}): save it as UTF-8") from None
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     if max_tokens:
         ids = ids[:max_tokens]
     device = next(model.parameters()).device
