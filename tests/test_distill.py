@@ -343,8 +343,10 @@ def test_recipe_lists_and_plan_dicts_keep_their_type(tmp_path):
     assert load_config(None, ["stage2.lora_targets=[o_proj]"]).stage2.lora_targets == ["o_proj"]
     (tmp_path / "r.yaml").write_text('plan:\n  layers:\n    "1": gla\n')
     assert linearize.LayerPlan.coerce(load_config(tmp_path / "r.yaml").plan).resolve(3)[1].kind == "gla"
+    (tmp_path / "t.yaml").write_text("data:\n  template: {a: 1}\n")
     with pytest.raises(ConfigError, match="does not fit the type"):
-        load_config(None, ["data.template={a: 1}"])
+        load_config(tmp_path / "t.yaml")
+    assert load_config(None, ["data.template={instruction}"]).data.template == "{instruction}"  # YAML reads a mapping
 
 
 def test_cli_convert_end_to_end_with_resume(smollm2_base, tmp_path, monkeypatch, capsys):

@@ -206,5 +206,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:  # not YAML (e.g. a template with braces): take the text as is
             node[parts[-1]] = value
-        _update(cfg, nested)
+        try:
+            _update(cfg, nested)
+        except ConfigError:
+            if not isinstance(node[parts[-1]], (dict, list)):
+                raise
+            node[parts[-1]] = value  # YAML's mapping or list where text belongs (a template such as {instruction})
+            _update(cfg, nested)
     return cfg
