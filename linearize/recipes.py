@@ -35,6 +35,8 @@ def read_yaml(file: Path, what: str, error: type[Exception]) -> dict[str, Any]:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise error(f"{what} {str(file)!r} is not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{what} {str(file)!r} is not UTF-8 text ({e.reason} at byte {e.start:,}): give a YAML file") from None
     if not isinstance(data, dict):
         raise error(f"{what} {str(file)!r} is not a YAML mapping of keys")
     return data

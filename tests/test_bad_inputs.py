@@ -47,6 +47,7 @@ def scratch(tmp_path, monkeypatch):
     (tmp_path / "notes.yaml").write_text("mine: true\n")
     (tmp_path / "bad.yaml").write_text("plan: [0:gla\nstage1: {steps: 2}\n")
     (tmp_path / "list.yaml").write_text("- stage1\n- stage2\n")
+    (tmp_path / "binary.yaml").write_bytes(b"\x00\xff\xfe")
     (tmp_path / "d.txt").write_text("some text\n")
     return tmp_path
 
@@ -96,6 +97,8 @@ BAD = [
     (["convert", "--config", "list.yaml", "--out", "o"], "is not a YAML mapping"),
     (["convert", "--plan", "bad.yaml", "--out", "o"], "plan file 'bad.yaml' is not valid YAML"),
     (["plan", "model", "--plan", "bad.yaml"], "plan file 'bad.yaml' is not valid YAML"),
+    (["convert", "--config", "binary.yaml", "--out", "o"], "recipe 'binary.yaml' is not UTF-8 text (invalid start byte at byte 1)"),
+    (["plan", "model", "--plan", "binary.yaml"], "plan file 'binary.yaml' is not UTF-8 text"),
     # 7, 18: recipe values no run can use; a type error names the type
     (["convert", "--out", "o", "data.seq_len=0"], "data.seq_len=0"),
     (["convert", "--out", "o", "data.recall_mix=1"], "data.recall_mix=1"),
