@@ -116,10 +116,13 @@ def _auto_plan(args: argparse.Namespace, output: dict) -> tuple[list, None]:
     import torch
 
     from .autoplan import Budget, autoplan, calibration_rows, report_table, write_report
+    from .eval.run import _positive
     from .loading import load
     from .plan import split_top_level
 
     budget = Budget.parse(args.budget)  # bad input fails before the model loads
+    _positive(sequences=args.sequences, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, window=args.window,
+              copy_length=args.copy_length)
     kinds = [k.strip() for k in split_top_level(args.kinds) if k.strip()]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = load(args.model, device=device)

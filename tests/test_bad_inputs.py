@@ -127,6 +127,9 @@ BAD = [
     (["eval", "model", *PPL, "--context", "0", "--out", "o"], "--context 0: must be positive"),
     (["eval", "model", "--recall", "mqar", "--recall-lengths", "0", "--out", "o"], "--recall-lengths [0]: must be positive"),
     (["bench", "model", "--lengths", "0,64", "--out", "o"], "--lengths [0, 64]: must be positive"),
+    (["plan", "model", "--budget", "softmax=1", "--seq-len", "0", "--batch-size", "-1"], "--seq-len 0, --batch-size -1: must be positive"),
+    (["plan", "model", "--budget", "cache=50%", "--copy-length", "0", "--window", "0"], "--window 0, --copy-length 0: must be"),
+    (["plan", "model", "--budget", "ratio=3", "--lr", "-1"], "--lr -1.0: must be positive"),
     # 14: a model folder without its tokenizer
     (["eval", "model", *PPL, "--out", "o"], "has no tokenizer files: save the tokenizer there too"),
     # a Hub id offline: transformers' message of several lines becomes one
