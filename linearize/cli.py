@@ -113,10 +113,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 def _auto_plan(args: argparse.Namespace, output: dict) -> tuple[list, None]:
     """Load the model, score its layers on calibration data, choose under the budget, print the table."""
-    import torch
-
     from .autoplan import Budget, autoplan, calibration_rows, report_table, write_report
-    from .eval.run import _positive
+    from .eval.run import _positive, pick_device
     from .loading import load
     from .plan import split_top_level
 
@@ -124,8 +122,7 @@ def _auto_plan(args: argparse.Namespace, output: dict) -> tuple[list, None]:
     _positive(sequences=args.sequences, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, window=args.window,
               copy_length=args.copy_length)
     kinds = [k.strip() for k in split_top_level(args.kinds) if k.strip()]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = load(args.model, device=device)
+    model, tok = load(args.model, device=pick_device(args.device))
     rows = calibration_rows(model, tok, args.data, sequences=args.sequences, seq_len=args.seq_len, seed=args.seed,
                             model_id=str(args.model))
     if budget.kind == "cache":

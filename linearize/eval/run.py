@@ -24,7 +24,10 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     """The device asked for, else CUDA when there is one; a CUDA request without a GPU is an error."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise LinearizeError(f"unknown device {device!r}: use cuda, cuda:N or cpu") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LinearizeError("device 'cuda' was asked for but torch sees no GPU: pass --device cpu")
     return device
@@ -36,7 +39,7 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+    if not isinstance(getattr(torch, str(dtype), None), torch.dtype) or not getattr(torch, dtype).is_floating_point:
         raise LinearizeError(f"unknown dtype {dtype!r}: use bfloat16, float16 or float32")
     return getattr(torch, dtype)
 
