@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from .convert import register_auto_classes
+from .convert import CLASSES, PREFIX, register_auto_classes
 from .errors import LinearizeError, ModelLoadError
 from .home import cache_root, copies_off
 
@@ -267,7 +267,9 @@ def _folder_call(path: Path, fetch):
         import transformers
 
         model_type = read_config_json(path).get("model_type")
-        hint = (" (a model converted by linearize: `import linearize` first)" if str(model_type).startswith("linearize_")
+        converted = [PREFIX + t for t in CLASSES]  # registered when this module was imported
+        hint = (f"; converted models load as {', '.join(converted)}: restore its config.json, or convert the model again"
+                if str(model_type).startswith(PREFIX) and model_type not in converted
                 else "; upgrade transformers if the architecture is newer than it")
         raise ModelLoadError(f"transformers {transformers.__version__} cannot load the folder {str(path)!r} "
                              f"(model_type {model_type!r}: {' '.join(str(e).split()).split('. ')[0]}){hint}") from e

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -344,3 +345,25 @@ def test_damaged_model_folder_is_one_line(tmp_path, monkeypatch, capsys):
         assert last.startswith("error: ") and messages[name] in last and "Traceback" not in err, err
         assert err.count("\n") == 1 or name == "other shapes", err
         assert not (tmp_path / "o").exists()
+
+
+def test_converted_folder_with_an_edited_config_is_one_line(tmp_path):
+    """A converted model's config.json without its plan, with a plan for another number of layers, or of a type no
+    converted class has: one line that says to restore it (was AttributeError, TypeError or a silent partial load)."""
+    import shutil
+
+    linearize.convert(tiny_model("llama"), "1:gla").save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "tokenizer_config.json").write_text("{}")  # the model loads first
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    edits = {
+        "no plan": ({k: v for k, v in config.items() if k != "linearize"}, "has no valid 'linearize' entry"),
+        "two of three layers": ({**config, "linearize": {**config["linearize"], "layers": config["linearize"]["layers"][:2]}},
+                                "one spec for each of its 3 layers"),
+        "plan a string": ({**config, "linearize": "0:gla"}, "has no valid 'linearize' entry"),
+        "unknown type": ({**config, "model_type": "linearize_gpt2"}, "converted models load as linearize_llama"),
+    }
+    for name, (edited, message) in edits.items():
+        shutil.copytree(tmp_path / "m", tmp_path / name)
+        (tmp_path / name / "config.json").write_text(json.dumps(edited))
+        with pytest.raises(LinearizeError, match=re.escape(message)):
+            linearize.load(tmp_path / name)
