@@ -146,7 +146,7 @@ class LayerPlan:
         """Parse ``"0-1:softmax,2-27:lolcats(window=64),28-:softmax"`` (open ranges, ``*`` default)."""
         if not isinstance(text, str) or not text.strip():
             raise PlanError("empty layer plan: give entries like '2-27:lolcats' or '*:hedgehog'")
-        rules, default = [], LayerSpec(SOFTMAX)
+        rules, default, defaults = [], LayerSpec(SOFTMAX), 0
         for entry in split_top_level(text):
             m = _ENTRY.match(entry)
             if not m:
@@ -160,6 +160,9 @@ class LayerPlan:
             if step and (int(step) < 1 or "-" not in sel):
                 raise PlanError(f"layer selector {m['sel']!r}: a step follows a range (e.g. 0-/2: every other layer) and is >= 1")
             if sel == "*":
+                defaults += 1
+                if defaults > 1:
+                    raise PlanError(f"the default '*' is given twice (the second: {entry.strip()!r}): give it once")
                 default = spec
             elif "-" in sel:
                 a, b = sel.split("-")

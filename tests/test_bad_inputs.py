@@ -123,6 +123,7 @@ BAD = [
     (["convert", "--model", "model", "--plan", "99:gla", "--out", "o"], "this model has 3 layers"),
     (["convert", "--model", "model", "--plan", "0-2:lolcats,1:gla", "--out", "o"], "layer 1 is assigned twice"),
     (["convert", "--model", "model", "--plan", "*:softmax", "--out", "o"], "converts no layer, so there is nothing to distill"),
+    (["plan", "model", "--plan", "*:gla,0:softmax,*:lolcats"], "the default '*' is given twice (the second: '*:lolcats')"),
     (["convert", "--model", "model", "--plan", "1:gla", "--out", "o", "stage2.lora_targets=q_norm"],
      "stage2.lora_targets=q_norm names none of the converted layers' projections"),
     (["eval", "model", *PPL, "--context", "0", "--out", "o"], "--context 0: must be positive"),
