@@ -16,7 +16,7 @@ from ..loading import load, read_config_json
 from ..outputs import check_out
 from .bench import bench_model
 from .perplexity import text_perplexity
-from .recall import recall_accuracy
+from .recall import TASKS as RECALL_TASKS, recall_accuracy
 from .report import bench_plot, compare, compare_table, records, records_table, run_info, table, write_run
 
 
@@ -130,6 +130,9 @@ def run_eval(
     check_out(out, **output)
     _positive(**{k: options.get(k) for k in ("context", "stride", "max_tokens", "batch_size", "limit", "max_length",
                                              "recall_lengths", "recall_items")})
+    unknown = [t for t in options.get("recall", ()) if t not in RECALL_TASKS]
+    if unknown:
+        raise LinearizeError(f"unknown recall task {unknown[0]!r}: use {', '.join(RECALL_TASKS)}")
     if not any(options.get(k) for k in ("tasks", "perplexity", "recall")):
         raise LinearizeError("nothing to evaluate: give --tasks, --perplexity and/or --recall")
     for path in options.get("perplexity", ()):
