@@ -249,6 +249,26 @@ def test_resume_needs_the_checkpoints_recipe(scratch, monkeypatch, capsys):
     assert "have no recipe.yaml" in capsys.readouterr().err
 
 
+def test_resume_with_a_damaged_recipe_or_checkpoint_is_one_line(scratch, monkeypatch, capsys):
+    """An edited recipe.yaml beside the checkpoints was a KeyError traceback; a cut-off state.pt gave torch's advice too."""
+    _forbid_loading(monkeypatch)
+    (scratch / "out.ckpt" / "stage1").mkdir(parents=True)
+    torch.save({}, scratch / "out.ckpt" / "stage1" / "state.pt")
+    for recipe in ("model: x\n", "- a\n", "stage1: {batch_size: two}\nstage2: {batch_size: 2}\n", "plan: [0:gla\n"):
+        (scratch / "out.ckpt" / "recipe.yaml").write_text(recipe)
+        assert cli.main(["convert", "--out", "out", "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert "out.ckpt/recipe.yaml is damaged" in err and "restore it, or delete out.ckpt" in err, err
+        assert err.count("\n") == 1, err
+    torch.save({"step": 1}, scratch / "state.pt")
+    data = (scratch / "state.pt").read_bytes()
+    (scratch / "out.ckpt" / "stage1" / "state.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LinearizeError) as e:
+        Checkpoint(scratch / "out.ckpt" / "stage1").load()
+    assert "state.pt is damaged (PytorchStreamReader failed reading zip archive: failed finding central directory): " \
+           "delete" in str(e.value) and "corrupted" not in str(e.value), str(e.value)
+
+
 def test_a_run_that_never_trained_leaves_no_checkpoints_or_ones_a_rerun_accepts(scratch, monkeypatch, capsys):
     from linearize.distill import run
 

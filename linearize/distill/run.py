@@ -73,10 +73,19 @@ def _check_same_run(work: Path, cfg: DistillConfig, world: int) -> None:
     if not (work / "recipe.yaml").is_file():
         raise LinearizeError(f"the checkpoints in {work} have no recipe.yaml, so they cannot be checked against this "
                              "recipe: delete them to start afresh")
-    saved, new = yaml.safe_load((work / "recipe.yaml").read_text()), cfg.to_dict()
-    processes = int((work / "processes").read_text()) if (work / "processes").is_file() else 1
+    try:  # an edited or cut-off recipe.yaml (or processes file): no batch sizes to compare
+        saved = yaml.safe_load((work / "recipe.yaml").read_text())
+        processes = int((work / "processes").read_text()) if (work / "processes").is_file() else 1
+        sizes = {stage: saved[stage].pop("batch_size") for stage in ("stage1", "stage2")}
+        damaged = processes < 1 or not all(type(n) is int and n > 0 for n in sizes.values())
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        damaged = True
+    if damaged:
+        raise LinearizeError(f"the checkpoints' recipe {work / 'recipe.yaml'} is damaged (it gives no stage1 and stage2 "
+                             f"batch sizes): restore it, or delete {work} to start afresh")
+    new = cfg.to_dict()
     for stage in ("stage1", "stage2"):
-        rows, per = saved[stage].pop("batch_size") * processes, new[stage].pop("batch_size")
+        rows, per = sizes[stage] * processes, new[stage].pop("batch_size")
         if rows != per * world:
             fix = f"resume with {stage}.batch_size={rows // world}" if rows % world == 0 else \
                   f"resume on a number of processes that divides {rows}"

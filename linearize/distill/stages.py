@@ -279,7 +279,8 @@ class Checkpoint:
         except pickle.UnpicklingError:
             why = "holds objects other than tensors and plain values (not loaded: unpickling them could run code)"
         except (RuntimeError, EOFError) as e:
-            why = f"is damaged ({str(e).splitlines()[0]})"
+            first = (str(e).strip() or type(e).__name__).splitlines()[0]  # torch's first sentence, not its advice
+            why = f"is damaged ({first.split('. ')[0].rstrip('.')})"
         raise LinearizeError(f"checkpoint {self.folder / 'state.pt'} {why}: delete {self.folder.parent} to start afresh")
 
     def restore_params(self, params: dict[str, nn.Parameter], saved: dict[str, Tensor]) -> None:
