@@ -128,6 +128,7 @@ BAD = [
      "stage2.lora_targets=q_norm names none of the converted layers' projections"),
     (["eval", "model", *PPL, "--context", "0", "--out", "o"], "--context 0: must be positive"),
     (["eval", "model", "--recall", "mqar", "--recall-lengths", "0", "--out", "o"], "--recall-lengths [0]: must be positive"),
+    (["eval", "model", *PPL, "--num-fewshot", "-1", "--out", "o"], "--num-fewshot -1: must be 0 or more"),
     (["eval", "model", "--recall", "mqar,passkeys", "--out", "o"], "unknown recall task 'passkeys': use mqar, passkey, copy"),
     (["bench", "model", "--lengths", "0,64", "--out", "o"], "--lengths [0, 64]: must be positive"),
     (["eval", "model", *PPL, "--device", "gpu", "--out", "o"], "unknown device 'gpu': use cuda, cuda:N or cpu"),

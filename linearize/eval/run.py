@@ -130,6 +130,8 @@ def run_eval(
     check_out(out, **output)
     _positive(**{k: options.get(k) for k in ("context", "stride", "max_tokens", "batch_size", "limit", "max_length",
                                              "recall_lengths", "recall_items")})
+    if options.get("num_fewshot") is not None and options["num_fewshot"] < 0:
+        raise LinearizeError(f"--num-fewshot {options['num_fewshot']}: must be 0 or more (examples in each prompt)")
     unknown = [t for t in options.get("recall", ()) if t not in RECALL_TASKS]
     if unknown:
         raise LinearizeError(f"unknown recall task {unknown[0]!r}: use {', '.join(RECALL_TASKS)}")
