@@ -127,6 +127,7 @@ BAD = [
     (["convert", "--model", "model", "--plan", "1:gla", "--out", "o", "stage2.lora_targets=q_norm"],
      "stage2.lora_targets=q_norm names none of the converted layers' projections"),
     (["eval", "model", *PPL, "--context", "0", "--out", "o"], "--context 0: must be positive"),
+    (["eval", "model", *PPL, "--context", "32", "--stride", "64", "--out", "o"], "--stride 64 is larger than --context 32"),
     (["eval", "model", "--recall", "mqar", "--recall-lengths", "0", "--out", "o"], "--recall-lengths [0]: must be positive"),
     (["eval", "model", *PPL, "--num-fewshot", "-1", "--out", "o"], "--num-fewshot -1: must be 0 or more"),
     (["eval", "model", "--recall", "mqar,passkeys", "--out", "o"], "unknown recall task 'passkeys': use mqar, passkey, copy"),
