@@ -121,6 +121,8 @@ def _auto_plan(args: argparse.Namespace, output: dict) -> tuple[list, None]:
     budget = Budget.parse(args.budget)  # bad input fails before the model loads
     _positive(sequences=args.sequences, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, window=args.window,
               copy_length=args.copy_length)
+    if args.steps < 0:  # 0: the candidate kinds are scored without a stage-1 transfer
+        raise LinearizeError(f"--steps {args.steps}: must be 0 or more (stage-1 steps per candidate kind)")
     kinds = [k.strip() for k in split_top_level(args.kinds) if k.strip()]
     model, tok = load(args.model, device=pick_device(args.device))
     rows = calibration_rows(model, tok, args.data, sequences=args.sequences, seq_len=args.seq_len, seed=args.seed,
