@@ -55,7 +55,8 @@ class Budget:
         if kind == "ratio" and value <= 0:
             raise PlanError(f"budget {text!r}: the ratio must be > 0")
         if kind == "cache" and not 0 < value <= 1:
-            raise PlanError(f"budget {text!r}: the cache fraction must be in (0, 100%]")
+            hint = f": for {m[2]} percent write cache={m[2]}%" if not m[3] and 1 < value <= 100 else ""
+            raise PlanError(f"budget {text!r}: the cache fraction must be in (0, 100%]{hint}")
         return cls(kind, value)
 
     def softmax_layers(self, num_layers: int) -> int | None:

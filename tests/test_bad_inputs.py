@@ -139,6 +139,8 @@ BAD = [
     (["plan", "model", "--budget", "cache=50%", "--copy-length", "0", "--window", "0"], "--window 0, --copy-length 0: must be"),
     (["plan", "model", "--budget", "ratio=3", "--lr", "-1"], "--lr -1.0: must be positive"),
     (["plan", "model", "--budget", "softmax=1", "--steps", "-1"], "--steps -1: must be 0 or more"),
+    (["plan", "model", "--budget", "cache=50"], "must be in (0, 100%]: for 50 percent write cache=50%"),
+    (["plan", "model", "--budget", "cache=150%"], "must be in (0, 100%]\n"),
     # 14: a model folder without its tokenizer
     (["eval", "model", *PPL, "--out", "o"], "has no tokenizer files: save the tokenizer there too"),
     # a Hub id offline: transformers' message of several lines becomes one
