@@ -80,6 +80,8 @@ BAD = [
     (["push", "model", "me/x", "--dry-run", "--out", "existing"], "was not written by `linearize push`"),
     (["push", "model", "me/x", "--dry-run", "--out", "model"], "lies inside the input 'model'"),
     (["push", "model", "me/x", "--dry-run", "--out", "model/.."], "the current folder"),
+    (["push", "converted", "me/x", "--dry-run", "--out", "o", "--license", "bad license"], "license 'bad license' is not a Hub license id"),
+    (["push", "converted", "me/x", "--out", "o", "--license", "Apache-2.0"], "license 'Apache-2.0' is not a Hub license id"),
     (["plan", "model", "--plan", "0:gla", "--out", "notes.yaml"], "'notes.yaml' already exists and was not written by `linearize plan`"),
     (["plan", "model", "--plan", "0:gla", "--out", "existing"], "was not written by `linearize plan`"),
     (["plan", "model", "--budget", "softmax=1", "--report", "existing"], "was not written by `linearize plan`"),
@@ -372,6 +374,19 @@ def test_damaged_model_folder_is_one_line(tmp_path, monkeypatch, capsys):
         assert last.startswith("error: ") and messages[name] in last and "Traceback" not in err, err
         assert err.count("\n") == 1 or name == "other shapes", err
         assert not (tmp_path / "o").exists()
+
+
+def test_push_license_must_be_a_hub_license_id(tmp_path, capsys):
+    """--license 'bad license' went into the model card as it was; Hub ids (openrail++, llama3.1, other) still pass."""
+    linearize.convert(tiny_model("llama"), "1:gla").save_pretrained(tmp_path / "m")
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert cli.main(["push", str(tmp_path / "m"), "me/x", "--dry-run", "--out", str(tmp_path / "h"), "--license", "bad license"]) == 2
+    err = capsys.readouterr().err
+    assert "license 'bad license' is not a Hub license id: give one such as apache-2.0" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "h").exists()
+    for license in ("openrail++", "llama3.1", "cc-by-nc-4.0"):
+        assert cli.main(["push", str(tmp_path / "m"), "me/x", "--dry-run", "--out", str(tmp_path / "h"), "--license", license]) == 0
+        assert f"license: {license}\n" in (tmp_path / "h" / "README.md").read_text()
 
 
 def test_converted_folder_with_an_edited_config_is_one_line(tmp_path):

@@ -29,6 +29,13 @@ _NETWORK_ERRORS = {"ConnectionError", "ConnectError", "ConnectTimeout", "Timeout
                    "Timeout", "NetworkError", "TransportError", "OfflineModeIsEnabled"}
 
 
+def _check_license(license: str | None) -> None:
+    """A Hub license id: lowercase letters, digits, '.', '-' and '+' (apache-2.0, llama3.1, openrail++, other)."""
+    if license is not None and not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
+        raise LinearizeError(f"license {license!r} is not a Hub license id: give one such as apache-2.0, mit or llama3.1 "
+                             "(lowercase, no spaces), or 'other'")
+
+
 def _read_config(model_dir: Path) -> dict[str, Any]:
     if not (model_dir / "config.json").is_file():
         raise LinearizeError(f"{str(model_dir)!r} is not a saved model folder (no config.json): pass the --out folder of "
@@ -95,6 +102,7 @@ def stage(model_dir: str | Path, out: str | Path, repo_id: str, *, eval_dir: str
     """Write the repo's layout to `out` (complete or not at all; `force`: replace a folder another command
     wrote; `link`: hard-link the model's files instead of copying them); returns its files, repo-relative.
     `license` (a Hub license id) defaults to the embedded model's, else "other" (see the base model)."""
+    _check_license(license)
     model_dir = Path(model_dir)
     results_dir = find_eval(model_dir, eval_dir)
     output = dict(force=force, inputs=[model_dir, results_dir])
@@ -172,6 +180,7 @@ def push(model_dir: str | Path, repo_id: str, *, private: bool = False, revision
         validate_repo_id(repo_id)
     except HFValidationError as e:
         raise LinearizeError(f"invalid repo id {repo_id!r}: use 'user/name' or 'org/name' ({e})") from None
+    _check_license(license)
     model_dir = Path(model_dir)
     if dry_run:
         out = Path(out) if out is not None else model_dir.with_name(model_dir.name + "-hub")
