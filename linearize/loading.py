@@ -206,8 +206,8 @@ def load(
     elif kind == "folder":
         load_config(where)  # an architecture transformers does not know is the first thing to say
         _check_tokenizer(where)
-        model, tok = _folder_call(where, lambda: (AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype),
-                                                  AutoTokenizer.from_pretrained(str(where))))
+        model = _folder_call(where, lambda: AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype))
+        tok = _folder_tokenizer(where)
     else:
         model, tok = _hub_call(where, lambda: (AutoModelForCausalLM.from_pretrained(where, dtype=dtype),
                                                AutoTokenizer.from_pretrained(where)))
@@ -273,6 +273,22 @@ def _folder_call(path: Path, fetch):
                 else "; upgrade transformers if the architecture is newer than it")
         raise ModelLoadError(f"transformers {transformers.__version__} cannot load the folder {str(path)!r} "
                              f"(model_type {model_type!r}: {' '.join(str(e).split()).split('. ')[0]}){hint}") from e
+
+
+def _folder_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The folder's tokenizer; tokenizer files that do not parse (or name a class transformers does not have) become a
+    clear error about them, not about the model's architecture."""
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except LinearizeError:
+        raise
+    except Exception as e:  # json's ValueError, the tokenizers library's bare Exception, OSError, KeyError, ...
+        import transformers
+
+        why = " ".join(str(e).split()).split(". ")[0].rstrip(".") or type(e).__name__
+        raise ModelLoadError(f"cannot load the tokenizer in {str(path)!r} ({why}): its tokenizer files are damaged (or of a "
+                             f"kind transformers {transformers.__version__} does not know): restore them, or save the "
+                             "tokenizer there again (tok.save_pretrained(folder))") from e
 
 
 def _hub_call(repo_id: str, fetch):

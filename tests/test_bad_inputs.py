@@ -362,9 +362,11 @@ def test_damaged_model_folder_is_one_line(tmp_path, monkeypatch, capsys):
         "cut off": lambda f: (f / "model.safetensors").write_bytes(weights.read_bytes()[: weights.stat().st_size * 9 // 10]),
         "other shapes": lambda f: (f / "config.json").write_text(json.dumps({**config, "hidden_size": 32})),
         "no tokenizer.json": lambda f: (f / "tokenizer.json").unlink(),
+        "tokenizer.json cut off": lambda f: (f / "tokenizer.json").write_text("{"),  # said 'upgrade transformers'
     }
     messages = {"no weights": "they are missing or cut off", "cut off": "they are missing or cut off",
-                "other shapes": "do not have the shapes its config.json gives", "no tokenizer.json": "tokenizer"}
+                "other shapes": "do not have the shapes its config.json gives", "no tokenizer.json": "tokenizer",
+                "tokenizer.json cut off": "its tokenizer files are damaged (or of a kind transformers"}
     for name, how in damage.items():
         shutil.copytree(tmp_path / "tiny", tmp_path / name)
         how(tmp_path / name)
