@@ -44,6 +44,9 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
     if "linearize" not in config:
         raise LinearizeError(f"{str(model_dir)!r} holds a model that linearize did not convert (config.json has no "
                              "'linearize' entry): convert it first (linearize convert, or linearize.convert + save_pretrained)")
+    if not isinstance(config["linearize"], dict) or "base_model_type" not in config["linearize"]:
+        raise LinearizeError(f"the config.json in {str(model_dir)!r} has no valid 'linearize' entry (no base_model_type): "
+                             "restore its config.json, or convert the model again")
     if config["linearize"]["base_model_type"] not in CLASSES:
         raise LinearizeError(f"{str(model_dir)!r} is a converted {config['linearize']['base_model_type']!r} model, which "
                              "this transformers version does not have")
