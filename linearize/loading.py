@@ -206,8 +206,8 @@ def load(
     elif kind == "folder":
         load_config(where)  # an architecture transformers does not know is the first thing to say
         _check_tokenizer(where)
+        tok = _folder_tokenizer(where)  # damaged tokenizer files fail before the weights (an 8B model's) load
         model = _folder_call(where, lambda: AutoModelForCausalLM.from_pretrained(str(where), dtype=dtype))
-        tok = _folder_tokenizer(where)
     else:
         model, tok = _hub_call(where, lambda: (AutoModelForCausalLM.from_pretrained(where, dtype=dtype),
                                                AutoTokenizer.from_pretrained(where)))

@@ -397,8 +397,11 @@ def test_converted_folder_with_an_edited_config_is_one_line(tmp_path):
     converted class has: one line that says to restore it (was AttributeError, TypeError or a silent partial load)."""
     import shutil
 
-    linearize.convert(tiny_model("llama"), "1:gla").save_pretrained(tmp_path / "m")
-    (tmp_path / "m" / "tokenizer_config.json").write_text("{}")  # the model loads first
+    base = tiny_folder(tmp_path / "base")
+    linearize.convert(AutoModelForCausalLM.from_pretrained(base), "1:gla").save_pretrained(tmp_path / "m")
+    for f in base.glob("*.json"):  # the tokenizer's files
+        if f.name not in ("config.json", "generation_config.json"):
+            shutil.copy(f, tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     edits = {
         "no plan": ({k: v for k, v in config.items() if k != "linearize"}, "has no valid 'linearize' entry"),
