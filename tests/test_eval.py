@@ -54,6 +54,14 @@ def test_text_perplexity_matches_hand_computation(tmp_path, context, stride):
     assert math.isclose(got["ppl"], math.exp(nll / n), rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("stride, message", [(32, "--stride 32 is larger than --context 16"),
+                                             (-2, "--stride -2: must be a positive number")])
+def test_text_perplexity_refuses_a_stride_it_cannot_use(tmp_path, stride, message):
+    (tmp_path / "t.txt").write_text("text")  # the same check as `linearize eval`, before the text is read
+    with pytest.raises(linearize.LinearizeError, match=message):
+        text_perplexity(None, ByteTokenizer(), tmp_path / "t.txt", context=16, stride=stride)
+
+
 def test_text_that_is_not_utf8_says_so(tmp_path):
     (tmp_path / "t.txt").write_bytes(b"text\n\xff\xfe")
     with pytest.raises(linearize.LinearizeError, match=r"'.*t.txt' is not UTF-8 text \(invalid start byte at byte 5\)"):

@@ -30,6 +30,16 @@ def token_nll(model: Any, batch: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
 
 
+def check_stride(context: int, stride: int | None) -> int:
+    """The stride a perplexity run uses (default: the context); each window scores its last `stride` tokens, so at most all."""
+    stride = stride or context
+    if stride < 0:
+        raise LinearizeError(f"--stride {stride}: must be a positive number of tokens (at most --context {context})")
+    if stride > context:
+        raise LinearizeError(f"--stride {stride} is larger than --context {context}: give a stride of at most the context")
+    return stride
+
+
 @torch.no_grad()
 def text_perplexity(
     model: Any, tokenizer: Any, path: str | Path, *, context: int = 1024, stride: int | None = None,
@@ -39,9 +49,7 @@ def text_perplexity(
     p = Path(path)
     if not p.is_file():
         raise LinearizeError(f"text file {str(p)!r} does not exist")
-    stride = stride or context
-    if not 0 < stride <= context:
-        raise LinearizeError(f"stride must be in 1..context ({context}), got {stride}")
+    stride = check_stride(context, stride)
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

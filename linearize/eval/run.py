@@ -15,7 +15,7 @@ from ..errors import LinearizeError
 from ..loading import load, read_config_json
 from ..outputs import check_out
 from .bench import bench_model
-from .perplexity import text_perplexity
+from .perplexity import check_stride, text_perplexity
 from .recall import TASKS as RECALL_TASKS, recall_accuracy
 from .report import bench_plot, compare, compare_table, records, records_table, run_info, table, write_run
 
@@ -130,9 +130,7 @@ def run_eval(
     check_out(out, **output)
     _positive(**{k: options.get(k) for k in ("context", "stride", "max_tokens", "batch_size", "limit", "max_length",
                                              "recall_lengths", "recall_items")})
-    context, stride = options.get("context", 1024), options.get("stride")
-    if stride and context and stride > context:  # each window scores its last `stride` tokens: at most all of them
-        raise LinearizeError(f"--stride {stride} is larger than --context {context}: give a stride of at most the context")
+    check_stride(options.get("context") or 1024, options.get("stride"))
     if options.get("num_fewshot") is not None and options["num_fewshot"] < 0:
         raise LinearizeError(f"--num-fewshot {options['num_fewshot']}: must be 0 or more (examples in each prompt)")
     unknown = [t for t in options.get("recall", ()) if t not in RECALL_TASKS]
