@@ -46,16 +46,14 @@ def _build_layers(model: nn.Module, specs: list[LayerSpec], base_type: str) -> d
     return new
 
 
-def _saved_specs(config: Any) -> list[LayerSpec]:
-    """The per-layer specs a converted model's config records; a missing or damaged record is an error that says so."""
-    record = getattr(config, "linearize", None)
+def saved_specs(record: Any, count: int, name: str) -> list[LayerSpec]:
+    """The per-layer specs of a converted config's 'linearize' entry (`count` layers); a missing or damaged one says so."""
     layers = record.get("layers") if isinstance(record, dict) else None
-    count = config.get_text_config(decoder=True).num_hidden_layers
     if not (isinstance(layers, list) and len(layers) == count and all(isinstance(d, dict) for d in layers)
             and "base_model_type" in record):
-        raise LinearizeError(f"the config of the converted model {getattr(config, '_name_or_path', '')!r} has no valid "
-                             f"'linearize' entry (base_model_type, and layers: one spec for each of its {count} layers): "
-                             "restore its config.json, or convert the model again")
+        raise LinearizeError(f"the config of the converted model {name!r} has no valid 'linearize' entry (base_model_type, "
+                             f"and layers: one spec for each of its {count} layers): restore its config.json, or convert "
+                             "the model again")
     return [LayerSpec.from_dict(d) for d in layers]
 
 
@@ -64,7 +62,8 @@ class LinearizedMixin:
 
     def __init__(self, config: Any, *args: Any, **kwargs: Any):
         super().__init__(config, *args, **kwargs)
-        specs = _saved_specs(config)
+        specs = saved_specs(getattr(config, "linearize", None), config.get_text_config(decoder=True).num_hidden_layers,
+                            getattr(config, "_name_or_path", ""))
         for i, module in _build_layers(self, specs, config.linearize["base_model_type"]).items():
             decoder_layers(self)[i].self_attn = module
 

@@ -80,7 +80,7 @@ BAD = [
     (["push", "model", "me/x", "--dry-run", "--out", "existing"], "was not written by `linearize push`"),
     (["push", "model", "me/x", "--dry-run", "--out", "model"], "lies inside the input 'model'"),
     (["push", "model", "me/x", "--dry-run", "--out", "model/.."], "the current folder"),
-    (["push", "converted", "me/x", "--dry-run", "--out", "o"], "has no valid 'linearize' entry (no base_model_type)"),
+    (["push", "converted", "me/x", "--dry-run", "--out", "o"], "has no valid 'linearize' entry (base_model_type, and layers"),
     (["push", "converted", "me/x", "--dry-run", "--out", "o", "--license", "bad license"], "license 'bad license' is not a Hub license id"),
     (["push", "converted", "me/x", "--out", "o", "--license", "Apache-2.0"], "license 'Apache-2.0' is not a Hub license id"),
     (["plan", "model", "--plan", "0:gla", "--out", "notes.yaml"], "'notes.yaml' already exists and was not written by `linearize plan`"),

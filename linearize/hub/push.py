@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
-from ..convert import CLASSES
+from ..convert import CLASSES, saved_specs
 from ..errors import LinearizeError
 from ..loading import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_LICENSE, read_config_json
 from ..outputs import MARKER, atomic_dir, check_out
@@ -44,9 +44,8 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
     if "linearize" not in config:
         raise LinearizeError(f"{str(model_dir)!r} holds a model that linearize did not convert (config.json has no "
                              "'linearize' entry): convert it first (linearize convert, or linearize.convert + save_pretrained)")
-    if not isinstance(config["linearize"], dict) or "base_model_type" not in config["linearize"]:
-        raise LinearizeError(f"the config.json in {str(model_dir)!r} has no valid 'linearize' entry (no base_model_type): "
-                             "restore its config.json, or convert the model again")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    saved_specs(config["linearize"], text.get("num_hidden_layers", -1), str(model_dir))
     if config["linearize"]["base_model_type"] not in CLASSES:
         raise LinearizeError(f"{str(model_dir)!r} is a converted {config['linearize']['base_model_type']!r} model, which "
                              "this transformers version does not have")
