@@ -8,7 +8,9 @@ import glob
 import hashlib
 import importlib.util
 import json
+import logging
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -244,13 +246,53 @@ def _gguf_config(path: Path, size: int, mtime: int) -> PretrainedConfig:
         raise ModelLoadError(f"cannot read the GGUF file {str(path)!r} ({type(e).__name__}: {e})") from e
 
 
+class _HeldReports(logging.Filter):
+    """Holds back transformers' weight-load reports (multi-line tables) while a folder loads, so that a shape mismatch
+    is one line quoting the report's first row; other reports are let through once the load ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: dict[int, logging.LogRecord] = {}
+        self.handlers = logging.getLogger("transformers").handlers[:]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.held[id(record)] = record
+            return False
+        return True
+
+    def __enter__(self) -> "_HeldReports":
+        for h in self.handlers:
+            h.addFilter(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handlers:
+            h.removeFilter(self)
+
+    def mismatch(self) -> str:
+        """' (key: [checkpoint shape] in the weights, [model shape] from config.json)' of the first mismatched key, or ''."""
+        text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(str(r.msg) for r in self.held.values()))
+        rows = sorted(re.findall(r"^(\S[^|\n]*?)\s*\|\s*MISMATCH\s*\|[^\n]*?ckpt: torch\.Size\((\[[^\]]*\])\) vs "
+                                 r"model: ?torch\.Size\((\[[^\]]*\])\)", text, re.M))  # the report's rows come unordered
+        return f" ({rows[0][0]}: {rows[0][1]} in the weights, {rows[0][2]} from config.json)" if rows else ""
+
+    def release(self) -> None:
+        for record in self.held.values():
+            logging.getLogger(record.name).handle(record)
+
+
 def _folder_call(path: Path, fetch):
     """Run `fetch` (a from_pretrained of the folder); an architecture transformers does not know, or weights that are
     missing, cut off or of other shapes than config.json gives, become a clear error."""
     from safetensors import SafetensorError
 
+    reports = _HeldReports()
     try:
-        return fetch()
+        with reports:
+            out = fetch()
+        reports.release()
+        return out
     except (OSError, SafetensorError) as e:
         if isinstance(e, LinearizeError):
             raise
@@ -258,8 +300,9 @@ def _folder_call(path: Path, fetch):
                              "cut off: save the model there again (model.save_pretrained(folder))") from e
     except RuntimeError as e:
         if "ignore_mismatched_sizes" not in str(e):
+            reports.release()
             raise
-        raise ModelLoadError(f"the weights in {str(path)!r} do not have the shapes its config.json gives (listed above): "
+        raise ModelLoadError(f"the weights in {str(path)!r} do not have the shapes its config.json gives{reports.mismatch()}: "
                              "restore config.json, or save the model there again") from e
     except (ValueError, KeyError) as e:
         if isinstance(e, LinearizeError):
