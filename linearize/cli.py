@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stride", type=int, default=None, help="perplexity stride (default: the window)")
     p.add_argument("--max-tokens", type=int, default=None, help="perplexity: score only the first N tokens of each file")
     p.add_argument("--recall", type=_names, default=[], help="recall tasks: mqar, passkey, copy (copy: the length is the sequence shown twice)")
-    p.add_argument("--recall-lengths", type=_ints, default=[1024, 2048, 4096], help="context lengths of the recall items")
+    p.add_argument("--recall-lengths", type=_ints, help="context lengths of the recall items (default 1024,2048,4096)")
     p.add_argument("--recall-items", type=int, default=20, help="items per recall task and length")
     p.set_defaults(func=cmd_eval)
 

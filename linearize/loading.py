@@ -218,6 +218,28 @@ def load(
     return model.eval(), tok
 
 
+def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer `load` would return, without the weights: checks that need only it run before a large model loads."""
+    kind, where = _source(name_or_path)
+    if kind == "gguf":
+        cache = gguf_cache(where)
+        if cache is not None and cache.is_dir():
+            try:
+                return AutoTokenizer.from_pretrained(str(cache))
+            except Exception:  # a damaged copy: `load` drops and rewrites it
+                pass
+        _need_gguf_packages()
+        try:
+            return AutoTokenizer.from_pretrained(str(where.parent), gguf_file=where.name)
+        except Exception as e:
+            check_gguf(where)
+            raise ModelLoadError(f"cannot read the tokenizer of the GGUF file {str(where)!r} ({type(e).__name__}: {e})") from e
+    if kind == "folder":
+        _check_tokenizer(where)
+        return _folder_tokenizer(where)
+    return _hub_call(where, lambda: AutoTokenizer.from_pretrained(where))
+
+
 def load_config(name_or_path: str | os.PathLike | None = None) -> PretrainedConfig:
     """The config of the model `load` would load, without its weights (GGUF: read from the file's metadata)."""
     kind, where = _source(name_or_path)

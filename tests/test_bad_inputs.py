@@ -164,6 +164,18 @@ def test_bad_input_is_one_line_before_loading(scratch, monkeypatch, capsys, argv
     assert (scratch / "existing" / "important.txt").read_text() == "keep me"
 
 
+def test_recall_length_a_task_cannot_fill_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    """mqar needs a few name/number lines: a length too short for them fails from the tokenizer alone, before the weights."""
+    monkeypatch.chdir(tmp_path)
+    tiny_folder(tmp_path / "tiny")
+    _forbid_loading(monkeypatch)
+    capsys.readouterr()
+    assert cli.main(["eval", "tiny", "--recall", "mqar", "--recall-lengths", "1024,16", "--device", "cpu", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert "mqar: 16 tokens hold too few name/number lines" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_output_folder_rule(tmp_path, monkeypatch):
     """A command replaces only a folder it wrote (or an empty one); --force replaces another's; files get normal modes."""
     monkeypatch.chdir(tmp_path)

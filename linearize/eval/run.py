@@ -12,12 +12,14 @@ import torch
 
 from ..convert import is_converted
 from ..errors import LinearizeError
-from ..loading import load, read_config_json
+from ..loading import load, load_tokenizer, read_config_json
 from ..outputs import check_out
 from .bench import bench_model
 from .perplexity import check_stride, text_perplexity
-from .recall import TASKS as RECALL_TASKS, recall_accuracy
+from .recall import TASKS as RECALL_TASKS, make_items, recall_accuracy
 from .report import bench_plot, compare, compare_table, records, records_table, run_info, table, write_run
+
+RECALL_LENGTHS = (1024, 2048, 4096)  # `eval --recall` contexts unless given
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
@@ -53,7 +55,7 @@ def evaluate(
     model: Any, tokenizer: Any, *, tasks: Sequence[str] = (), data_dir: str | os.PathLike | None = None,
     perplexity: Sequence[str | os.PathLike] = (), context: int = 1024, stride: int | None = None,
     max_tokens: int | None = None,
-    recall: Sequence[str] = (), recall_lengths: Sequence[int] = (1024, 2048, 4096), recall_items: int = 20,
+    recall: Sequence[str] = (), recall_lengths: Sequence[int] = RECALL_LENGTHS, recall_items: int = 20,
     batch_size: int = 8, limit: int | float | None = None, num_fewshot: int | None = None,
     max_length: int | None = None, seed: int = 0, progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
@@ -145,6 +147,11 @@ def run_eval(
         from .harness import expand_tasks
 
         options["tasks"] = expand_tasks(list(options["tasks"]), options.get("data_dir"))  # fails before any loading
+    if options.get("recall"):  # a length a task cannot fill (mqar's lines) fails before the weights load
+        options["recall_lengths"] = list(options.get("recall_lengths") or RECALL_LENGTHS)
+        tok = load_tokenizer(spec)
+        for task in options["recall"]:
+            make_items(task, tok, options["recall_lengths"], 1)
     dev = pick_device(device)
     recs: list[dict[str, Any]] = []
 
