@@ -179,41 +179,38 @@ def _intra_kernel(
     H: tl.constexpr, HK: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
     S: tl.constexpr, EXCLUSIVE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    # per-channel decay: rows of sub-block I of A [tokens, H, C] (entries j > i are never read). Keys of earlier
-    # sub-blocks in one product of q and k rescaled to the row before this sub-block; the diagonal sub-block one key
-    # at a time, on [S, BK] tiles
+    # per-channel decay: rows of sub-block I of A [tokens, H, C] (entries j > i are never read);
+    # channels in slices of BK, so the diagonal's [S, S, BK] weights stay small
     isub, pid, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     hk = head // (H // HK)
     c_start, last, _tok, _mt, _rc, _sees = _chunk_rows(pid, cidx, cu, T, NT, C, EXCLUSIVE, IS_VARLEN)
     eos = last + 1  # the chunk's end: every token a sub-block program touches lies in its chunk
-    i0 = c_start + isub * S
-    if i0 < eos:
-        rs, rc = tl.arange(0, S), tl.arange(0, C)
-        tok = i0 + rs
+    if c_start + isub * S < eos:
+        rs = tl.arange(0, S)
+        tok = c_start + isub * S + rs
         mt = tok < eos
-        earlier = rc < isub * S  # keys before this sub-block (all within the chunk)
         sees = (rs[:, None] > rs[None, :]) if EXCLUSIVE else (rs[:, None] >= rs[None, :])
-        acc = tl.zeros([S, C], dtype=tl.float32)
+        for jsub in range(isub):  # earlier sub-blocks: q and k rescaled to the boundary before this one
+            tj = c_start + jsub * S + rs
+            acc = tl.zeros([S, S], dtype=tl.float32)
+            for ik in range(tl.cdiv(K, BK)):
+                rk = ik * BK + tl.arange(0, BK)
+                mk = rk < K
+                _bk, bq, _bl = _decays(b, tok, mt, hk, rk, mk, c_start, eos - 1, EXCLUSIVE, HK, K, 2)
+                bref = tl.load(b + ((c_start + isub * S - 1) * HK + hk) * K + rk, mask=mk, other=0.0)
+                qr = _load(q, tok, mt, H, head, K, rk, mk) * tl.exp(tl.minimum(bq - bref[None, :], 0.0))
+                kr = _load(k, tj, tj < eos, HK, hk, K, rk, mk) * tl.exp(bref[None, :] - _load(b, tj, tj < eos, HK, hk, K, rk, mk))
+                acc += _dot(qr.to(q.dtype.element_ty), tl.trans(kr.to(k.dtype.element_ty)))
+            _store(A, acc, tok, mt, H, head, C, jsub * S + rs, rs < S)
         a = tl.zeros([S, S], dtype=tl.float32)
-        for ik in range(tl.cdiv(K, BK)):
+        for ik in range(tl.cdiv(K, BK)):  # the diagonal sub-block, channel by channel
             rk = ik * BK + tl.arange(0, BK)
             mk = rk < K
-            _bk, bq, _bl = _decays(b, tok, mt, hk, rk, mk, c_start, eos - 1, EXCLUSIVE, HK, K, 2)
+            bk, bq, _bl = _decays(b, tok, mt, hk, rk, mk, c_start, eos - 1, EXCLUSIVE, HK, K, 2)
             qi = _load(q, tok, mt, H, head, K, rk, mk).to(tl.float32)
-            if isub > 0:
-                bref = tl.load(b + ((i0 - 1) * HK + hk) * K + rk, mask=mk, other=0.0)
-                qr = qi * tl.exp(tl.minimum(bq - bref[None, :], 0.0))
-                kr = _load(k, c_start + rc, earlier, HK, hk, K, rk, mk)
-                kr = kr * tl.exp(tl.minimum(bref[None, :] - _load(b, c_start + rc, earlier, HK, hk, K, rk, mk), 0.0))
-                acc += _dot(qr.to(q.dtype.element_ty), tl.trans(kr.to(k.dtype.element_ty)))
-            for j in range(S):  # key j of the diagonal sub-block against its S queries
-                mj = mk & (rk * 0 + i0 + j < eos)
-                kj = tl.load(k + ((i0 + j) * HK + hk) * K + rk, mask=mj, other=0.0).to(tl.float32)
-                bj = tl.load(b + ((i0 + j) * HK + hk) * K + rk, mask=mj, other=0.0)
-                col = tl.sum(qi * kj[None, :] * tl.exp(tl.minimum(bq - bj[None, :], 0.0)), axis=1)
-                a += tl.where(rs[None, :] == j, col[:, None], 0.0)
-        if isub > 0:
-            _store(A, acc, tok, mt, H, head, C, rc, earlier)
+            ki = _load(k, tok, mt, HK, hk, K, rk, mk).to(tl.float32)
+            w = tl.exp(tl.minimum(bq[:, None, :] - bk[None, :, :], 0.0))
+            a += tl.sum(qi[:, None, :] * ki[None, :, :] * w, axis=2)
         _store(A, tl.where(sees, a, 0.0), tok, mt, H, head, C, isub * S + rs, rs < S)
 
 
