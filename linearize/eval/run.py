@@ -55,7 +55,7 @@ def evaluate(
     model: Any, tokenizer: Any, *, tasks: Sequence[str] = (), data_dir: str | os.PathLike | None = None,
     perplexity: Sequence[str | os.PathLike] = (), context: int = 1024, stride: int | None = None,
     max_tokens: int | None = None,
-    recall: Sequence[str] = (), recall_lengths: Sequence[int] = RECALL_LENGTHS, recall_items: int = 20,
+    recall: Sequence[str] = (), recall_lengths: Sequence[int] | None = None, recall_items: int = 20,
     batch_size: int = 8, limit: int | float | None = None, num_fewshot: int | None = None,
     max_length: int | None = None, seed: int = 0, progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
@@ -70,8 +70,9 @@ def evaluate(
         r = text_perplexity(model, tokenizer, path, context=context, stride=stride, batch_size=batch_size,
                             max_tokens=max_tokens)
         results[f"ppl:{Path(path).parent.name}/{Path(path).name}"] = {"ppl": r["ppl"]}
-    for task, by_length in recall_accuracy(model, tokenizer, list(recall), list(recall_lengths), items=recall_items,
-                                           seed=seed, progress=progress).items():
+    lengths = list(recall_lengths or RECALL_LENGTHS)
+    for task, by_length in recall_accuracy(model, tokenizer, list(recall), lengths, items=recall_items, seed=seed,
+                                           progress=progress).items():
         results.update({f"{task}@{n}": {"acc": acc} for n, acc in by_length.items()})
     return records(label(model), results)
 
