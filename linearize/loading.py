@@ -225,7 +225,9 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedT
         cache = gguf_cache(where)
         if cache is not None and cache.is_dir():
             try:
-                return AutoTokenizer.from_pretrained(str(cache))
+                tok = AutoTokenizer.from_pretrained(str(cache))
+                tok.name_or_path = str(where.parent)  # as `load` names it
+                return tok
             except Exception:  # a damaged copy: `load` drops and rewrites it
                 pass
         _need_gguf_packages()

@@ -67,6 +67,22 @@ def test_the_gguf_is_read_once_then_loaded_from_its_copy(smollm2_base, monkeypat
     assert loading.gguf_cache(path) is None
 
 
+def test_tokenizer_alone_loads_without_weights(smollm2_base, monkeypatch):
+    """`load_tokenizer` (checks that need only the tokenizer, before an 8B model loads) gives `load`'s tokenizer, from
+    the GGUF's copy or from the file itself, without building a model."""
+    from linearize import loading
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
+    base_tok = smollm2_base[1]
+    text = "a test, with ünïcode: 12345"
+    for cache in ("session copy", "off"):
+        if cache == "off":
+            monkeypatch.setenv("LINEARIZE_CACHE", "off")
+        tok = loading.load_tokenizer()
+        assert tok(text)["input_ids"] == base_tok(text)["input_ids"], cache
+        assert (tok.eos_token, tok.name_or_path) == (base_tok.eos_token, base_tok.name_or_path), cache
+
+
 @pytest.mark.parametrize("kind", ["lolcats", "lizard"])
 def test_hybrids_with_window_over_sequence_reproduce_the_teacher(smollm2, kind):
     model, tok = smollm2
