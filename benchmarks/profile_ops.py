@@ -1,12 +1,15 @@
 """Where an op's time goes on a GPU: torch.profiler's per-kernel table for one op, pass and length, on
-the inputs of `benchmarks/kernel_bench.py` (bf16, H=32, D=128, 16k tokens per batch).
+the inputs of `benchmarks/kernel_bench.py` (bf16, H=32, D=128, 16k tokens per batch), or (`--op decode`) for the
+replays of one graphed decode step of a random SmolLM2-135M-shaped model (`benchmarks/decode.py`'s).
 
     python benchmarks/profile_ops.py --op lolcats_hybrid --T 8192 --pass fwdbwd
+    python benchmarks/profile_ops.py --op decode --plan lolcats --mode kernels --T 8192 --batch 1
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +20,17 @@ from linearize import kernels
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--op", choices=["linear_attn", "simple_gla", "gla", "lolcats_hybrid"], required=True)
+    ap.add_argument("--op", choices=["linear_attn", "simple_gla", "gla", "lolcats_hybrid", "decode"], required=True)
     ap.add_argument("--T", type=int, default=8192)
     ap.add_argument("--pass", dest="pas", choices=["fwd", "fwdbwd"], default="fwd")
     ap.add_argument("--impl", choices=["ours", "fla"], default="ours", help="fla: flash-linear-attention's op (linear_attn, gla)")
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--plan", default="lolcats", help="decode: a plan name of benchmarks/decode.py")
+    ap.add_argument("--mode", default="kernels", help="decode: a mode of benchmarks/decode.py --ours")
+    ap.add_argument("--batch", type=int, default=1, help="decode: batch size")
     args = ap.parse_args()
+    if args.op == "decode":
+        return profile_decode(args)
     if args.impl == "fla" and args.op not in ("linear_attn", "gla"):
         ap.error("--impl fla profiles linear_attn or gla")
     dev, dt, h, d, t = "cuda", torch.bfloat16, 32, 128, args.T
@@ -62,6 +70,39 @@ def main() -> None:
             step()
         torch.cuda.synchronize()
     print(f"== {args.op} {args.impl} T={t} {args.pas} (10 steps; per-step ms = total / 10)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+def profile_decode(args: argparse.Namespace) -> None:
+    """Kernels of 20 replays of a captured decode step after a prefill of T random tokens."""
+    import linearize
+    from decode import OURS, plan_of, smollm2_shaped  # noqa: E402  (the script's folder is on sys.path)
+    from linearize.fusion import fuse_projections
+    from linearize.generation import GraphedDecoder
+
+    teacher = smollm2_shaped(torch.device("cuda"), dtype=torch.bfloat16)
+    model = linearize.convert(copy.deepcopy(teacher), plan_of(args.plan, False))
+    how = OURS[args.mode]
+    if args.mode in ("fused", "kernels", "kernels_compiled"):
+        model = fuse_projections(model)
+    ids = torch.randint(3, teacher.config.vocab_size, (args.batch, args.T), device="cuda")
+    with torch.no_grad():
+        decoder = GraphedDecoder(model, ids, prefill_chunk=8192, max_new_tokens=128, **how)
+        for _ in range(5):
+            decoder.step()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            decoder.step()
+        end.record()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                decoder.step()
+            torch.cuda.synchronize()
+    print(f"== decode {args.plan} {args.mode} B={args.batch} T={args.T}: {start.elapsed_time(end) / 20:.3f} ms a step "
+          "(20 replays; per-step kernel time = total / 20)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
 
 
