@@ -48,6 +48,7 @@ OURS = {  # GraphedDecoder's arguments in each mode; fused and kernels* run on s
     "graph": {"compile": False}, "compiled": {"compile": True}, "frozen": {"compile": {"freezing": True}}, "fused": {"compile": True},
     "kernels": {"fused_layers": True}, "kernels_compiled": {"fused_layers": True, "compile": True},
 }
+STACKED = {"fused", "kernels", "kernels_compiled"}  # the modes that run on stacked projections (fuse_projections)
 SMOKE_HEADS = "0:lolcats(window=64, sinks=4, softmax_heads=[1]),1:lolcats(window=64, sinks=4)"  # the 2-layer smoke model
 GIB = 2**30
 
@@ -137,8 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     bandwidth = copy_bandwidth(device)  # bytes per ms
     plans = {name: plan_of(name, args.smoke) for name in args.plans}
     students = {name: linearize.convert(copy.deepcopy(teacher), plan) for name, plan in plans.items()}
-    stacked = {"fused", "kernels", "kernels_compiled"}
-    fused = {name: fuse_projections(copy.deepcopy(m)) for name, m in students.items()} if stacked & set(args.ours) else {}
+    fused = {name: fuse_projections(copy.deepcopy(m)) for name, m in students.items()} if STACKED & set(args.ours) else {}
     records = []
 
     def save() -> None:  # after every record: a run cut short keeps what it measured
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     for b in args.batches:
         for t in args.contexts:
             ids = torch.randint(3, teacher.config.vocab_size, (b, t), generator=torch.Generator().manual_seed(t)).to(device)
-            runs = [("ours", name, mode, lambda m=(fused[name] if mode in stacked else m), c=OURS[mode]:
+            runs = [("ours", name, mode, lambda m=(fused[name] if mode in STACKED else m), c=OURS[mode]:
                      ours_decode(m, ids, args.steps, args.repeats, args.prefill_chunk, c))
                     for name, m in students.items() for mode in args.ours]
             for mode in [m for m in ("compiled", "frozen") if m in args.teachers]:

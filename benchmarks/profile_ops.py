@@ -76,32 +76,24 @@ def main() -> None:
 def profile_decode(args: argparse.Namespace) -> None:
     """Kernels of 20 replays of a captured decode step after a prefill of T random tokens."""
     import linearize
-    from decode import OURS, plan_of, smollm2_shaped  # noqa: E402  (the script's folder is on sys.path)
+    from decode import OURS, STACKED, plan_of, smollm2_shaped  # noqa: E402  (the script's folder is on sys.path)
+    from linearize.eval.bench import _per_step
     from linearize.fusion import fuse_projections
     from linearize.generation import GraphedDecoder
 
     teacher = smollm2_shaped(torch.device("cuda"), dtype=torch.bfloat16)
     model = linearize.convert(copy.deepcopy(teacher), plan_of(args.plan, False))
-    how = OURS[args.mode]
-    if args.mode in ("fused", "kernels", "kernels_compiled"):
+    if args.mode in STACKED:
         model = fuse_projections(model)
     ids = torch.randint(3, teacher.config.vocab_size, (args.batch, args.T), device="cuda")
     with torch.no_grad():
-        decoder = GraphedDecoder(model, ids, prefill_chunk=8192, max_new_tokens=128, **how)
-        for _ in range(5):
-            decoder.step()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(20):
-            decoder.step()
-        end.record()
-        torch.cuda.synchronize()
+        decoder = GraphedDecoder(model, ids, prefill_chunk=8192, max_new_tokens=128, **OURS[args.mode])
+        ms = _per_step(decoder.step, 20, 1, True)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(20):
                 decoder.step()
             torch.cuda.synchronize()
-    print(f"== decode {args.plan} {args.mode} B={args.batch} T={args.T}: {start.elapsed_time(end) / 20:.3f} ms a step "
+    print(f"== decode {args.plan} {args.mode} B={args.batch} T={args.T}: {ms:.3f} ms a step "
           "(20 replays; per-step kernel time = total / 20)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
 

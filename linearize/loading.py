@@ -106,12 +106,19 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
             model.to(dtype).config.dtype = dtype
             return model, tok
     try:
-        model, tok = AutoModelForCausalLM.from_pretrained(str(cache), dtype=dtype), AutoTokenizer.from_pretrained(str(cache))
+        model, tok = AutoModelForCausalLM.from_pretrained(str(cache), dtype=dtype), _copied_tokenizer(cache, path)
     except Exception:  # a damaged copy: dropped (the next load keeps a new one), the file read instead
         shutil.rmtree(cache, ignore_errors=True)
         return _read_gguf(path, dtype)
-    model.name_or_path = model.config._name_or_path = tok.name_or_path = str(path.parent)  # as read from the file
+    model.name_or_path = model.config._name_or_path = tok.name_or_path  # as read from the file
     return model, tok
+
+
+def _copied_tokenizer(cache: Path, path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of the GGUF `path`'s copy, named as one read from the file (the file's folder)."""
+    tok = AutoTokenizer.from_pretrained(str(cache))
+    tok.name_or_path = str(path.parent)
+    return tok
 
 
 def _keep(cache: Path, model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
@@ -225,9 +232,7 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedT
         cache = gguf_cache(where)
         if cache is not None and cache.is_dir():
             try:
-                tok = AutoTokenizer.from_pretrained(str(cache))
-                tok.name_or_path = str(where.parent)  # as `load` names it
-                return tok
+                return _copied_tokenizer(cache, where)
             except Exception:  # a damaged copy: `load` drops and rewrites it
                 pass
         _need_gguf_packages()
