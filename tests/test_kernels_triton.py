@@ -688,11 +688,12 @@ from linearize.kernels.dense import qkv_rope_ref, rms_linear_ref, rope_tables  #
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 20])
+@pytest.mark.parametrize("m", [1, 3, 20])
 def test_dense_decode_kernels_match_their_references(dtype, m):
-    """The decode step's skinny products against their references, every epilogue: norm + bias + SiLU gate, residual,
-    a plain product; q/k/v with bias and rotary, with and without Qwen3's per-head norm (a whole head a program), the
+    """The decode step's skinny products against their references (the elementwise kernels up to GEMV_ROWS rows, the
+    tensor-core ones above), every epilogue: norm + bias + SiLU gate, residual, a plain product; q/k/v with bias and rotary, with and without Qwen3's per-head norm (a whole head a program), the
     normed input stored once. Inputs widths not multiples of the kernels' blocks; outputs poisoned with NaN first."""
+    torch.manual_seed(m)  # bf16 outputs sit near the tolerance on some draws (one ulp is 0.4%): a fixed draw
     r = lambda *s: torch.randn(*s, device=DEVICE)  # noqa: E731
     c, n, h, hk, d = 72, 40, 3, 1, 32
     x, nw = r(m, c).to(dtype), (1 + r(c) / 4).to(dtype)
@@ -781,6 +782,23 @@ for scalar, ty in (("fp64", "*bf16"), ("fp32", "*fp32")):  # IEEE products for f
                      "sin": "*fp32", "M": "i32", "K": "i32", "eps": scalar, "qk_eps": scalar},
                      dict(H=9, HK=3, D=64, BH=32 if qkn else 16, BM=16, BK=64, HAS_BIAS=True, QK_NORM=qkn,
                           IEEE=ty == "*fp32"))
+    for norm, bias, swiglu, res in ((True, True, True, False), (False, False, False, True)):  # one-token rows
+        compile_sm90(s._rms_linear_gemv_kernel, {**{n: ty for n in ("x", "w", "bias", "nw", "res", "y")}, "M": "i32",
+                     "N": "i32", "K": "i32", "eps": scalar}, dict(BN=2, BK=1024, NORM=norm, HAS_BIAS=bias, SWIGLU=swiglu,
+                     HAS_RES=res))
+    for qkn in (False, True):
+        compile_sm90(s._qkv_rope_gemv_kernel, {**{n: ty for n in ("x", "w", "bias", "nw", "qkn", "q", "k", "v", "xn")},
+                     "cos": "*fp32", "sin": "*fp32", "M": "i32", "K": "i32", "eps": scalar, "qk_eps": scalar},
+                     dict(H=9, HK=3, D=64, BH=32 if qkn else 2, BK=1024, HAS_BIAS=True, QK_NORM=qkn))
+
+from linearize.kernels.hybrid import fused_recurrent as h  # the hybrid's step, SmolLM2's shape, with and without sinks
+ptrs = {n: "*bf16" for n in ("q", "k", "v", "fq", "fk", "rk", "rv", "rfk", "sk", "sv", "y")}
+ptrs.update({n: "*fp32" for n in ("g", "mix", "s", "rg", "wq", "bq", "wk", "bk")})
+ptrs.update(valid="*i1", rvalid="*i1", pos="*i64", tick="*i32", spos="*i64", n="*i64", scale="fp32", softcap="fp32")
+for gated, ns, fmap in ((False, 4, True), (True, 0, False)):
+    compile_sm90(h._hybrid_step_kernel, ptrs, dict(H=9, HK=3, P=63, D=64, F=128, V=64, NS=ns, BW=128 if ns else 64, BD=64,
+                 BF=128, BV=64, BS=4 if ns else 1, HAS_G=gated, HAS_VALID=True, HAS_CAP=False, FMAP=fmap, EPS_=1e-12,
+                 MIX_LOGIT=True))
 """
 
 SM90_CONV = SM90_DECODE.split("for scalar")[0].replace(
@@ -926,7 +944,7 @@ def test_fused_decode_step_is_five_launches_a_layer(monkeypatch):
         decoder = GraphedDecoder(model, torch.randint(0, 100, (1, 6)), graph=False, fused_layers=True, max_new_tokens=4)
         decoder.step()  # the first step allocates what later ones reuse
         launches, ops, inside = Counter(), [0], [False]
-        kernel_class = type(kernels.dense.skinny._rms_linear_kernel)
+        kernel_class = type(kernels.dense.skinny._rms_linear_gemv_kernel)
         run = kernel_class.run
 
         def counted(self, *a, **kw):
@@ -950,7 +968,7 @@ def test_fused_decode_step_is_five_launches_a_layer(monkeypatch):
         return launches, ops[0]
 
     (one, ops1), (three, ops3) = one_step(1), one_step(3)
-    assert three == {"_qkv_rope_kernel": 3, "_hybrid_step_kernel": 3, "_rms_linear_kernel": 3 * 3 + 1}
+    assert three == {"_qkv_rope_gemv_kernel": 3, "_hybrid_step_kernel": 3, "_rms_linear_gemv_kernel": 3 * 3 + 1}
     assert sum(three.values()) - sum(one.values()) == 2 * 5 and ops3 == ops1  # nothing else grows with the layers
 
 

@@ -5,8 +5,11 @@ compiled teacher"): the projections are matrix-vector products of ~1 MB each, an
 rotary, bias, SiLU gate and residual add after them are launches of their own. Here each product reads its RMSNorm's
 input whole (a few KB) and normalizes it on the way in, and applies what follows on its tile before the store:
 `_rms_linear_kernel` (norm, bias, gate, residual) and `_qkv_rope_kernel` (norm, bias, per-head q/k norm, rotary, the
-q/k/v split, the normed input for kinds that read it). Programs split the output columns; the few rows are one tile,
-padded to 16 for the tensor cores (the products read each weight once, so the padding costs no bandwidth).
+q/k/v split, the normed input for kinds that read it). Programs split the output columns. Up to `GEMV_ROWS` rows (batch-1 decoding) the `_gemv` kernels
+give each program a few output columns and the whole reduction, multiplying elementwise: a narrow product then runs on
+hundreds of programs with one pass over the input dimension (on an H200 the tensor-core form below took 7 us for a
+576 x 576 product, launch-bound, on 36 programs). More rows are one tile, padded to 16 for the tensor cores (the
+products read each weight once, so the padding costs no bandwidth).
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from torch import Tensor
 from ..triton_utils import dot
 
 BK = 64  # input columns a loop iteration reads
+GEMV_ROWS = 4  # up to this many rows the elementwise kernels run
+TILE = 8192  # weight elements a gemv program multiplies per loop iteration (64 fp32 registers a thread at 4 warps)
+PROGRAMS = 512  # about how many programs a gemv launch aims for (a few per SM: one wave)
 
 
 @triton.jit
@@ -135,6 +141,122 @@ def _qkv_rope_kernel(
     tl.store(base + HALF + cols, hi.to(q.dtype.element_ty), mask=mo)
 
 
+@triton.jit
+def _row_inv_rms(x, K, eps, NORM: tl.constexpr, BK: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of the row x [K] (1 without a norm)."""
+    if NORM:
+        ss = tl.zeros([BK], tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            xt = tl.load(x + rk, mask=rk < K, other=0.0).to(tl.float32)
+            ss += xt * xt
+        return 1.0 / tl.sqrt((tl.sum(ss, 0) / K + eps).to(tl.float32))
+    return tl.full((), 1.0, tl.float32)
+
+
+@triton.jit
+def _row_normed(x, nw, rk, mk, inv, NORM: tl.constexpr):
+    """Block rk of the normed row x, fp32."""
+    xt = tl.load(x + rk, mask=mk, other=0.0).to(tl.float32)
+    if NORM:
+        xt = xt * inv * tl.load(nw + rk, mask=mk, other=0.0).to(tl.float32)
+    return xt
+
+
+@triton.jit
+def _rms_linear_gemv_kernel(
+    x, w, bias, nw, res, y, M, N, K, eps,
+    BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
+    HAS_RES: tl.constexpr,
+):
+    """`_rms_linear_kernel` for a few rows: program pn owns outputs pn*BN.. of every row (rows looped, the weight block
+    served from cache after the first), products elementwise in fp32 on the input rounded to the weights' dtype."""
+    pn = tl.program_id(0)
+    rn = pn * BN + tl.arange(0, BN)
+    mn = rn < N
+    for m in range(M):
+        xr = x + m * K
+        inv = _row_inv_rms(xr, K, eps, NORM, BK)
+        acc = tl.zeros([BN], tl.float32)
+        up = tl.zeros([BN], tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            mk = rk < K
+            xt = _row_normed(xr, nw, rk, mk, inv, NORM).to(w.dtype.element_ty).to(tl.float32)[None, :]
+            wm = mn[:, None] & mk[None, :]
+            acc += tl.sum(tl.load(w + rn[:, None] * K + rk[None, :], mask=wm, other=0.0).to(tl.float32) * xt, 1)
+            if SWIGLU:
+                up += tl.sum(tl.load(w + (N + rn)[:, None] * K + rk[None, :], mask=wm, other=0.0).to(tl.float32) * xt, 1)
+        if HAS_BIAS:
+            acc += tl.load(bias + rn, mask=mn, other=0.0).to(tl.float32)
+            if SWIGLU:
+                up += tl.load(bias + N + rn, mask=mn, other=0.0).to(tl.float32)
+        if SWIGLU:
+            acc = acc / (1.0 + tl.exp(-acc)) * up
+        if HAS_RES:
+            acc += tl.load(res + m * N + rn, mask=mn, other=0.0).to(tl.float32)
+        tl.store(y + m * N + rn, acc.to(y.dtype.element_ty), mask=mn)
+
+
+@triton.jit
+def _qkv_rope_gemv_kernel(
+    x, w, bias, nw, cos, sin, qkn, q, k, v, xn, M, K, eps, qk_eps,
+    H: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr,
+):
+    """`_qkv_rope_kernel` for a few rows: program (head slot j, block of BH rotary pairs) over every row, products
+    elementwise as in `_rms_linear_gemv_kernel`."""
+    j, pi = tl.program_id(0), tl.program_id(1)
+    HALF: tl.constexpr = D // 2
+    ri = pi * BH + tl.arange(0, BH)
+    mi = ri < HALF
+    r_lo, r_hi = j * D + ri, j * D + HALF + ri
+    lead = j + pi  # the first program (lead 0) stores the normed input
+    for m in range(M):
+        xr = x + m * K
+        inv = _row_inv_rms(xr, K, eps, True, BK)
+        lo, hi = tl.zeros([BH], tl.float32), tl.zeros([BH], tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            mk = rk < K
+            xt = _row_normed(xr, nw, rk, mk, inv, True)
+            tl.store(xn + m * K + rk, xt.to(xn.dtype.element_ty), mask=mk & (rk * 0 + lead == 0))
+            xt = xt.to(w.dtype.element_ty).to(tl.float32)[None, :]
+            wm = mi[:, None] & mk[None, :]
+            lo += tl.sum(tl.load(w + r_lo[:, None] * K + rk[None, :], mask=wm, other=0.0).to(tl.float32) * xt, 1)
+            hi += tl.sum(tl.load(w + r_hi[:, None] * K + rk[None, :], mask=wm, other=0.0).to(tl.float32) * xt, 1)
+        if HAS_BIAS:
+            lo += tl.load(bias + r_lo, mask=mi, other=0.0).to(tl.float32)
+            hi += tl.load(bias + r_hi, mask=mi, other=0.0).to(tl.float32)
+        if j < H + HK:  # q or k: per-head norm, then rotary
+            if QK_NORM:
+                r = 1.0 / tl.sqrt(((tl.sum(lo * lo, 0) + tl.sum(hi * hi, 0)) / D + qk_eps).to(tl.float32))
+                wq = qkn + (j >= H).to(tl.int32) * D
+                lo = lo * r * tl.load(wq + ri, mask=mi, other=0.0).to(tl.float32)
+                hi = hi * r * tl.load(wq + HALF + ri, mask=mi, other=0.0).to(tl.float32)
+            c = tl.load(cos + m * HALF + ri, mask=mi, other=0.0)
+            s = tl.load(sin + m * HALF + ri, mask=mi, other=0.0)
+            lo, hi = lo * c - hi * s, hi * c + lo * s
+        if j < H:
+            base = q + (m * H + j) * D
+        elif j < H + HK:
+            base = k + (m * HK + j - H) * D
+        else:
+            base = v + (m * HK + j - H - HK) * D
+        tl.store(base + ri, lo.to(q.dtype.element_ty), mask=mi)
+        tl.store(base + HALF + ri, hi.to(q.dtype.element_ty), mask=mi)
+
+
+def _gemv_width(outputs: int, most: int) -> int:
+    """Outputs a gemv program takes: about PROGRAMS programs, at most `most` outputs each."""
+    return min(most, triton.next_power_of_2(triton.cdiv(outputs, PROGRAMS)))
+
+
+def _gemv_depth(k: int, rows: int) -> int:
+    """Input columns a gemv loop iteration reads: the weight block of `rows` rows within TILE elements."""
+    return min(triton.next_power_of_2(k), max(BK, TILE // rows))
+
+
 def _block_m(m: int) -> int:
     return min(64, max(16, triton.next_power_of_2(m)))
 
@@ -148,13 +270,19 @@ def rms_linear_triton(
         raise ValueError(f"act must be None or 'swiglu', got {act!r}")
     m, kdim = x.shape
     n = weight.shape[0] // 2 if act == "swiglu" else weight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    args = (x.contiguous(), weight, bias if bias is not None else weight, norm if norm is not None else weight,
+            residual.contiguous() if residual is not None else y, y, m, n, kdim, float(eps))
+    if m <= GEMV_ROWS:
+        bn = _gemv_width(n, 16)  # wider blocks of few columns took 208+ registers a thread for sm_90 (16 x 256: 66)
+        bk = _gemv_depth(kdim, 2 * bn if act == "swiglu" else bn)
+        _rms_linear_gemv_kernel[(triton.cdiv(n, bn),)](*args, bn, bk, norm is not None, bias is not None, act == "swiglu",
+                                                       residual is not None)
+        return y
     bm = _block_m(m)
     bn = 16 if n <= 4096 else 64  # ~100+ programs on the narrow products, fewer and larger on a vocabulary's
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     _rms_linear_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
-        x.contiguous(), weight, bias if bias is not None else weight, norm if norm is not None else weight,
-        residual.contiguous() if residual is not None else y, y, m, n, kdim, float(eps),
-        bm, bn, BK, norm is not None, bias is not None, act == "swiglu", residual is not None, weight.dtype == torch.float32,
+        *args, bm, bn, BK, norm is not None, bias is not None, act == "swiglu", residual is not None, weight.dtype == torch.float32,
     )
     return y
 
@@ -171,6 +299,15 @@ def qkv_rope_triton(
     k, v = (torch.empty(m, hk, d, dtype=x.dtype, device=x.device) for _ in range(2))
     xn = torch.empty_like(x)
     half = triton.next_power_of_2(d // 2)
+    if m <= GEMV_ROWS:  # a per-head norm needs the whole head in its program
+        bh = half if qk_norm is not None else _gemv_width((h + 2 * hk) * (d // 2), half)
+        bk = _gemv_depth(c, 2 * bh)
+        _qkv_rope_gemv_kernel[(h + 2 * hk, triton.cdiv(d // 2, bh))](
+            x.contiguous(), weight, bias if bias is not None else weight, norm, cos.contiguous(), sin.contiguous(),
+            qk_norm if qk_norm is not None else norm, q, k, v, xn, m, c, float(eps), float(qk_eps),
+            h, hk, d, bh, bk, bias is not None, qk_norm is not None,
+        )
+        return q, k, v, xn
     bh = max(16, half if qk_norm is not None else min(16, half))  # a per-head norm needs the whole head in its program
     bm = _block_m(m)
     _qkv_rope_kernel[(h + 2 * hk, triton.cdiv(d // 2, bh), triton.cdiv(m, bm))](

@@ -55,7 +55,7 @@ def empty_state(
         "fk": torch.zeros(batch, p, num_kv_heads, feature_dim, **zt),
         "valid": torch.zeros(batch, p, dtype=torch.bool, device=device),
         "pos": torch.zeros(batch, dtype=torch.long, device=device),
-        "tick": torch.zeros(batch, dtype=torch.int32, device=device),  # the Triton step's per-row count of finished programs
+        "tick": torch.zeros(batch, num_kv_heads + 1, dtype=torch.int32, device=device),  # the Triton step's tickets: row, then each KV head
     }
     if gated:
         state["g"] = torch.zeros(batch, p, num_kv_heads, feature_dim, **z)
