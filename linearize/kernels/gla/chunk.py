@@ -527,8 +527,11 @@ class _Launch:
         self.N = self.B if cu_seqlens is None else len(cu_seqlens) - 1
         self.cu = cu_seqlens.to(torch.int32).contiguous() if cu_seqlens is not None else None
         self.cidx, self.coff, self.NT, self.NTtot = _chunk_table(cu_seqlens, self.B, self.T, self.C)
-        self.BK = min(64, max(16, triton.next_power_of_2(self.K)))
-        self.BV = min(64, max(16, triton.next_power_of_2(self.V)))
+        # key/value blocks 64 wide even for fewer channels (the masks cover the padding): with 16 or 32 Triton 3.6
+        # compiled the output and dq/dk kernels for sm_90 into shared-memory reads out of bounds (compute-sanitizer;
+        # an illegal address at K or V <= 32)
+        self.BK = 64
+        self.BV = 64
         self.BKS = min(32, max(16, triton.next_power_of_2(self.K)))  # channel slice of the sub-block kernels
         # the walks over the chunks (states, their gradients, the decay's gradient): one program per tile walks a
         # sequence's chunks in order, so few long sequences (T = 32k at batch 1) take smaller tiles to fill the GPU
