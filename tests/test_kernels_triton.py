@@ -691,8 +691,9 @@ from linearize.kernels.dense import qkv_rope_ref, rms_linear_ref, rope_tables  #
 @pytest.mark.parametrize("m", [1, 3, 20])
 def test_dense_decode_kernels_match_their_references(dtype, m):
     """The decode step's skinny products against their references (the elementwise kernels up to GEMV_ROWS rows, the
-    tensor-core ones above), every epilogue: norm + bias + SiLU gate, residual, a plain product; q/k/v with bias and rotary, with and without Qwen3's per-head norm (a whole head a program), the
-    normed input stored once. Inputs widths not multiples of the kernels' blocks; outputs poisoned with NaN first."""
+    tensor-core ones above), every epilogue: norm + bias + SiLU gate, residual, a plain product; q/k/v with bias and
+    rotary, with and without Qwen3's per-head norm (a whole head a program), the normed input stored once. Inputs
+    widths not multiples of the kernels' blocks; outputs poisoned with NaN first."""
     torch.manual_seed(m)  # bf16 outputs sit near the tolerance on some draws (one ulp is 0.4%): a fixed draw
     r = lambda *s: torch.randn(*s, device=DEVICE)  # noqa: E731
     c, n, h, hk, d = 72, 40, 3, 1, 32
