@@ -142,28 +142,6 @@ def _qkv_rope_kernel(
 
 
 @triton.jit
-def _row_inv_rms(x, K, eps, NORM: tl.constexpr, BK: tl.constexpr):
-    """1 / sqrt(mean(x^2) + eps) of the row x [K] (1 without a norm)."""
-    if NORM:
-        ss = tl.zeros([BK], tl.float32)
-        for k0 in range(0, K, BK):
-            rk = k0 + tl.arange(0, BK)
-            xt = tl.load(x + rk, mask=rk < K, other=0.0).to(tl.float32)
-            ss += xt * xt
-        return 1.0 / tl.sqrt((tl.sum(ss, 0) / K + eps).to(tl.float32))
-    return tl.full((), 1.0, tl.float32)
-
-
-@triton.jit
-def _row_normed(x, nw, rk, mk, inv, NORM: tl.constexpr):
-    """Block rk of the normed row x, fp32."""
-    xt = tl.load(x + rk, mask=mk, other=0.0).to(tl.float32)
-    if NORM:
-        xt = xt * inv * tl.load(nw + rk, mask=mk, other=0.0).to(tl.float32)
-    return xt
-
-
-@triton.jit
 def _rms_linear_gemv_kernel(
     x, w, bias, nw, res, y, M, N, K, eps,
     BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
@@ -175,14 +153,14 @@ def _rms_linear_gemv_kernel(
     rn = pn * BN + tl.arange(0, BN)
     mn = rn < N
     for m in range(M):
-        xr = x + m * K
-        inv = _row_inv_rms(xr, K, eps, NORM, BK)
+        rm = m + tl.arange(0, 1)  # the row as a one-row tile of the shared norm helpers
+        inv = _inv_rms(x, rm, rm < M, K, eps, NORM, 1, BK)
         acc = tl.zeros([BN], tl.float32)
         up = tl.zeros([BN], tl.float32)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
             mk = rk < K
-            xt = _row_normed(xr, nw, rk, mk, inv, NORM).to(w.dtype.element_ty).to(tl.float32)[None, :]
+            xt = _normed(x, nw, rm, rm < M, rk, mk, inv, K, NORM).to(w.dtype.element_ty).to(tl.float32)
             wm = mn[:, None] & mk[None, :]
             acc += tl.sum(tl.load(w + rn[:, None] * K + rk[None, :], mask=wm, other=0.0).to(tl.float32) * xt, 1)
             if SWIGLU:
@@ -211,17 +189,18 @@ def _qkv_rope_gemv_kernel(
     ri = pi * BH + tl.arange(0, BH)
     mi = ri < HALF
     r_lo, r_hi = j * D + ri, j * D + HALF + ri
-    lead = j + pi  # the first program (lead 0) stores the normed input
     for m in range(M):
-        xr = x + m * K
-        inv = _row_inv_rms(xr, K, eps, True, BK)
+        rm = m + tl.arange(0, 1)  # the row as a one-row tile of the shared norm helpers
+        mm = rm < M
+        mx = mm & (rm * 0 + j + pi == 0)  # the first program stores the normed input
+        inv = _inv_rms(x, rm, mm, K, eps, True, 1, BK)
         lo, hi = tl.zeros([BH], tl.float32), tl.zeros([BH], tl.float32)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
             mk = rk < K
-            xt = _row_normed(xr, nw, rk, mk, inv, True)
-            tl.store(xn + m * K + rk, xt.to(xn.dtype.element_ty), mask=mk & (rk * 0 + lead == 0))
-            xt = xt.to(w.dtype.element_ty).to(tl.float32)[None, :]
+            xt = _normed(x, nw, rm, mm, rk, mk, inv, K, True)
+            tl.store(xn + rm[:, None] * K + rk[None, :], xt.to(xn.dtype.element_ty), mask=mx[:, None] & mk[None, :])
+            xt = xt.to(w.dtype.element_ty).to(tl.float32)
             wm = mi[:, None] & mk[None, :]
             lo += tl.sum(tl.load(w + r_lo[:, None] * K + rk[None, :], mask=wm, other=0.0).to(tl.float32) * xt, 1)
             hi += tl.sum(tl.load(w + r_hi[:, None] * K + rk[None, :], mask=wm, other=0.0).to(tl.float32) * xt, 1)
