@@ -529,9 +529,8 @@ class _Launch:
         self.cidx, self.coff, self.NT, self.NTtot = _chunk_table(cu_seqlens, self.B, self.T, self.C)
         # key/value blocks 64 wide even for fewer channels (the masks cover the padding): with 16 or 32 Triton 3.6
         # compiled the output and dq/dk kernels for sm_90 into shared-memory reads out of bounds (compute-sanitizer;
-        # an illegal address at K or V <= 32)
-        self.BK = 64
-        self.BV = 64
+        # an illegal address at K or V <= 32). The per-channel dq/dk kernel's 32-wide slice below ran clean.
+        self.BK = self.BV = 64
         self.BKS = min(32, max(16, triton.next_power_of_2(self.K)))  # channel slice of the sub-block kernels
         # the walks over the chunks (states, their gradients, the decay's gradient): one program per tile walks a
         # sequence's chunks in order, so few long sequences (T = 32k at batch 1) take smaller tiles to fill the GPU
@@ -546,7 +545,7 @@ class _Launch:
         self.dqk_stages = 1 if self.state_dtype == torch.float32 else 3
         self.warps = CHUNK_WARPS
         # the dq/dk kernel with per-channel decays (it also forms the decay's gradient) spills at 64 channels a block
-        self.dqk_BK = min(32, self.BK) if self.gate == 2 else self.BK
+        self.dqk_BK = 32 if self.gate == 2 else self.BK
         self.dummy = torch.empty(1, dtype=torch.int32, device=q.device)  # pointer for unused arguments
 
     def seq_args(self) -> tuple[Tensor, Tensor, Tensor]:
